@@ -1,0 +1,45 @@
+# The two commands of the README: `make demo` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Built artefacts (seeded checkpoints, ONNX graphs, repositories) live here, never in git.
+export MOFSERVE_HOME ?= $(CURDIR)/.mofserve
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-unit test-integration lint bench-encoders clean
+
+install: $(STAMP)
+
+# torch goes first and pinned: a resolver free to pick `torch` pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/mofserve demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# Encoder latency per runtime vs the machine's matmul ceiling (small profile; minutes).
+bench-encoders: install
+	$(VENV)/bin/mofserve bench encoders --profile small
+
+clean:
+	rm -rf $(MOFSERVE_HOME) .pytest_cache .ruff_cache

@@ -1,0 +1,179 @@
+"""Profiles: the one home of "which models, at which sizes, from where".
+
+A profile names three checkpoint sources (a CLIP model, a DINOv2 model and a LLaVA-format
+checkpoint holding the language model and the projectors) and the serving settings that go
+with them. ``tiny`` and ``small`` are *seeded*: their checkpoints are built from small configs
+of the real architectures, saved with ``save_pretrained`` and then loaded back through the
+same code that loads ``paper``'s real checkpoints, so there is one loading path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """Size of a seeded ViT; ``native_image_size`` sets its position-embedding grid."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    native_image_size: int
+    projection_dim: int = 0  # CLIP only: size of ``image_embeds``
+
+
+@dataclass(frozen=True)
+class LanguageSpec:
+    """Size of a seeded LLaMA-family causal LM."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class SeededSpec:
+    """How to build a profile's checkpoints from random weights (no download)."""
+
+    seed: int
+    clip: VisionSpec
+    dino: VisionSpec
+    llm: LanguageSpec
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a profile's checkpoints come from: local folders or HF hub ids in the HF cache."""
+
+    clip: str
+    dinov2: str
+    llava: str
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """Triton settings of a profile's repository (instances, batching, runtime)."""
+
+    max_batch_size: int = 8
+    preferred_batch_sizes: tuple[int, ...] = (4, 8)
+    max_queue_delay_us: int = 2000
+    encoder_instances: int = 1
+    preprocess_instances: int = 2
+    runtime: str = "onnxruntime"  # or "openvino": see docs/benchmarks.md for the measurement
+    intra_op_threads: int = 0  # 0: the runtime's default (all cores)
+    response_cache: bool = True
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    image_size: int
+    patch_size: int
+    default_alpha: float
+    sources: Sources
+    seeded: SeededSpec | None = None
+    aspect: str = "crop"  # "crop": resize + centre crop (CLIP processor); "pad": LLaVA-1.5 expand2square
+    dino_normalisation: str = "clip"  # "clip": DINOv2 sees the CLIP tensor (the paper); "imagenet"
+    serving: ServingSpec = field(default_factory=ServingSpec)
+    description: str = ""
+
+    @property
+    def random_weights(self) -> bool:
+        """Answers from a seeded profile are not meaningful; every output must say so."""
+        return self.seeded is not None
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def with_sources(self, **overrides: str | None) -> Profile:
+        """A copy whose sources are replaced where ``overrides`` gives a value."""
+        given = {k: v for k, v in overrides.items() if v}
+        return replace(self, sources=replace(self.sources, **given)) if given else self
+
+
+def _seeded_sources(name: str) -> Sources:
+    base = artifacts_dir() / "checkpoints" / name
+    return Sources(clip=str(base / "clip"), dinov2=str(base / "dinov2"), llava=str(base / "llava"))
+
+
+def artifacts_dir() -> Path:
+    """Root of built artefacts (checkpoints, ONNX graphs, repositories); git never sees it."""
+    return Path(os.environ.get("MOFSERVE_HOME", Path.home() / ".cache" / "mofserve")).expanduser()
+
+
+def _tiny() -> Profile:
+    return Profile(
+        name="tiny",
+        image_size=224,
+        patch_size=14,
+        default_alpha=0.75,
+        sources=_seeded_sources("tiny"),
+        seeded=SeededSpec(
+            seed=0,
+            # DINOv2's native grid (70px = 5x5) differs from the serving size, so the tiny
+            # profile exercises the same position-embedding interpolation as dinov2-large.
+            clip=VisionSpec(32, 2, 4, 64, native_image_size=224, projection_dim=24),
+            dino=VisionSpec(32, 2, 4, 64, native_image_size=70),
+            llm=LanguageSpec(64, 2, 4, 2, 128, vocab_size=512, max_position_embeddings=2048),
+        ),
+        serving=ServingSpec(max_batch_size=8, preferred_batch_sizes=(4, 8), preprocess_instances=1),
+        description="seeded random weights, small configs of the real architectures (tests, demo)",
+    )
+
+
+def _small() -> Profile:
+    return Profile(
+        name="small",
+        image_size=224,
+        patch_size=14,
+        default_alpha=0.75,
+        sources=_seeded_sources("small"),
+        seeded=SeededSpec(
+            seed=0,
+            clip=VisionSpec(768, 12, 12, 3072, native_image_size=224, projection_dim=512),
+            dino=VisionSpec(768, 12, 12, 3072, native_image_size=518),
+            llm=LanguageSpec(512, 4, 8, 8, 1376, vocab_size=2048, max_position_embeddings=2048),
+        ),
+        description="seeded random ViT-B/14-sized encoders and a small LM (CPU benchmarks)",
+    )
+
+
+def _paper() -> Profile:
+    return Profile(
+        name="paper",
+        image_size=336,
+        patch_size=14,
+        default_alpha=0.75,
+        sources=Sources(
+            clip=os.environ.get("MOFSERVE_CLIP", "openai/clip-vit-large-patch14-336"),
+            dinov2=os.environ.get("MOFSERVE_DINOV2", "facebook/dinov2-large"),
+            llava=os.environ.get("MOFSERVE_LLAVA", "MMVP/MoF_Models"),
+        ),
+        serving=ServingSpec(max_batch_size=8, preferred_batch_sizes=(8,), max_queue_delay_us=5000),
+        description="the paper's checkpoints (CLIP ViT-L/14-336, DINOv2 ViT-L/14, I-MoF LLaVA-1.5)",
+    )
+
+
+PROFILE_NAMES = ("tiny", "small", "paper")
+
+
+def get_profile(name: str) -> Profile:
+    """The named profile; sources are resolved lazily so MOFSERVE_HOME can change in tests."""
+    builders = {"tiny": _tiny, "small": _small, "paper": _paper}
+    if name not in builders:
+        raise ValueError(f"profile: unknown profile {name!r}; expected one of {', '.join(PROFILE_NAMES)}")
+    return builders[name]()

@@ -1,0 +1,58 @@
+"""Tensor and model names: the contract between export, the Triton repository, the front-end
+and clients. Nothing else spells these strings.
+
+Shapes are given without the batch axis (every model here has ``max_batch_size > 0``).
+``P`` is the patch count, ``Dc``/``Dd`` the CLIP/DINOv2 widths, ``E`` CLIP's projection size,
+``H`` the LLM width and ``N`` the visual-token count of a fusion mode.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+# Inputs and outputs.
+IMAGE = "IMAGE"  # TYPE_STRING [1]: encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF)
+PIXEL_VALUES = "PIXEL_VALUES"  # FP32 [3, S, S]: CLIP-normalised pixels
+CLIP_FEATURES = "CLIP_FEATURES"  # FP32 [P, Dc]: hidden_states[-2], CLS dropped
+CLIP_EMBEDS = "CLIP_EMBEDS"  # FP32 [E]: pooled, projected image embedding
+DINO_FEATURES = "DINO_FEATURES"  # FP32 [P, Dd]: last block before the final LayerNorm, CLS dropped
+DINO_CLS = "DINO_CLS"  # FP32 [Dd]: normed CLS token (the DINOv2 image embedding)
+ALPHA = "ALPHA"  # FP32 [1]: DINOv2 proportion of A-MoF, in [0, 1]; optional (profile default)
+VISUAL_TOKENS = "VISUAL_TOKENS"  # FP32 [N, H]
+
+# Models.
+PREPROCESS = "preprocess"
+CLIP_VISION = "clip_vision"
+DINOV2_VISION = "dinov2_vision"
+EMBED = "embed"
+
+
+class FusionMode(StrEnum):
+    """How CLIP and DINOv2 features become the LLM's visual tokens (see core.fusion)."""
+
+    CLIP = "clip"
+    DINOV2 = "dinov2"
+    ADDITIVE = "additive"
+    INTERLEAVED = "interleaved"
+
+    @classmethod
+    def parse(cls, value: str) -> FusionMode:
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise ValueError(f"mode: unknown fusion mode {value!r}; expected one of {names}") from None
+
+
+def fuse_model(mode: FusionMode | str) -> str:
+    return f"fuse_{FusionMode.parse(str(mode)).value}"
+
+
+def tokens_model(mode: FusionMode | str) -> str:
+    """The ensemble image bytes -> visual tokens of ``mode`` (for apps with their own LLM)."""
+    return f"tokens_{FusionMode.parse(str(mode)).value}"
+
+
+def token_count(mode: FusionMode | str, num_patches: int) -> int:
+    """Visual tokens a mode emits: interleaving doubles the patch count."""
+    return 2 * num_patches if FusionMode.parse(str(mode)) is FusionMode.INTERLEAVED else num_patches

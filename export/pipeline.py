@@ -1,0 +1,46 @@
+"""``mofserve export``: profile -> checkpoints -> ONNX graphs (parity-checked) -> model repository."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_shapes, resolve_profile
+from mofserve.core.profiles import Profile, artifacts_dir
+
+from .configs import VISION_EXPORTS
+from .onnx_export import ExportedGraph, Log, export_vision, stderr_log
+from .repository import repository_specs, write_repository
+
+
+@dataclass(frozen=True)
+class BuiltRepository:
+    path: Path
+    profile: Profile
+    target: str
+    checkpoints: CheckpointPaths
+    shapes: ModelShapes
+    graphs: dict[str, ExportedGraph]
+
+
+def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
+                   force: bool = False, output: Path | None = None) -> BuiltRepository:
+    """Build (or reuse) everything a target needs to serve ``profile``."""
+    started = time.perf_counter()
+    if profile.seeded is not None:
+        log(f"profile {profile.name}: seeded random weights (answers are not meaningful)")
+    paths = resolve_profile(profile)
+    shapes = read_shapes(paths, profile)
+    log(f"profile {profile.name}: {shapes.num_patches} patches, CLIP width {shapes.clip_width}, "
+        f"DINOv2 width {shapes.dino_width}, LLM width {shapes.llm_width}")
+    graphs = {}
+    for step, config in enumerate(VISION_EXPORTS, start=1):
+        log(f"[{step}/{len(VISION_EXPORTS) + 1}] {config.model_name}")
+        graphs[config.model_name] = export_vision(config, paths, profile, log=log, force=force)
+    log(f"[{len(VISION_EXPORTS) + 1}/{len(VISION_EXPORTS) + 1}] model repository ({target})")
+    specs = repository_specs(profile, target, paths, shapes, graphs)
+    root = output or artifacts_dir() / "repositories" / f"{profile.name}-{target}"
+    path = write_repository(specs, root)
+    log(f"repository ready in {time.perf_counter() - started:.1f} s: {path}")
+    return BuiltRepository(path, profile, target, paths, shapes, graphs)

@@ -1,0 +1,66 @@
+"""Triton python-backend model ``fuse_<mode>``: CLIP/DINOv2 patch features -> visual tokens.
+
+The projectors come from the LLaVA-format checkpoint named in the config (only their keys are
+read). For ``additive`` the per-request ``ALPHA`` is optional (the profile's default applies)
+and a value outside [0, 1] fails that request alone.
+"""
+
+import json
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from mofserve.core import tensors as T
+from mofserve.core.checkpoints import load_fuser
+from mofserve.core.fusion import check_alpha
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        threads = int(params.get("threads", "0"))
+        if threads:
+            torch.set_num_threads(threads)
+        self.mode = T.FusionMode.parse(params["mode"])
+        self.default_alpha = check_alpha(float(params["default_alpha"]))
+        self.fuser = load_fuser(params["llava"])
+        self.input_names = [i["name"] for i in config["input"] if i["name"] != T.ALPHA]
+
+    def _alpha(self, request, batch: int) -> np.ndarray:
+        tensor = pb_utils.get_input_tensor_by_name(request, T.ALPHA)
+        if tensor is None:
+            return np.full(batch, self.default_alpha, dtype=np.float32)
+        values = tensor.as_numpy().reshape(-1).astype(np.float32)
+        for value in values:
+            check_alpha(float(value))
+        return values if values.size == batch else np.full(batch, values[0], dtype=np.float32)
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        accepted, features, alphas = [], {name: [] for name in self.input_names}, []
+        for i, request in enumerate(requests):
+            arrays = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
+            batch = next(iter(arrays.values())).shape[0]
+            try:
+                if self.mode is T.FusionMode.ADDITIVE:
+                    alphas.append(self._alpha(request, batch))
+            except ValueError as error:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+                continue
+            accepted.append((i, batch))
+            for name, array in arrays.items():
+                features[name].append(array)
+        if accepted:
+            inputs = {n: torch.from_numpy(np.concatenate(v)) for n, v in features.items()}
+            alpha = torch.from_numpy(np.concatenate(alphas)) if alphas else None
+            tokens = self.fuser(self.mode, inputs.get(T.CLIP_FEATURES), inputs.get(T.DINO_FEATURES), alpha)
+            tokens = tokens.float().numpy()
+            start = 0
+            for i, batch in accepted:
+                responses[i] = pb_utils.InferenceResponse(
+                    [pb_utils.Tensor(T.VISUAL_TOKENS, np.ascontiguousarray(tokens[start:start + batch]))])
+                start += batch
+        return responses

@@ -1,0 +1,3 @@
+from mofserve.cli import main
+
+raise SystemExit(main())

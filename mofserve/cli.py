@@ -1,0 +1,87 @@
+"""The ``mofserve`` command: a thin dispatcher over export, serving, benchmarks and evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mofserve.core.profiles import PROFILE_NAMES
+
+
+def _add_profile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="tiny", choices=PROFILE_NAMES,
+                        help="which models: tiny (seeded, default), small (seeded, benchmarks), paper")
+    parser.add_argument("--clip", help="CLIP checkpoint folder or HF id in the HF cache (paper profile)")
+    parser.add_argument("--dinov2", help="DINOv2 checkpoint folder or HF id in the HF cache (paper profile)")
+    parser.add_argument("--llava", help="LLaVA-format checkpoint with mm_projector and dino_mm_projector")
+
+
+def _profile(args: argparse.Namespace):
+    from mofserve.core.profiles import get_profile
+
+    profile = get_profile(args.profile)
+    return profile.with_sources(clip=args.clip, dinov2=args.dinov2, llava=args.llava)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mofserve.export.pipeline import export_profile
+
+    built = export_profile(_profile(args), target=args.target, force=args.force, output=args.output)
+    print(built.path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mofserve.demo import run_demo
+
+    return run_demo(_profile(args))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mofserve.benchmarks.encoders import main as bench_encoders
+
+    return bench_encoders(_profile(args), batch_sizes=args.batch, repeats=args.repeats, output=args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mofserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser("export", help="checkpoints -> ONNX (parity-checked) -> Triton model repository")
+    _add_profile_args(export)
+    export.add_argument("--target", default="cpu", choices=("cpu", "gpu-onnx", "gpu-trt"))
+    export.add_argument("--force", action="store_true", help="re-export even when a cached export matches")
+    export.add_argument("--output", type=Path,
+                        help="folder for the repository (default: $MOFSERVE_HOME/repositories/...)")
+    export.set_defaults(func=_cmd_export)
+
+    demo = sub.add_parser("demo", help="export, start Triton, run every fusion mode on a drawn image")
+    _add_profile_args(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    enc = bench_sub.add_parser("encoders", help="encoder latency per runtime vs the matmul ceiling")
+    _add_profile_args(enc)
+    enc.set_defaults(profile="small", func=_cmd_bench)
+    enc.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    enc.add_argument("--repeats", type=int, default=5)
+    enc.add_argument("--output", type=Path, help="write the JSON report here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as error:
+        print(f"mofserve: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
