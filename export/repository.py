@@ -157,45 +157,57 @@ def _step(ensemble: mc.ModelConfig, model: str, inputs: dict[str, str], outputs:
         step.output_map[key] = value
 
 
-def _encoder_steps(ensemble: mc.ModelConfig, clip: bool, dino: bool) -> None:
-    _step(ensemble, T.PREPROCESS, {T.IMAGE: T.IMAGE}, {T.PIXEL_VALUES: "pixels"})
-    if clip:
-        _step(ensemble, T.CLIP_VISION, {T.PIXEL_VALUES: "pixels"}, {T.CLIP_FEATURES: "clip_features"})
-    if dino:
-        _step(ensemble, T.DINOV2_VISION, {T.PIXEL_VALUES: "pixels"}, {T.DINO_FEATURES: "dino_features"})
+# Every ensemble step asks an encoder for ALL its outputs, and the encoder models refuse a
+# request for only some of them. Triton's response cache keys on the inputs alone: a response
+# cached for a request that asked for one output would be replayed, incomplete, to one that asks
+# for the other (seen here: `embed` after `tokens_clip` lost CLIP_EMBEDS). Triton also rejects an
+# ensemble tensor that nothing consumes, so encoder outputs that no step reads become outputs
+# of the ensemble (a client that asks only for VISUAL_TOKENS does not receive them).
+_ENCODER_OUTPUTS = {
+    T.CLIP_VISION: (T.CLIP_FEATURES, T.CLIP_EMBEDS),
+    T.DINOV2_VISION: (T.DINO_FEATURES, T.DINO_CLS),
+}
+
+
+def _output_dims(name: str, shapes: ModelShapes) -> list[int]:
+    return {T.CLIP_FEATURES: [shapes.num_patches, shapes.clip_width], T.CLIP_EMBEDS: [shapes.clip_embed_dim],
+            T.DINO_FEATURES: [shapes.num_patches, shapes.dino_width], T.DINO_CLS: [shapes.dino_width]}[name]
+
+
+def _encoder_ensemble(name: str, encoders: tuple[str, ...], shapes: ModelShapes, profile: Profile,
+                      consumed: tuple[str, ...] = ()) -> mc.ModelConfig:
+    """An ensemble whose steps are preprocess and ``encoders``; unconsumed encoder outputs are outputs."""
+    c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=profile.serving.max_batch_size)
+    _io(c.input, T.IMAGE, _STRING, [1])
+    _step(c, T.PREPROCESS, {T.IMAGE: T.IMAGE}, {T.PIXEL_VALUES: "pixels"})
+    for encoder in encoders:
+        outputs = _ENCODER_OUTPUTS[encoder]
+        _step(c, encoder, {T.PIXEL_VALUES: "pixels"}, {o: o for o in outputs})
+        for output in outputs:
+            if output not in consumed:
+                _io(c.output, output, _FP32, _output_dims(output, shapes))
+    return c
 
 
 def tokens_spec(mode: FusionMode, shapes: ModelShapes, profile: Profile) -> ModelSpec:
-    """image bytes -> visual tokens; only the encoders the mode needs run."""
-    c = mc.ModelConfig(name=T.tokens_model(mode), platform="ensemble",
-                       max_batch_size=profile.serving.max_batch_size)
-    _io(c.input, T.IMAGE, _STRING, [1])
+    """image bytes -> visual tokens (+ the pooled embeddings of the encoders it ran)."""
+    encoders = tuple(e for e, used in ((T.CLIP_VISION, mode is not FusionMode.DINOV2),
+                                       (T.DINOV2_VISION, mode is not FusionMode.CLIP)) if used)
+    fuse_inputs = [_ENCODER_OUTPUTS[e][0] for e in encoders]
+    c = _encoder_ensemble(T.tokens_model(mode), encoders, shapes, profile, consumed=tuple(fuse_inputs))
     if mode is FusionMode.ADDITIVE:
         _io(c.input, T.ALPHA, _FP32, [1], optional=True)
-    _io(c.output, T.VISUAL_TOKENS, _FP32, [T.token_count(mode, shapes.num_patches), shapes.llm_width])
-    uses_clip, uses_dino = mode is not FusionMode.DINOV2, mode is not FusionMode.CLIP
-    _encoder_steps(c, uses_clip, uses_dino)
-    fuse_inputs = {}
-    if uses_clip:
-        fuse_inputs[T.CLIP_FEATURES] = "clip_features"
-    if uses_dino:
-        fuse_inputs[T.DINO_FEATURES] = "dino_features"
-    if mode is FusionMode.ADDITIVE:
-        fuse_inputs[T.ALPHA] = T.ALPHA
-    _step(c, T.fuse_model(mode), fuse_inputs, {T.VISUAL_TOKENS: T.VISUAL_TOKENS})
+        fuse_inputs.append(T.ALPHA)
+    c.output.insert(0, mc.ModelOutput(name=T.VISUAL_TOKENS, data_type=_FP32,
+                                      dims=[T.token_count(mode, shapes.num_patches), shapes.llm_width]))
+    _step(c, T.fuse_model(mode), {n: n for n in fuse_inputs}, {T.VISUAL_TOKENS: T.VISUAL_TOKENS})
     return ModelSpec(c)
 
 
 def embed_spec(shapes: ModelShapes, profile: Profile) -> ModelSpec:
-    """image bytes -> pooled CLIP image embedding and DINOv2 CLS (similarity, CLIP-blind mining)."""
-    c = mc.ModelConfig(name=T.EMBED, platform="ensemble", max_batch_size=profile.serving.max_batch_size)
-    _io(c.input, T.IMAGE, _STRING, [1])
-    _io(c.output, T.CLIP_EMBEDS, _FP32, [shapes.clip_embed_dim])
-    _io(c.output, T.DINO_CLS, _FP32, [shapes.dino_width])
-    _step(c, T.PREPROCESS, {T.IMAGE: T.IMAGE}, {T.PIXEL_VALUES: "pixels"})
-    _step(c, T.CLIP_VISION, {T.PIXEL_VALUES: "pixels"}, {T.CLIP_EMBEDS: T.CLIP_EMBEDS})
-    _step(c, T.DINOV2_VISION, {T.PIXEL_VALUES: "pixels"}, {T.DINO_CLS: T.DINO_CLS})
-    return ModelSpec(c)
+    """image bytes -> pooled CLIP image embedding and DINOv2 CLS (similarity, CLIP-blind mining);
+    the patch features of both encoders are available too, for apps that fuse on their own."""
+    return ModelSpec(_encoder_ensemble(T.EMBED, (T.CLIP_VISION, T.DINOV2_VISION), shapes, profile))
 
 
 def repository_specs(profile: Profile, target: str, paths: CheckpointPaths, shapes: ModelShapes,
