@@ -74,7 +74,7 @@ class ServingSpec:
     preprocess_instances: int = 2
     runtime: str = "onnxruntime"  # or "openvino": see docs/benchmarks.md for the measurement
     intra_op_threads: int = 0  # 0: the runtime's default (all cores)
-    response_cache: bool = True
+    feature_cache_mb: int = 256  # per encoder instance; a seen image skips the encoder (0: off)
 
 
 @dataclass(frozen=True)

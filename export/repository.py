@@ -111,7 +111,8 @@ def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, ta
     if target == "cpu":
         kind = _python_on(c, gpu=False)
         _params(c, onnx_file="model.onnx", runtime=serving.runtime, threads=serving.intra_op_threads,
-                precision="bf16" if serving.runtime == "openvino" else "fp32")
+                precision="bf16" if serving.runtime == "openvino" else "fp32",
+                feature_cache_bytes=serving.feature_cache_mb << 20)
         source, files = "vision_encoder", tuple(graph.files)
     elif target == "gpu-onnx":
         c.platform, kind = "onnxruntime_onnx", mc.ModelInstanceGroup.KIND_GPU
@@ -126,9 +127,8 @@ def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, ta
         c.default_model_filename = "model.plan"
         source, files = None, ()  # engines are built on the serving GPU (mofserve export --target gpu-trt)
     _batched(c, profile, kind, serving.encoder_instances)
-    if serving.response_cache:
-        # an image already seen skips the encoder: a second fusion mode costs only fusion (+ LLM)
-        c.response_cache.enable = True
+    # No `response_cache` here: Triton 2.51's cache keys on inputs only and replays partial or
+    # (python backend) failed responses; the cpu target caches features inside the model instead.
     return ModelSpec(c, source=source, files=files)
 
 
@@ -157,12 +157,9 @@ def _step(ensemble: mc.ModelConfig, model: str, inputs: dict[str, str], outputs:
         step.output_map[key] = value
 
 
-# Every ensemble step asks an encoder for ALL its outputs, and the encoder models refuse a
-# request for only some of them. Triton's response cache keys on the inputs alone: a response
-# cached for a request that asked for one output would be replayed, incomplete, to one that asks
-# for the other (seen here: `embed` after `tokens_clip` lost CLIP_EMBEDS). Triton also rejects an
-# ensemble tensor that nothing consumes, so encoder outputs that no step reads become outputs
-# of the ensemble (a client that asks only for VISUAL_TOKENS does not receive them).
+# Triton rejects an ensemble tensor that nothing consumes, so the encoder outputs that no step
+# reads become outputs of the ensemble (a client that asks only for VISUAL_TOKENS does not get
+# them on the wire).
 _ENCODER_OUTPUTS = {
     T.CLIP_VISION: (T.CLIP_FEATURES, T.CLIP_EMBEDS),
     T.DINOV2_VISION: (T.DINO_FEATURES, T.DINO_CLS),

@@ -1,11 +1,10 @@
 """Triton python-backend model for one exported vision tower (``clip_vision``, ``dinov2_vision``).
 
-Dynamic batching hands ``execute`` several requests at once; they run as ONE call of the ONNX
-graph (the batch axis is dynamic) and the outputs are split back per request.
-
-A request must ask for every output (clients that name no outputs do): Triton's response cache
-keys on inputs only, and a cached partial response would be replayed to requests that need the
-other output. Errors are never cached, so refusing partial requests keeps the cache whole.
+Dynamic batching hands ``execute`` several requests at once; the image rows not found in the
+feature cache run as ONE call of the ONNX graph (the batch axis is dynamic) and the outputs are
+split back per request. The feature cache (core.feature_cache) is why a second fusion mode on
+an image already seen costs no encoder time; its hits and misses are Prometheus counters on
+Triton's metrics port (``mofserve_encoder_cache_total{model, result}``).
 """
 
 import json
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mofserve.core.feature_cache import FeatureCache, content_key
 from mofserve.core.runtime import OnnxRunner
 
 
@@ -26,40 +26,41 @@ class TritonPythonModel:
                                  runtime=params.get("runtime", "onnxruntime"),
                                  threads=int(params.get("threads", "0")),
                                  precision=params.get("precision", "fp32"))
+        self.name = config["name"]
         self.input_name = config["input"][0]["name"]
         self.output_names = [o["name"] for o in config["output"]]
-        self.name = config["name"]
+        self.cache = FeatureCache(int(params.get("feature_cache_bytes", "0")))
+        # the family must outlive its metrics: keep it on the instance
+        self.metric_family = family = pb_utils.MetricFamily(name="mofserve_encoder_cache_total",
+                                       description="encoder feature-cache lookups by result",
+                                       kind=pb_utils.MetricFamily.COUNTER)
+        self.hit_metric = family.Metric(labels={"model": self.name, "result": "hit"})
+        self.miss_metric = family.Metric(labels={"model": self.name, "result": "miss"})
 
     def execute(self, requests):
-        responses = [self._refusal(r) for r in requests]
-        accepted = [r for r, refusal in zip(requests, responses, strict=True) if refusal is None]
-        for request, response in zip(accepted, self._run(accepted), strict=True):
-            responses[requests.index(request)] = response
-        return responses
-
-    def _refusal(self, request):
-        requested = set(request.requested_output_names())
-        if requested and requested != set(self.output_names):
-            message = (f"outputs: {self.name} answers only requests for all of its outputs "
-                       f"({', '.join(self.output_names)}), got {', '.join(sorted(requested))}; "
-                       "its response cache replays whole responses")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
-        return None
-
-    def _run(self, requests):
-        if not requests:
-            return []
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        try:
-            outputs = self.runner.run({self.input_name: np.ascontiguousarray(np.concatenate(arrays))})
-        except Exception as error:  # a runtime failure fails these requests, never the model
-            message = f"{self.input_name}: encoder failed: {error}"
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
+        rows = [row for array in arrays for row in array]
+        keys = [content_key(row) for row in rows] if self.cache.max_bytes else [None] * len(rows)
+        found = [self.cache.get(k) if k is not None else None for k in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        self.hit_metric.increment(len(rows) - len(missing))
+        self.miss_metric.increment(len(missing))
+        if missing:
+            batch = np.ascontiguousarray(np.stack([rows[i] for i in missing]))
+            try:
+                outputs = self.runner.run({self.input_name: batch})
+            except Exception as error:  # a runtime failure fails these requests, never the model
+                message = f"{self.input_name}: {self.name} failed: {error}"
+                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
+            for j, i in enumerate(missing):
+                found[i] = {name: outputs[name][j] for name in self.output_names}
+                if keys[i] is not None:
+                    self.cache.put(keys[i], found[i])
         responses, start = [], 0
         for array in arrays:
             stop = start + array.shape[0]
             responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, np.ascontiguousarray(outputs[name][start:stop]))
+                [pb_utils.Tensor(name, np.ascontiguousarray(np.stack([found[i][name] for i in range(start, stop)])))
                  for name in self.output_names]))
             start = stop
         return responses

@@ -113,7 +113,7 @@ def test_checkpoint_without_dino_projector_says_which_checkpoint_is_needed(tiny_
     dst = tmp_path / "llava"
     state = _copy_llava(tiny_paths, dst)
     save_file({k: v for k, v in state.items() if "dino" not in k}, str(dst / "model.safetensors"))
-    with pytest.raises(ValueError, match="dino_mm_projector.*I-MoF"):
+    with pytest.raises(ValueError, match=r"dino_mm_projector.*I-MoF"):
         load_projectors(dst)
 
 

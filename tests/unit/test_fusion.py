@@ -74,7 +74,7 @@ def test_alpha_outside_unit_interval_is_rejected_naming_the_field(alpha):
 
 
 def test_unknown_mode_names_the_field_and_the_choices():
-    with pytest.raises(ValueError, match="mode: unknown fusion mode 'concat'.*interleaved"):
+    with pytest.raises(ValueError, match=r"mode: unknown fusion mode 'concat'.*interleaved"):
         FusionMode.parse("concat")
 
 
