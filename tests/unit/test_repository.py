@@ -1,0 +1,121 @@
+"""Generated model configs, checked structurally with Triton's own protobuf schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from mofserve.core import tensors as T
+from mofserve.core.checkpoints import read_shapes
+from mofserve.export.onnx_export import ExportedGraph
+from mofserve.export.repository import TARGETS, config_text, repository_specs, write_repository
+
+
+@pytest.fixture
+def graphs(tmp_path: Path) -> dict[str, ExportedGraph]:
+    out = {}
+    for name in (T.CLIP_VISION, T.DINOV2_VISION):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"graph")
+        out[name] = ExportedGraph(name, folder, "digest", {}, cached=True)
+    return out
+
+
+def specs_for(target, tiny_profile, tiny_paths, graphs):
+    shapes = read_shapes(tiny_paths, tiny_profile)
+    return {s.name: s for s in repository_specs(tiny_profile, target, tiny_paths, shapes, graphs)}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_config_parses_back_with_tritons_schema(target, tiny_profile, tiny_paths, graphs):
+    specs = specs_for(target, tiny_profile, tiny_paths, graphs)
+    expected = {"preprocess", "clip_vision", "dinov2_vision", "embed",
+                *(f"fuse_{m}" for m in T.FusionMode), *(f"tokens_{m}" for m in T.FusionMode)}
+    assert set(specs) == expected
+    for spec in specs.values():
+        parsed = text_format.Parse(config_text(spec.config), mc.ModelConfig())
+        assert parsed == spec.config and parsed.max_batch_size == tiny_profile.serving.max_batch_size
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_targets_share_model_names_tensor_names_and_shapes(target, tiny_profile, tiny_paths, graphs):
+    cpu = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    other = specs_for(target, tiny_profile, tiny_paths, graphs)
+    for name, spec in cpu.items():
+        io = lambda c: ([(i.name, i.data_type, list(i.dims)) for i in c.input],  # noqa: E731
+                        [(o.name, o.data_type, list(o.dims)) for o in c.output])
+        assert io(spec.config) == io(other[name].config), name
+
+
+def test_interleaved_tokens_are_twice_the_patch_count(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    dims = {m: list(specs[f"tokens_{m}"].config.output[0].dims) for m in T.FusionMode}
+    assert dims["interleaved"] == [512, 64]
+    assert dims["clip"] == dims["dinov2"] == dims["additive"] == [256, 64]
+
+
+def test_tokens_ensembles_run_only_the_encoders_their_mode_needs(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    steps = {m: [s.model_name for s in specs[f"tokens_{m}"].config.ensemble_scheduling.step] for m in T.FusionMode}
+    assert steps["clip"] == ["preprocess", "clip_vision", "fuse_clip"]
+    assert steps["dinov2"] == ["preprocess", "dinov2_vision", "fuse_dinov2"]
+    assert steps["additive"] == [*steps["interleaved"][:3], "fuse_additive"]
+    assert steps["interleaved"] == ["preprocess", "clip_vision", "dinov2_vision", "fuse_interleaved"]
+
+
+def test_encoder_steps_ask_for_every_encoder_output(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    for spec in specs.values():
+        for step in spec.config.ensemble_scheduling.step:
+            if step.model_name in (T.CLIP_VISION, T.DINOV2_VISION):
+                assert set(step.output_map) == {o.name for o in specs[step.model_name].config.output}
+
+
+def test_alpha_is_an_optional_input_of_the_additive_path_only(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    for name, spec in specs.items():
+        alpha = [i for i in spec.config.input if i.name == T.ALPHA]
+        assert bool(alpha) == (name in ("fuse_additive", "tokens_additive"))
+        assert all(i.optional for i in alpha)
+
+
+def test_cpu_target_runs_python_models_with_dynamic_batching_and_no_response_cache(tiny_profile, tiny_paths,
+                                                                                    graphs):
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    for name in ("preprocess", "clip_vision", "dinov2_vision", "fuse_interleaved"):
+        config = specs[name].config
+        assert config.backend == "python" and config.HasField("dynamic_batching")
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert not config.response_cache.enable
+    assert specs["clip_vision"].config.parameters["feature_cache_bytes"].string_value == str(256 << 20)
+    assert specs["fuse_additive"].config.parameters["default_alpha"].string_value == "0.75"
+
+
+def test_gpu_onnx_encoders_use_onnxruntime_with_tensorrt_fp16_on_the_gpu(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("gpu-onnx", tiny_profile, tiny_paths, graphs)
+    config = specs["clip_vision"].config
+    assert config.platform == "onnxruntime_onnx" and config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    accel = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+    fuse = specs["fuse_clip"].config
+    assert fuse.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+
+
+def test_gpu_trt_encoders_are_tensorrt_plans(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("gpu-trt", tiny_profile, tiny_paths, graphs)
+    assert specs["dinov2_vision"].config.platform == "tensorrt_plan"
+    assert specs["dinov2_vision"].config.default_model_filename == "model.plan"
+
+
+def test_repository_is_written_once_per_content_digest(tmp_path, tiny_profile, tiny_paths, graphs):
+    specs = list(specs_for("cpu", tiny_profile, tiny_paths, graphs).values())
+    first = write_repository(specs, tmp_path / "repos")
+    assert (first / "clip_vision" / "1" / "model.py").is_file()
+    assert (first / "clip_vision" / "1" / "model.onnx").read_bytes() == b"graph"
+    assert (first / "tokens_interleaved" / "config.pbtxt").is_file()
+    assert not (first / "tokens_interleaved" / "1" / "model.py").exists()
+    assert write_repository(specs, tmp_path / "repos") == first
