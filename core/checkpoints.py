@@ -78,16 +78,27 @@ def resolve_profile(profile: Profile, build_seeded: bool = True) -> CheckpointPa
     )
 
 
+def quiet_transformers() -> None:
+    """Loading a CLIPModel checkpoint into its vision tower lists every text weight as
+    "unexpected" and draws progress bars: noise in server logs, so keep errors only."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_clip_vision(path: Path):
     """CLIP vision tower with its projection; works on full CLIPModel checkpoints too."""
     from transformers import CLIPVisionModelWithProjection
 
+    quiet_transformers()
     return CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def load_dinov2(path: Path):
     from transformers import Dinov2Model
 
+    quiet_transformers()
     return Dinov2Model.from_pretrained(path, dtype=torch.float32).eval()
 
 

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,9 @@ def export_vision(config: VisionExportConfig, paths: CheckpointPaths, profile: P
         staged.mkdir()
         log(f"{config.model_name}: tracing to ONNX (opset {OPSET}, {size}px, dynamic batch)")
         dynamic = {name: {0: "batch"} for name in (config.input_name, *config.output_names)}
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # tracing a fixed-size graph: transformers' shape checks become constants, as intended
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(module, (example,), str(traced), input_names=[config.input_name],
                               output_names=list(config.output_names), dynamic_axes=dynamic,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
