@@ -26,6 +26,7 @@ demo: install
 	$(VENV)/bin/mofserve demo
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: install

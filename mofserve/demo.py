@@ -59,7 +59,8 @@ def run_demo(profile: Profile) -> int:
     built = export_profile(profile)
     started = time.perf_counter()
     with TritonServer(built.path) as server:
-        say(f"== tritonserver (nvidia-pytriton {server.install.version}) ready in {time.perf_counter() - started:.1f} s "
+        ready_s = time.perf_counter() - started
+        say(f"== tritonserver (nvidia-pytriton {server.install.version}) ready in {ready_s:.1f} s "
             f"(gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url})")
         client = grpcclient.InferenceServerClient(server.grpc_url)
         image, mirrored = draw_mmvp_image(), draw_mmvp_image(mirror=True)
