@@ -56,3 +56,31 @@ def tokens_model(mode: FusionMode | str) -> str:
 def token_count(mode: FusionMode | str, num_patches: int) -> int:
     """Visual tokens a mode emits: interleaving doubles the patch count."""
     return 2 * num_patches if FusionMode.parse(str(mode)) is FusionMode.INTERLEAVED else num_patches
+
+
+# ---- visual question answering (the `llm` model and the `vqa_<mode>` ensembles) ----------
+QUESTION = "QUESTION"  # TYPE_STRING [1]: UTF-8 question
+OPTIONS = "OPTIONS"  # TYPE_STRING [1], optional: MMVP-style "(a) Standing (b) Sitting"
+MAX_NEW_TOKENS = "MAX_NEW_TOKENS"  # INT32 [1], optional
+TEMPERATURE = "TEMPERATURE"  # FP32 [1], optional: 0 = greedy (the default)
+TOP_P = "TOP_P"  # FP32 [1], optional
+SEED = "SEED"  # INT64 [1], optional: makes sampling reproducible
+ANSWER = "ANSWER"  # TYPE_STRING [1]: generated text
+CHOSEN_OPTION = "CHOSEN_OPTION"  # TYPE_STRING [1]: option letter, e.g. "a" ("" without options)
+OPTION_SCORES = "OPTION_SCORES"  # FP32 [-1]: mean log-likelihood per option token, in option order
+
+# Per-stage wall time in milliseconds, FP32 [1], emitted by each python-backend stage so that an
+# ensemble's response carries its own breakdown (an encoder answered from its feature cache
+# reports ~0). Native-backend encoders (gpu targets) emit none.
+TIMING_PREPROCESS = "TIMING_PREPROCESS_MS"
+TIMING_CLIP = "TIMING_CLIP_MS"
+TIMING_DINOV2 = "TIMING_DINOV2_MS"
+TIMING_FUSION = "TIMING_FUSION_MS"
+TIMING_LLM = "TIMING_LLM_MS"
+
+LLM = "llm"
+
+
+def vqa_model(mode: FusionMode | str) -> str:
+    """The ensemble image bytes + question -> answer with the visual tokens of ``mode``."""
+    return f"vqa_{FusionMode.parse(str(mode)).value}"
