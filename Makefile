@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
+	$(PY) -m mofserve.protogen --force
 	touch $@
 
 demo: install

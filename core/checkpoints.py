@@ -5,7 +5,8 @@ LLaVA-format checkpoint is a folder with a LLaVA ``config.json`` (LLaMA fields p
 a tokenizer, and weights in safetensors (sharded or not) or ``pytorch_model*.bin`` (read with
 ``torch.load(weights_only=True)``, never unpickled blindly). Its projector keys are
 ``model.mm_projector.*`` (CLIP) and ``model.dino_mm_projector.*`` (DINOv2): matched by exact
-prefix, since a substring match on "mm_projector" also catches the DINOv2 keys.
+prefix, since a substring match on "mm_projector" also catches the DINOv2 keys. The LLaMA of
+the same folder is loaded by ``core.language_model.load_language_model``.
 """
 
 from __future__ import annotations

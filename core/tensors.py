@@ -77,6 +77,14 @@ TIMING_CLIP = "TIMING_CLIP_MS"
 TIMING_DINOV2 = "TIMING_DINOV2_MS"
 TIMING_FUSION = "TIMING_FUSION_MS"
 TIMING_LLM = "TIMING_LLM_MS"
+TIMING_PREFIX = "TIMING_"
+ENCODER_TIMINGS = {CLIP_VISION: TIMING_CLIP, DINOV2_VISION: TIMING_DINOV2}  # cpu target only
+
+
+def is_timing(name: str) -> bool:
+    """Whether a tensor is a per-stage timing (outside the contract that every target shares)."""
+    return name.startswith(TIMING_PREFIX)
+
 
 LLM = "llm"
 

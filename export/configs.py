@@ -88,7 +88,8 @@ class VisionExportConfig:
 
     def settings(self, profile: Profile) -> dict:
         """Everything besides the checkpoint that changes the graph (part of the cache key)."""
-        settings = {"model": self.model_name, "image_size": profile.image_size}
+        settings = {"model": self.model_name, "image_size": profile.image_size,
+                    "serving_runtime": profile.serving.runtime}
         if self.model_name == T.DINOV2_VISION:
             settings["dino_normalisation"] = profile.dino_normalisation
         return settings

@@ -28,7 +28,7 @@ from mofserve.core.runtime import OnnxRunner
 from . import configs as configs_module
 from .configs import VisionExportConfig
 from .fingerprint import folder_digest, settings_digest
-from .parity import check_parity, summarise
+from .parity import BF16, check_parity, summarise
 
 OPSET = 17
 EXPORTER_VERSION = 1
@@ -132,15 +132,26 @@ def export_vision(config: VisionExportConfig, paths: CheckpointPaths, profile: P
         _save_graph(traced, staged)
         log(f"{config.model_name}: parity check against PyTorch (random and real photos)")
         runner = OnnxRunner(staged / GRAPH_FILE)
-        results = check_parity(module, runner, config.input_name, config.output_names,
-                               parity_batches(profile))
+        batches = parity_batches(profile)
+        results = check_parity(module, runner, config.input_name, config.output_names, batches)
         for r in results:
             log(f"{config.model_name}:   {r.line()}")
+        serving_results = []
+        if profile.serving.runtime == "openvino":
+            # the graph as it will be served: OpenVINO with a bf16 precision hint
+            log(f"{config.model_name}: parity of the serving runtime (OpenVINO bf16) against PyTorch fp32")
+            served = OnnxRunner(staged / GRAPH_FILE, runtime="openvino", precision="bf16")
+            serving_results = check_parity(module, served, config.input_name, config.output_names,
+                                           batches, tolerance=BF16)
+            for r in serving_results:
+                log(f"{config.model_name}:   {r.line()}")
         manifest = {
             "model": config.model_name, "digest": digest, "profile": profile.name,
             "checkpoint": str(config.checkpoint(paths)), "settings": config.settings(profile),
             "opset": OPSET, "input": config.input_name, "outputs": list(config.output_names),
-            "parity": summarise(results), "seconds": round(time.perf_counter() - started, 2),
+            "parity": summarise(results),
+            "serving_parity": summarise(serving_results) if serving_results else None,
+            "seconds": round(time.perf_counter() - started, 2),
             "torch": torch.__version__,
         }
         (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

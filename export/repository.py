@@ -1,7 +1,8 @@
 """Writes a Triton model repository for a target from one source of truth.
 
 Targets share model names, tensor names, shapes and ensembles; they differ only in how the
-encoders and the fusion run:
+encoders and the fusion run, and in the per-stage timings (``TIMING_*_MS``) that only
+python-backend models emit:
 
 - ``cpu``: every model is a python-backend model (``model_repository/<source>/model.py``); the
   encoders run their ONNX graph with ONNX Runtime or OpenVINO inside it.
@@ -91,6 +92,7 @@ def preprocess_spec(profile: Profile, target: str) -> ModelSpec:
     _io(c.input, T.IMAGE, _STRING, [1])
     size = profile.image_size
     _io(c.output, T.PIXEL_VALUES, _FP32, [3, size, size])
+    _io(c.output, T.TIMING_PREPROCESS, _FP32, [1])
     _params(c, image_size=size, aspect=profile.aspect, max_bytes=DEFAULT_LIMITS.max_bytes,
             max_pixels=DEFAULT_LIMITS.max_pixels)
     return ModelSpec(c, source="preprocess")
@@ -109,6 +111,7 @@ def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, ta
         _io(c.output, T.DINO_CLS, _FP32, [shapes.dino_width])
     serving = profile.serving
     if target == "cpu":
+        _io(c.output, T.ENCODER_TIMINGS[name], _FP32, [1])  # native backends (gpu targets) have none
         kind = _python_on(c, gpu=False)
         _params(c, onnx_file="model.onnx", runtime=serving.runtime, threads=serving.intra_op_threads,
                 precision="bf16" if serving.runtime == "openvino" else "fp32",
@@ -144,9 +147,72 @@ def fuse_spec(mode: FusionMode, shapes: ModelShapes, profile: Profile, paths: Ch
     if mode is FusionMode.ADDITIVE:
         _io(c.input, T.ALPHA, _FP32, [1], optional=True)
     _io(c.output, T.VISUAL_TOKENS, _FP32, [T.token_count(mode, shapes.num_patches), shapes.llm_width])
+    _io(c.output, T.TIMING_FUSION, _FP32, [1])
     _params(c, mode=mode.value, llava=paths.llava, default_alpha=profile.default_alpha,
             threads=profile.serving.intra_op_threads)
     return ModelSpec(c, source="fuse")
+
+
+def llm_spec(shapes: ModelShapes, profile: Profile, paths: CheckpointPaths, target: str) -> ModelSpec:
+    """visual tokens [N, H] (N differs by mode) + question -> answer (model_repository/llm)."""
+    c = mc.ModelConfig(name=T.LLM)
+    kind = _python_on(c, gpu=target != "cpu")
+    serving = profile.serving
+    # Rows are answered one at a time (core.language_model says why), so waiting for a fuller
+    # batch would only add latency: no preferred sizes, no queue delay; requests that queue up
+    # while an instance is busy are still handed over together.
+    c.max_batch_size = serving.max_batch_size
+    c.instance_group.add(kind=kind, count=serving.llm_instances)
+    c.dynamic_batching.max_queue_delay_microseconds = 0
+    _io(c.input, T.VISUAL_TOKENS, _FP32, [-1, shapes.llm_width])
+    _io(c.input, T.QUESTION, _STRING, [1])
+    _io(c.input, T.OPTIONS, _STRING, [1], optional=True)
+    _io(c.input, T.MAX_NEW_TOKENS, mc.TYPE_INT32, [1], optional=True)
+    _io(c.input, T.TEMPERATURE, _FP32, [1], optional=True)
+    _io(c.input, T.TOP_P, _FP32, [1], optional=True)
+    _io(c.input, T.SEED, mc.TYPE_INT64, [1], optional=True)
+    _io(c.output, T.ANSWER, _STRING, [1])
+    _io(c.output, T.CHOSEN_OPTION, _STRING, [1])
+    _io(c.output, T.OPTION_SCORES, _FP32, [-1])
+    _io(c.output, T.TIMING_LLM, _FP32, [1])
+    _params(c, llava=paths.llava, max_new_tokens=serving.max_new_tokens,
+            max_new_tokens_limit=serving.max_new_tokens_limit, threads=serving.llm_threads,
+            dtype=serving.llm_dtype, random_weights=str(profile.random_weights).lower(), profile=profile.name)
+    return ModelSpec(c, source="llm")
+
+
+def ensemble(name: str, steps: list[mc.ModelConfig], profile: Profile) -> mc.ModelConfig:
+    """Chain ``steps`` into an ensemble, wiring tensors by name.
+
+    A step input that an earlier step produces reads that output; any other step input is an
+    input of the ensemble (optional where the model's is). Every output of every step is mapped
+    (a cached encoder entry is whole), and since Triton rejects an ensemble tensor that nothing
+    consumes, each output that no later step reads is an output of the ensemble: the last
+    step's first, then the others in step order (timings, pooled embeddings...). A client that
+    asks for some outputs gets only those on the wire.
+    """
+    c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=profile.serving.max_batch_size)
+    produced: dict[str, mc.ModelOutput] = {}
+    consumed: set[str] = set()
+    inputs: dict[str, mc.ModelInput] = {}
+    for model in steps:
+        for i in model.input:
+            if i.name in produced:
+                consumed.add(i.name)
+            elif i.name not in inputs:
+                inputs[i.name] = i
+        for o in model.output:
+            if o.name in produced or o.name in inputs:
+                raise ValueError(f"ensemble {name}: tensor {o.name} is produced twice")
+            produced[o.name] = o
+        _step(c, model.name, {i.name: i.name for i in model.input}, {o.name: o.name for o in model.output})
+    c.input.extend(inputs.values())
+    last = [o.name for o in steps[-1].output]
+    for output_name in [*last, *(n for n in produced if n not in last)]:
+        if output_name not in consumed:
+            o = produced[output_name]
+            c.output.add(name=o.name, data_type=o.data_type, dims=o.dims)
+    return c
 
 
 def _step(ensemble: mc.ModelConfig, model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
@@ -157,54 +223,30 @@ def _step(ensemble: mc.ModelConfig, model: str, inputs: dict[str, str], outputs:
         step.output_map[key] = value
 
 
-# Triton rejects an ensemble tensor that nothing consumes, so the encoder outputs that no step
-# reads become outputs of the ensemble (a client that asks only for VISUAL_TOKENS does not get
-# them on the wire).
-_ENCODER_OUTPUTS = {
-    T.CLIP_VISION: (T.CLIP_FEATURES, T.CLIP_EMBEDS),
-    T.DINOV2_VISION: (T.DINO_FEATURES, T.DINO_CLS),
-}
+def _encoders(mode: FusionMode) -> tuple[str, ...]:
+    """The encoders a fusion mode needs (ensembles cannot branch: each runs only these)."""
+    return tuple(e for e, used in ((T.CLIP_VISION, mode is not FusionMode.DINOV2),
+                                   (T.DINOV2_VISION, mode is not FusionMode.CLIP)) if used)
 
 
-def _output_dims(name: str, shapes: ModelShapes) -> list[int]:
-    return {T.CLIP_FEATURES: [shapes.num_patches, shapes.clip_width], T.CLIP_EMBEDS: [shapes.clip_embed_dim],
-            T.DINO_FEATURES: [shapes.num_patches, shapes.dino_width], T.DINO_CLS: [shapes.dino_width]}[name]
+def tokens_spec(mode: FusionMode, models: dict[str, mc.ModelConfig], profile: Profile) -> ModelSpec:
+    """image bytes (+ ALPHA) -> visual tokens (+ the timings and pooled embeddings of what it ran)."""
+    steps = [models[T.PREPROCESS], *(models[e] for e in _encoders(mode)), models[T.fuse_model(mode)]]
+    return ModelSpec(ensemble(T.tokens_model(mode), steps, profile))
 
 
-def _encoder_ensemble(name: str, encoders: tuple[str, ...], shapes: ModelShapes, profile: Profile,
-                      consumed: tuple[str, ...] = ()) -> mc.ModelConfig:
-    """An ensemble whose steps are preprocess and ``encoders``; unconsumed encoder outputs are outputs."""
-    c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=profile.serving.max_batch_size)
-    _io(c.input, T.IMAGE, _STRING, [1])
-    _step(c, T.PREPROCESS, {T.IMAGE: T.IMAGE}, {T.PIXEL_VALUES: "pixels"})
-    for encoder in encoders:
-        outputs = _ENCODER_OUTPUTS[encoder]
-        _step(c, encoder, {T.PIXEL_VALUES: "pixels"}, {o: o for o in outputs})
-        for output in outputs:
-            if output not in consumed:
-                _io(c.output, output, _FP32, _output_dims(output, shapes))
-    return c
+def vqa_spec(mode: FusionMode, models: dict[str, mc.ModelConfig], profile: Profile) -> ModelSpec:
+    """image bytes + question (+ options, ALPHA, sampling) -> answer; the visual tokens stay inside."""
+    steps = [models[T.PREPROCESS], *(models[e] for e in _encoders(mode)), models[T.fuse_model(mode)],
+             models[T.LLM]]
+    return ModelSpec(ensemble(T.vqa_model(mode), steps, profile))
 
 
-def tokens_spec(mode: FusionMode, shapes: ModelShapes, profile: Profile) -> ModelSpec:
-    """image bytes -> visual tokens (+ the pooled embeddings of the encoders it ran)."""
-    encoders = tuple(e for e, used in ((T.CLIP_VISION, mode is not FusionMode.DINOV2),
-                                       (T.DINOV2_VISION, mode is not FusionMode.CLIP)) if used)
-    fuse_inputs = [_ENCODER_OUTPUTS[e][0] for e in encoders]
-    c = _encoder_ensemble(T.tokens_model(mode), encoders, shapes, profile, consumed=tuple(fuse_inputs))
-    if mode is FusionMode.ADDITIVE:
-        _io(c.input, T.ALPHA, _FP32, [1], optional=True)
-        fuse_inputs.append(T.ALPHA)
-    c.output.insert(0, mc.ModelOutput(name=T.VISUAL_TOKENS, data_type=_FP32,
-                                      dims=[T.token_count(mode, shapes.num_patches), shapes.llm_width]))
-    _step(c, T.fuse_model(mode), {n: n for n in fuse_inputs}, {T.VISUAL_TOKENS: T.VISUAL_TOKENS})
-    return ModelSpec(c)
-
-
-def embed_spec(shapes: ModelShapes, profile: Profile) -> ModelSpec:
+def embed_spec(models: dict[str, mc.ModelConfig], profile: Profile) -> ModelSpec:
     """image bytes -> pooled CLIP image embedding and DINOv2 CLS (similarity, CLIP-blind mining);
     the patch features of both encoders are available too, for apps that fuse on their own."""
-    return ModelSpec(_encoder_ensemble(T.EMBED, (T.CLIP_VISION, T.DINOV2_VISION), shapes, profile))
+    steps = [models[T.PREPROCESS], models[T.CLIP_VISION], models[T.DINOV2_VISION]]
+    return ModelSpec(ensemble(T.EMBED, steps, profile))
 
 
 def repository_specs(profile: Profile, target: str, paths: CheckpointPaths, shapes: ModelShapes,
@@ -214,8 +256,11 @@ def repository_specs(profile: Profile, target: str, paths: CheckpointPaths, shap
     specs = [preprocess_spec(profile, target)]
     specs += [encoder_spec(graphs[name], shapes, profile, target) for name in (T.CLIP_VISION, T.DINOV2_VISION)]
     specs += [fuse_spec(mode, shapes, profile, paths, target) for mode in FusionMode]
-    specs += [tokens_spec(mode, shapes, profile) for mode in FusionMode]
-    specs.append(embed_spec(shapes, profile))
+    specs.append(llm_spec(shapes, profile, paths, target))
+    models = {s.name: s.config for s in specs}
+    specs += [tokens_spec(mode, models, profile) for mode in FusionMode]
+    specs += [vqa_spec(mode, models, profile) for mode in FusionMode]
+    specs.append(embed_spec(models, profile))
     return specs
 
 

@@ -45,6 +45,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_encoders(_profile(args), batch_sizes=args.batch, repeats=args.repeats, output=args.output)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from mofserve.server.app import serve
+    from mofserve.server.config import load_config
+
+    flags = {name: getattr(args, name) for name in ("profile", "host", "grpc_port", "http_port", "clip", "dinov2",
+                                                     "llava", "max_restarts")}
+    return serve(load_config(args.config, flags))
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from mofserve.clients.cli import run_ask
+
+    return run_ask(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mofserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     enc.add_argument("--repeats", type=int, default=5)
     enc.add_argument("--output", type=Path, help="write the JSON report here")
+
+    serve = sub.add_parser(
+        "serve", help="export if needed, start Triton and the gRPC + HTTP front-ends, supervise, stop on SIGTERM",
+        description="Settings: defaults < --config FILE (TOML) < MOFSERVE_* environment < flags. "
+                    "See docs/api.md for every setting, including the request limits.")
+    serve.add_argument("--config", type=Path, help="TOML file with settings (top level or [serve], [limits])")
+    serve.add_argument("--profile", choices=PROFILE_NAMES, help="tiny (default), small or paper")
+    serve.add_argument("--host", help="front-end bind address (default 127.0.0.1; Triton stays on loopback)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8080; 0 picks a free one)")
+    serve.add_argument("--clip", help="CLIP checkpoint folder or HF id in the HF cache (paper profile)")
+    serve.add_argument("--dinov2", help="DINOv2 checkpoint folder or HF id in the HF cache (paper profile)")
+    serve.add_argument("--llava", help="LLaVA-format checkpoint with mm_projector and dino_mm_projector")
+    serve.add_argument("--max-restarts", type=int, help="Triton restarts before giving up (default 5)")
+    serve.set_defaults(func=_cmd_serve)
+
+    from mofserve.clients.cli import add_ask_arguments
+
+    ask = sub.add_parser("ask", help="ask a running server about an image (gRPC), in one mode or several")
+    add_ask_arguments(ask)
+    ask.set_defaults(func=_cmd_ask)
     return parser
 
 

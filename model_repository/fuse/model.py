@@ -2,10 +2,12 @@
 
 The projectors come from the LLaVA-format checkpoint named in the config (only their keys are
 read). For ``additive`` the per-request ``ALPHA`` is optional (the profile's default applies)
-and a value outside [0, 1] fails that request alone.
+and a value outside [0, 1] fails that request alone. ``TIMING_FUSION_MS`` [1] is the wall time
+of the batched projector call that produced the row.
 """
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -54,13 +56,16 @@ class TritonPythonModel:
             for name, array in arrays.items():
                 features[name].append(array)
         if accepted:
+            started = time.perf_counter()
             inputs = {n: torch.from_numpy(np.concatenate(v)) for n, v in features.items()}
             alpha = torch.from_numpy(np.concatenate(alphas)) if alphas else None
             tokens = self.fuser(self.mode, inputs.get(T.CLIP_FEATURES), inputs.get(T.DINO_FEATURES), alpha)
             tokens = tokens.float().numpy()
+            elapsed_ms = (time.perf_counter() - started) * 1e3
             start = 0
             for i, batch in accepted:
                 responses[i] = pb_utils.InferenceResponse(
-                    [pb_utils.Tensor(T.VISUAL_TOKENS, np.ascontiguousarray(tokens[start:start + batch]))])
+                    [pb_utils.Tensor(T.VISUAL_TOKENS, np.ascontiguousarray(tokens[start:start + batch])),
+                     pb_utils.Tensor(T.TIMING_FUSION, np.full((batch, 1), elapsed_ms, dtype=np.float32))])
                 start += batch
         return responses

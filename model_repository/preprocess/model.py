@@ -2,9 +2,11 @@
 
 A bad image fails only its own request (INVALID_ARG, naming the field and the limit); the
 other requests of the dynamic batch are answered normally and the model keeps serving.
+``TIMING_PREPROCESS_MS`` [1] is each image's own decode-and-normalise time.
 """
 
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -25,12 +27,18 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             images = pb_utils.get_input_tensor_by_name(request, T.IMAGE).as_numpy().reshape(-1)
+            rows, timings = [], []
             try:
-                pixels = np.stack([preprocess_bytes(bytes(item), self.image_size, aspect=self.aspect,
-                                                    limits=self.limits) for item in images])
+                for item in images:
+                    started = time.perf_counter()
+                    rows.append(preprocess_bytes(bytes(item), self.image_size, aspect=self.aspect,
+                                                 limits=self.limits))
+                    timings.append((time.perf_counter() - started) * 1e3)
             except ImageError as error:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(T.PIXEL_VALUES, pixels)]))
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor(T.PIXEL_VALUES, np.stack(rows)),
+                pb_utils.Tensor(T.TIMING_PREPROCESS, np.array(timings, dtype=np.float32).reshape(-1, 1))]))
         return responses

@@ -4,15 +4,19 @@ Dynamic batching hands ``execute`` several requests at once; the image rows not 
 feature cache run as ONE call of the ONNX graph (the batch axis is dynamic) and the outputs are
 split back per request. The feature cache (core.feature_cache) is why a second fusion mode on
 an image already seen costs no encoder time; its hits and misses are Prometheus counters on
-Triton's metrics port (``mofserve_encoder_cache_total{model, result}``).
+Triton's metrics port (``mofserve_encoder_cache_total{model, result}``). The timing output
+(``TIMING_CLIP_MS`` / ``TIMING_DINOV2_MS`` [1]) is each row's cache lookup plus, for a miss, the
+wall time of the graph call that computed it: ~0 for a row answered from the cache.
 """
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mofserve.core import tensors as T
 from mofserve.core.feature_cache import FeatureCache, content_key
 from mofserve.core.runtime import OnnxRunner
 
@@ -28,7 +32,9 @@ class TritonPythonModel:
                                  precision=params.get("precision", "fp32"))
         self.name = config["name"]
         self.input_name = config["input"][0]["name"]
-        self.output_names = [o["name"] for o in config["output"]]
+        outputs = [o["name"] for o in config["output"]]
+        self.timing_names = [n for n in outputs if T.is_timing(n)]
+        self.output_names = [n for n in outputs if n not in self.timing_names]  # the graph's outputs
         self.cache = FeatureCache(int(params.get("feature_cache_bytes", "0")))
         # the family must outlive its metrics: keep it on the instance
         self.metric_family = family = pb_utils.MetricFamily(name="mofserve_encoder_cache_total",
@@ -40,27 +46,38 @@ class TritonPythonModel:
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         rows = [row for array in arrays for row in array]
-        keys = [content_key(row) for row in rows] if self.cache.max_bytes else [None] * len(rows)
-        found = [self.cache.get(k) if k is not None else None for k in keys]
+        keys, found, elapsed_ms = [], [], []
+        for row in rows:
+            started = time.perf_counter()
+            key = content_key(row) if self.cache.max_bytes else None
+            keys.append(key)
+            found.append(self.cache.get(key) if key is not None else None)
+            elapsed_ms.append((time.perf_counter() - started) * 1e3)
         missing = [i for i, entry in enumerate(found) if entry is None]
         self.hit_metric.increment(len(rows) - len(missing))
         self.miss_metric.increment(len(missing))
         if missing:
+            started = time.perf_counter()
             batch = np.ascontiguousarray(np.stack([rows[i] for i in missing]))
             try:
                 outputs = self.runner.run({self.input_name: batch})
             except Exception as error:  # a runtime failure fails these requests, never the model
                 message = f"{self.input_name}: {self.name} failed: {error}"
                 return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
+            run_ms = (time.perf_counter() - started) * 1e3
             for j, i in enumerate(missing):
+                elapsed_ms[i] += run_ms
                 found[i] = {name: outputs[name][j] for name in self.output_names}
                 if keys[i] is not None:
                     self.cache.put(keys[i], found[i])
         responses, start = [], 0
         for array in arrays:
             stop = start + array.shape[0]
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, np.ascontiguousarray(np.stack([found[i][name] for i in range(start, stop)])))
-                 for name in self.output_names]))
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(np.stack([found[i][name]
+                                                                             for i in range(start, stop)])))
+                       for name in self.output_names]
+            timing = np.array(elapsed_ms[start:stop], dtype=np.float32).reshape(-1, 1)
+            tensors += [pb_utils.Tensor(name, timing) for name in self.timing_names]
+            responses.append(pb_utils.InferenceResponse(tensors))
             start = stop
         return responses

@@ -86,3 +86,19 @@ def test_parity_check_fails_when_the_graph_drifts(tiny_profile, tiny_paths, tmp_
     batches = {"random[1]": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     with pytest.raises(ParityError, match="CLIP_EMBEDS"):
         check_parity(module, OnnxRunner(graph.graph), "PIXEL_VALUES", ("CLIP_FEATURES", "CLIP_EMBEDS"), batches)
+
+
+def test_openvino_bf16_serving_runtime_is_gated_on_feature_cosine(tiny_profile, tiny_paths, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setenv("MOFSERVE_HOME", str(tmp_path))
+    profile = replace(tiny_profile, serving=replace(tiny_profile.serving, runtime="openvino"))
+    lines: list[str] = []
+    graph = onnx_export.export_vision(CLIP_VISION_EXPORT, tiny_paths, profile, log=lines.append)
+    serving = graph.manifest["serving_parity"]
+    assert serving is not None and serving["min_cosine"] >= 0.999  # 1.0 where the CPU lacks bf16
+    assert any(line.strip().startswith("clip_vision:   bf16") for line in lines)
+    assert graph.digest != onnx_export.export_digest(CLIP_VISION_EXPORT, tiny_paths, tiny_profile)
+    bf16 = OnnxRunner(graph.graph, runtime="openvino", precision="bf16")
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    assert bf16.run({"PIXEL_VALUES": pixels})["CLIP_FEATURES"].shape == (2, 256, 32)

@@ -33,22 +33,37 @@ def specs_for(target, tiny_profile, tiny_paths, graphs):
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_config_parses_back_with_tritons_schema(target, tiny_profile, tiny_paths, graphs):
     specs = specs_for(target, tiny_profile, tiny_paths, graphs)
-    expected = {"preprocess", "clip_vision", "dinov2_vision", "embed",
-                *(f"fuse_{m}" for m in T.FusionMode), *(f"tokens_{m}" for m in T.FusionMode)}
+    expected = {"preprocess", "clip_vision", "dinov2_vision", "embed", "llm",
+                *(f"fuse_{m}" for m in T.FusionMode), *(f"tokens_{m}" for m in T.FusionMode),
+                *(f"vqa_{m}" for m in T.FusionMode)}
     assert set(specs) == expected
     for spec in specs.values():
         parsed = text_format.Parse(config_text(spec.config), mc.ModelConfig())
         assert parsed == spec.config and parsed.max_batch_size == tiny_profile.serving.max_batch_size
 
 
+def contract(config: mc.ModelConfig, timings: bool = False) -> tuple[list, list]:
+    """Inputs and outputs (name, type, dims) of a config: the contract tensors, or only the timings."""
+    keep = lambda name: T.is_timing(name) == timings  # noqa: E731
+    return ([(i.name, i.data_type, tuple(i.dims), i.optional) for i in config.input if keep(i.name)],
+            [(o.name, o.data_type, tuple(o.dims)) for o in config.output if keep(o.name)])
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_targets_share_model_names_tensor_names_and_shapes(target, tiny_profile, tiny_paths, graphs):
     cpu = specs_for("cpu", tiny_profile, tiny_paths, graphs)
     other = specs_for(target, tiny_profile, tiny_paths, graphs)
+    assert set(cpu) == set(other)
     for name, spec in cpu.items():
-        io = lambda c: ([(i.name, i.data_type, list(i.dims)) for i in c.input],  # noqa: E731
-                        [(o.name, o.data_type, list(o.dims)) for o in c.output])
-        assert io(spec.config) == io(other[name].config), name
+        assert contract(spec.config) == contract(other[name].config), name
+        # timings may only be missing (native encoders emit none), never differ in shape
+        _, cpu_timings = contract(spec.config, timings=True)
+        _, other_timings = contract(other[name].config, timings=True)
+        assert set(other_timings) <= set(cpu_timings), name
+    if target != "cpu":
+        for name in ("clip_vision", "dinov2_vision", "tokens_clip", "vqa_interleaved", "embed"):
+            _, timings = contract(other[name].config, timings=True)
+            assert not {t[0] for t in timings} & {T.TIMING_CLIP, T.TIMING_DINOV2}, name
 
 
 def test_interleaved_tokens_are_twice_the_patch_count(tiny_profile, tiny_paths, graphs):
@@ -79,7 +94,7 @@ def test_alpha_is_an_optional_input_of_the_additive_path_only(tiny_profile, tiny
     specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
     for name, spec in specs.items():
         alpha = [i for i in spec.config.input if i.name == T.ALPHA]
-        assert bool(alpha) == (name in ("fuse_additive", "tokens_additive"))
+        assert bool(alpha) == (name in ("fuse_additive", "tokens_additive", "vqa_additive"))
         assert all(i.optional for i in alpha)
 
 
@@ -119,3 +134,66 @@ def test_repository_is_written_once_per_content_digest(tmp_path, tiny_profile, t
     assert (first / "tokens_interleaved" / "config.pbtxt").is_file()
     assert not (first / "tokens_interleaved" / "1" / "model.py").exists()
     assert write_repository(specs, tmp_path / "repos") == first
+
+
+def test_vqa_ensembles_chain_preprocess_encoders_fusion_and_the_llm(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    for mode in T.FusionMode:
+        tokens = [s.model_name for s in specs[f"tokens_{mode}"].config.ensemble_scheduling.step]
+        config = specs[f"vqa_{mode}"].config
+        assert [s.model_name for s in config.ensemble_scheduling.step] == [*tokens, "llm"]
+        inputs = {i.name: i.optional for i in config.input}
+        assert inputs == {"IMAGE": False, "QUESTION": False, "OPTIONS": True, "MAX_NEW_TOKENS": True,
+                          "TEMPERATURE": True, "TOP_P": True, "SEED": True,
+                          **({"ALPHA": True} if mode is T.FusionMode.ADDITIVE else {})}
+        outputs = [o.name for o in config.output]
+        assert outputs[:4] == ["ANSWER", "CHOSEN_OPTION", "OPTION_SCORES", "TIMING_LLM_MS"]
+        assert {"TIMING_PREPROCESS_MS", "TIMING_FUSION_MS"} <= set(outputs)
+        # the visual tokens and patch features stay inside Triton
+        assert not {"VISUAL_TOKENS", "CLIP_FEATURES", "DINO_FEATURES", "PIXEL_VALUES"} & set(outputs)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_ensemble_tensor_is_consumed_or_an_output(target, tiny_profile, tiny_paths, graphs):
+    """Triton refuses an ensemble tensor that nothing reads; every step input must be fed."""
+    specs = specs_for(target, tiny_profile, tiny_paths, graphs)
+    for spec in specs.values():
+        config = spec.config
+        if config.platform != "ensemble":
+            continue
+        available = {i.name for i in config.input}
+        read: set[str] = set()
+        for step in config.ensemble_scheduling.step:
+            model = specs[step.model_name].config
+            assert set(step.input_map) == {i.name for i in model.input}, (spec.name, step.model_name)
+            assert set(step.output_map) == {o.name for o in model.output}, (spec.name, step.model_name)
+            assert set(step.input_map.values()) <= available, (spec.name, step.model_name)
+            read |= set(step.input_map.values())
+            available |= set(step.output_map.values())
+        produced = available - {i.name for i in config.input}
+        assert produced - read == {o.name for o in config.output}, spec.name
+
+
+def test_tokens_and_embed_ensembles_carry_the_stage_timings_on_cpu(tiny_profile, tiny_paths, graphs):
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    outputs = lambda name: {o.name for o in specs[name].config.output}  # noqa: E731
+    assert {"TIMING_PREPROCESS_MS", "TIMING_CLIP_MS", "TIMING_FUSION_MS"} <= outputs("tokens_clip")
+    assert "TIMING_DINOV2_MS" not in outputs("tokens_clip")
+    assert {"TIMING_PREPROCESS_MS", "TIMING_CLIP_MS", "TIMING_DINOV2_MS"} <= outputs("embed")
+    assert specs["tokens_interleaved"].config.output[0].name == "VISUAL_TOKENS"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_llm_is_a_batched_python_model_with_its_limits_as_parameters(target, tiny_profile, tiny_paths, graphs):
+    config = specs_for(target, tiny_profile, tiny_paths, graphs)["llm"].config
+    assert config.backend == "python" and config.HasField("dynamic_batching")
+    assert config.max_batch_size == tiny_profile.serving.max_batch_size
+    assert [list(i.dims) for i in config.input if i.name == "VISUAL_TOKENS"] == [[-1, 64]]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["llava"] == str(tiny_paths.llava) and params["random_weights"] == "true"
+    assert (params["max_new_tokens"], params["max_new_tokens_limit"], params["threads"]) == ("16", "512", "1")
+    kind = config.instance_group[0].kind
+    if target == "cpu":
+        assert kind == mc.ModelInstanceGroup.KIND_CPU and "FORCE_CPU_ONLY_INPUT_TENSORS" not in params
+    else:
+        assert kind == mc.ModelInstanceGroup.KIND_GPU and params["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"

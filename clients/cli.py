@@ -1,0 +1,88 @@
+"""``mofserve ask``: one question about one image, in one fusion mode or compared across several.
+
+    mofserve ask --image dog.jpg --question "Which way is the dog facing?" --options "(a) Left (b) Right"
+    mofserve ask --image dog.jpg --question "..." --compare clip dinov2 additive interleaved --alpha 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .client import ALL_MODES, DEFAULT_MODE, DEFAULT_TARGET, MofServeClient, MofServeError
+from .results import AskResult
+
+STAGES = (("preprocess", "preprocess_ms"), ("encoders", "encoders_ms"), ("clip", "clip_ms"),
+          ("dinov2", "dinov2_ms"), ("fusion", "fusion_ms"), ("llm", "llm_ms"), ("total", "total_ms"))
+ANSWER_WIDTH = 60
+
+
+def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", required=True, help="image file (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    parser.add_argument("--question", required=True, help="the question about the image")
+    parser.add_argument("--options", help='MMVP-style options, e.g. "(a) Open (b) Closed"')
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--mode", default=DEFAULT_MODE, choices=ALL_MODES,
+                       help=f"fusion mode (default {DEFAULT_MODE})")
+    which.add_argument("--compare", nargs="+", metavar="MODE", choices=ALL_MODES,
+                       help="answer with each of these modes (the encoders see the image once)")
+    parser.add_argument("--alpha", type=float, help="DINOv2 proportion of the additive mode, in [0, 1]")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="0 = greedy (the default)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--server", default=DEFAULT_TARGET, help=f"gRPC address (default {DEFAULT_TARGET})")
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _mode(result: AskResult) -> str:
+    return result.mode if result.alpha is None else f"{result.mode}({result.alpha:g})"
+
+
+def _short(text: str, width: int = ANSWER_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_table(results: Sequence[AskResult]) -> str:
+    """A row per answer: mode, chosen option, per-stage milliseconds, then the answer."""
+    header = ["mode", "option", *(f"{name} ms" for name, _ in STAGES), "answer"]
+    rows = [[_mode(r), r.chosen_option or "-", *(f"{getattr(r.timings, attr):.1f}" for _, attr in STAGES),
+             _short(r.answer) if len(results) > 1 else r.answer] for r in results]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
+                                                                                           strict=False))]
+        lines.append("  ".join([*cells, row[-1]]))
+    return "\n".join(lines)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                  "seed": args.seed}
+    try:
+        with MofServeClient(args.server, timeout=args.timeout) as client:
+            if args.compare:
+                results = client.compare(args.image, args.question, args.options, modes=args.compare,
+                                         alpha=args.alpha, **generation)
+            else:
+                results = [client.ask(args.image, args.question, args.options, mode=args.mode, alpha=args.alpha,
+                                      **generation)]
+    except MofServeError as error:
+        print(f"mofserve ask: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        payload = [r.to_dict() for r in results]
+        print(json.dumps(payload if args.compare else payload[0], indent=2))
+        return 0
+    print(format_table(results))
+    provenance = results[0].provenance
+    versions = ", ".join(f"{k}={v}" for k, v in sorted(provenance.model_versions.items()))
+    print(f"profile: {provenance.profile}" + (f"  versions: {versions}" if versions else ""))
+    if provenance.notice:
+        print(f"NOTE: {provenance.notice}")
+    return 0

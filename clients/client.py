@@ -1,0 +1,270 @@
+"""Python clients of the mofserve gRPC API: ``MofServeClient`` (blocking) and
+``AsyncMofServeClient`` (asyncio). They import grpc, the generated stubs and numpy only.
+
+    with MofServeClient("127.0.0.1:50051") as client:
+        result = client.ask("dog.jpg", "Is the dog facing left or right?", options="(a) Left (b) Right")
+        print(result.answer, result.chosen_option, result.timings.total_ms)
+
+Images are encoded file bytes or a path. ``timeout`` is the call's deadline in seconds (the
+server passes what remains of it to Triton). Failures raise ``MofServeError`` with the gRPC
+status ``code`` and the server's message, which names the offending field first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mofserve.v1 import mofserve_pb2 as pb
+from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
+
+from .results import AskResult, EmbedResult, EncodeResult, ServerInfo
+
+ImageLike = bytes | bytearray | memoryview | str | os.PathLike
+ModeLike = str | tuple[str, float | None]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MODE = "interleaved"
+ALL_MODES = ("clip", "dinov2", "additive", "interleaved")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MofServe"].full_name
+
+# UNAVAILABLE (Triton restarting, server not up yet) is retried a few times with backoff; every
+# RPC here is a read, so a retry is safe.
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": SERVICE_NAME}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+
+class MofServeError(Exception):
+    """A call the server (or the channel) refused; ``code`` is a ``grpc.StatusCode``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> MofServeError:
+        code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = error.details() if callable(getattr(error, "details", None)) else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+def read_image(image: ImageLike) -> bytes:
+    """Encoded image bytes from bytes or a file path."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    return Path(image).read_bytes()
+
+
+def _channel_options(max_message_bytes: int, retries: bool) -> list[tuple[str, Any]]:
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    if retries:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)]
+    else:
+        options.append(("grpc.enable_retries", 0))
+    return options
+
+
+# ---- requests (shared by both clients) -----------------------------------------------------------
+
+
+def _generation(max_new_tokens: int | None, temperature: float | None, top_p: float | None,
+                seed: int | None) -> pb.GenerationParams:
+    params = pb.GenerationParams()
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("seed", seed)):
+        if value is not None:
+            setattr(params, name, value)
+    return params
+
+
+def ask_request(image: ImageLike, question: str, options: str | None = None, mode: str = DEFAULT_MODE,
+                alpha: float | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                top_p: float | None = None, seed: int | None = None) -> pb.AskRequest:
+    request = pb.AskRequest(image=read_image(image), question=question, options=options or "", mode=mode,
+                            generation=_generation(max_new_tokens, temperature, top_p, seed))
+    if alpha is not None:
+        request.alpha = alpha
+    return request
+
+
+def mode_selections(modes: Iterable[ModeLike], alpha: float | None = None) -> list[pb.ModeSelection]:
+    """``"clip"`` or ``("additive", 0.5)`` -> ModeSelection; ``alpha`` goes to bare "additive" entries."""
+    selections = []
+    for entry in modes:
+        mode, mode_alpha = (entry, None) if isinstance(entry, str) else entry
+        if mode_alpha is None and mode == "additive":
+            mode_alpha = alpha
+        selection = pb.ModeSelection(mode=mode)
+        if mode_alpha is not None:
+            selection.alpha = mode_alpha
+        selections.append(selection)
+    return selections
+
+
+def compare_request(image: ImageLike, question: str, options: str | None = None,
+                    modes: Sequence[ModeLike] = ALL_MODES, alpha: float | None = None,
+                    max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                    seed: int | None = None) -> pb.CompareRequest:
+    return pb.CompareRequest(image=read_image(image), question=question, options=options or "",
+                             modes=mode_selections(modes, alpha),
+                             generation=_generation(max_new_tokens, temperature, top_p, seed))
+
+
+def encode_request(image: ImageLike, mode: str = DEFAULT_MODE, alpha: float | None = None) -> pb.EncodeRequest:
+    request = pb.EncodeRequest(image=read_image(image), mode=mode)
+    if alpha is not None:
+        request.alpha = alpha
+    return request
+
+
+def embed_request(images: Iterable[ImageLike]) -> pb.EmbedRequest:
+    if isinstance(images, bytes | bytearray | memoryview | str | os.PathLike):
+        raise TypeError("embed: give a list of images (bytes or paths), not a single image")
+    return pb.EmbedRequest(images=[read_image(i) for i in images])
+
+
+def _health_status(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+# ---- the blocking client ----------------------------------------------------------------------------
+
+
+class MofServeClient:
+    """Blocking client; thread-safe (one channel, shared). Use as a context manager or ``close()``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 max_message_bytes: int = 512 << 20, retries: bool = True,
+                 channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        self.timeout = timeout  # default deadline of every call, seconds (None: none)
+        self._channel = channel or grpc.insecure_channel(target, options=_channel_options(max_message_bytes,
+                                                                                           retries))
+        self._stub = pb_grpc.MofServeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> MofServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise MofServeError.from_rpc_error(error) from None
+
+    def ask(self, image: ImageLike, question: str, options: str | None = None, mode: str = DEFAULT_MODE,
+            alpha: float | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+            top_p: float | None = None, seed: int | None = None, timeout: float | None = None) -> AskResult:
+        request = ask_request(image, question, options, mode, alpha, max_new_tokens, temperature, top_p, seed)
+        return AskResult.from_proto(self._call(self._stub.Ask, request, timeout))
+
+    def compare(self, image: ImageLike, question: str, options: str | None = None,
+                modes: Sequence[ModeLike] = ALL_MODES, alpha: float | None = None,
+                max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                seed: int | None = None, timeout: float | None = None) -> list[AskResult]:
+        """One answer per mode, in order; the encoders see the image once for all of them."""
+        request = compare_request(image, question, options, modes, alpha, max_new_tokens, temperature, top_p, seed)
+        return [AskResult.from_proto(a) for a in self._call(self._stub.Compare, request, timeout).answers]
+
+    def encode_result(self, image: ImageLike, mode: str = DEFAULT_MODE, alpha: float | None = None,
+                      timeout: float | None = None) -> EncodeResult:
+        return EncodeResult.from_proto(self._call(self._stub.Encode, encode_request(image, mode, alpha), timeout))
+
+    def encode(self, image: ImageLike, mode: str = DEFAULT_MODE, alpha: float | None = None,
+               timeout: float | None = None):
+        """The visual tokens ``[N, H]`` (float32 numpy array) of ``image`` in ``mode``."""
+        return self.encode_result(image, mode, alpha, timeout).tokens
+
+    def embed(self, images: Iterable[ImageLike], timeout: float | None = None) -> EmbedResult:
+        return EmbedResult.from_proto(self._call(self._stub.Embed, embed_request(images), timeout))
+
+    def server_info(self, timeout: float | None = None) -> ServerInfo:
+        return ServerInfo.from_proto(self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """The standard health status ("SERVING", "NOT_SERVING", ...) of the server ("") or a service."""
+        return _health_status(self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service),
+                                         timeout))
+
+
+# ---- the asyncio client -----------------------------------------------------------------------------
+
+
+class AsyncMofServeClient:
+    """asyncio client with the same methods as ``MofServeClient`` (coroutines). Create and use it
+    on one event loop; ``async with`` or ``await close()``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 max_message_bytes: int = 512 << 20, retries: bool = True,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.aio.insecure_channel(
+            target, options=_channel_options(max_message_bytes, retries))
+        self._stub = pb_grpc.MofServeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncMofServeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request, timeout: float | None):
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise MofServeError.from_rpc_error(error) from None
+
+    async def ask(self, image: ImageLike, question: str, options: str | None = None, mode: str = DEFAULT_MODE,
+                  alpha: float | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None, seed: int | None = None, timeout: float | None = None) -> AskResult:
+        request = ask_request(image, question, options, mode, alpha, max_new_tokens, temperature, top_p, seed)
+        return AskResult.from_proto(await self._call(self._stub.Ask, request, timeout))
+
+    async def compare(self, image: ImageLike, question: str, options: str | None = None,
+                      modes: Sequence[ModeLike] = ALL_MODES, alpha: float | None = None,
+                      max_new_tokens: int | None = None, temperature: float | None = None,
+                      top_p: float | None = None, seed: int | None = None,
+                      timeout: float | None = None) -> list[AskResult]:
+        request = compare_request(image, question, options, modes, alpha, max_new_tokens, temperature, top_p, seed)
+        return [AskResult.from_proto(a) for a in (await self._call(self._stub.Compare, request, timeout)).answers]
+
+    async def encode_result(self, image: ImageLike, mode: str = DEFAULT_MODE, alpha: float | None = None,
+                            timeout: float | None = None) -> EncodeResult:
+        response = await self._call(self._stub.Encode, encode_request(image, mode, alpha), timeout)
+        return EncodeResult.from_proto(response)
+
+    async def encode(self, image: ImageLike, mode: str = DEFAULT_MODE, alpha: float | None = None,
+                     timeout: float | None = None):
+        return (await self.encode_result(image, mode, alpha, timeout)).tokens
+
+    async def embed(self, images: Iterable[ImageLike], timeout: float | None = None) -> EmbedResult:
+        return EmbedResult.from_proto(await self._call(self._stub.Embed, embed_request(images), timeout))
+
+    async def server_info(self, timeout: float | None = None) -> ServerInfo:
+        return ServerInfo.from_proto(await self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
+
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        response = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return _health_status(response)

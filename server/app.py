@@ -1,0 +1,177 @@
+"""``mofserve serve``: export if needed, start Triton, start the gRPC and HTTP front-ends on one
+asyncio loop, supervise Triton (restart it when it dies) and stop everything on SIGINT/SIGTERM.
+
+The front-end never restarts with Triton: while Triton is down, health says NOT_SERVING / 503
+and requests fail fast with UNAVAILABLE; when the supervisor has it back, service resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mofserve.core.profiles import get_profile
+
+from .config import ServeConfig
+from .engine import ServingInfo, TritonEngine
+from .launcher import TritonServer
+from .metrics import FrontendMetrics
+
+Log = Callable[[str], None]
+
+
+def stderr_log(message: str) -> None:
+    print(f"[serve] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    grpc: str
+    http: str
+    triton_grpc: str
+    triton_metrics: str
+
+
+class TritonSupervisor:
+    """Owns the tritonserver process: starts it, watches it, restarts it on the same ports."""
+
+    def __init__(self, repository, config: ServeConfig, on_change: Callable[[bool], None], log: Log) -> None:
+        self.repository = repository
+        self.config = config
+        self.on_change = on_change
+        self.log = log
+        self.restarts = 0
+        self.server: TritonServer | None = None
+
+    def start(self) -> TritonServer:
+        ports = self.server.ports if self.server is not None else None
+        self.server = TritonServer(
+            self.repository,
+            http_port=ports.http if ports else (self.config.triton_http_port or None),
+            grpc_port=ports.grpc if ports else (self.config.triton_grpc_port or None),
+            metrics_port=ports.metrics if ports else (self.config.triton_metrics_port or None),
+        )
+        return self.server.start(timeout=300)
+
+    async def watch(self, stopping: asyncio.Event, engine: TritonEngine) -> None:
+        loop = asyncio.get_running_loop()
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), self.config.health_interval_s)
+                return
+            except TimeoutError:
+                pass
+            if self.server is not None and self.server.is_alive():
+                continue
+            self.on_change(False)
+            if self.restarts >= self.config.max_restarts:
+                self.log(f"triton died {self.restarts + 1} times; giving up (max_restarts={self.config.max_restarts})")
+                stopping.set()
+                return
+            self.restarts += 1
+            self.log(f"triton is not running (exit code {self.server.returncode if self.server else None}); "
+                     f"restart {self.restarts}/{self.config.max_restarts}")
+            started = time.perf_counter()
+            try:
+                await loop.run_in_executor(None, self._restart)
+            except Exception as error:  # logged; retried on the next tick
+                self.log(f"triton restart failed: {error}")
+                continue
+            await engine.reconnect()
+            self.log(f"triton is back in {time.perf_counter() - started:.1f} s")
+            self.on_change(True)
+
+    def _restart(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+class MofServeApp:
+    def __init__(self, config: ServeConfig, log: Log = stderr_log) -> None:
+        self.config = config
+        self.log = log
+        self.metrics = FrontendMetrics()
+        self.engine: TritonEngine | None = None
+        self.supervisor: TritonSupervisor | None = None
+        self._grpc_server = None
+        self._health = None
+        self._http_runner = None
+        self.endpoints: Endpoints | None = None
+        self.stopping = asyncio.Event()
+
+    def _set_serving(self, serving: bool) -> None:
+        if self._health is not None:
+            self._health.set_serving(serving)
+
+    async def start(self) -> Endpoints:
+        from mofserve.export.pipeline import export_profile
+
+        from .grpc_service import build_grpc_server
+        from .http_api import build_http_app, start_http
+
+        loop = asyncio.get_running_loop()
+        c = self.config
+        profile = get_profile(c.profile).with_sources(clip=c.clip, dinov2=c.dinov2, llava=c.llava)
+        built = await loop.run_in_executor(None, lambda: export_profile(profile, target=c.target))
+        self.supervisor = TritonSupervisor(built.path, c, self._set_serving, self.log)
+        triton = await loop.run_in_executor(None, self.supervisor.start)
+        versions = {name: graph.digest for name, graph in built.graphs.items()}
+        versions["llava"] = built.checkpoints.llava.name
+        info = ServingInfo(profile=profile.name, random_weights=profile.random_weights, versions=versions)
+        self.engine = TritonEngine(triton.grpc_url, info, c.limits, max_batch_size=profile.serving.max_batch_size)
+        self._grpc_server, grpc_port, self._health = build_grpc_server(
+            self.engine, self.metrics, host=c.host, port=c.grpc_port)
+        await self._grpc_server.start()
+        app = build_http_app(self.engine, self.metrics)
+        self._http_runner, http_port = await start_http(app, host=c.host, port=c.http_port)
+        self._set_serving(True)
+        self.endpoints = Endpoints(f"{c.host}:{grpc_port}", f"http://{c.host}:{http_port}", triton.grpc_url,
+                                   triton.metrics_url)
+        return self.endpoints
+
+    async def stop(self) -> None:
+        self._set_serving(False)
+        grace = self.config.shutdown_grace_s
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace)  # in-flight RPCs get `grace` seconds to finish
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        if self.engine is not None:
+            await self.engine.close()
+        if self.supervisor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop)
+
+    async def run(self, install_signals: bool = True) -> int:
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            endpoints = await self.start()
+            profile = get_profile(self.config.profile)
+            self.log(f"serving profile {profile.name}: gRPC {endpoints.grpc}, HTTP {endpoints.http} "
+                     f"(OpenAI-compatible /v1/chat/completions), metrics {endpoints.http}/metrics; "
+                     f"Triton gRPC {endpoints.triton_grpc}, Triton metrics {endpoints.triton_metrics}")
+            if profile.random_weights:
+                self.log(f"profile {profile.name} has seeded RANDOM weights: answers are not meaningful")
+            print(f"READY grpc={endpoints.grpc} http={endpoints.http}", flush=True)
+            assert self.supervisor is not None and self.engine is not None
+            await self.supervisor.watch(self.stopping, self.engine)
+            return 0 if self.supervisor.restarts <= self.config.max_restarts else 1
+        finally:
+            self.log("stopping")
+            await self.stop()
+            self.log("stopped")
+
+
+def serve(config: ServeConfig) -> int:
+    return asyncio.run(MofServeApp(config).run())

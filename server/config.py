@@ -1,0 +1,92 @@
+"""``mofserve serve`` settings: defaults < config file (TOML) < environment (MOFSERVE_*) < flags.
+
+Every field is documented in docs/api.md; ``mofserve serve --help`` lists the flags.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .engine import Limits
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    profile: str = "tiny"
+    host: str = "127.0.0.1"  # front-end bind address (gRPC and HTTP); Triton always binds loopback
+    grpc_port: int = 50051
+    http_port: int = 8080
+    triton_http_port: int = 0  # 0: a free loopback port
+    triton_grpc_port: int = 0
+    triton_metrics_port: int = 0
+    target: str = "cpu"
+    clip: str | None = None  # checkpoint overrides (paper profile)
+    dinov2: str | None = None
+    llava: str | None = None
+    max_restarts: int = 5  # Triton restarts by the supervisor before the server gives up
+    health_interval_s: float = 1.0
+    shutdown_grace_s: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+
+    def merged(self, values: Mapping[str, Any]) -> ServeConfig:
+        """A copy with ``values`` applied (None leaves a field as it is); limits by their own names."""
+        own = {f.name: f for f in fields(self)}
+        limit_names = {f.name for f in fields(Limits)}
+        top, limits = {}, {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key in limit_names:
+                limits[key] = int(value)
+            elif key in own and key != "limits":
+                top[key] = _coerce(own[key].type, value, key)
+            else:
+                raise ValueError(f"config: unknown setting {key!r}")
+        return replace(self, **top, limits=replace(self.limits, **limits))
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    text = str(kind)
+    try:
+        if text.startswith("int"):
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    return str(value)
+
+
+ENV_PREFIX = "MOFSERVE_"
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``MOFSERVE_GRPC_PORT=50052`` -> {"grpc_port": "50052"}; only known settings are read."""
+    environ = os.environ if environ is None else environ
+    names = {f.name for f in fields(ServeConfig)} | {f.name for f in fields(Limits)}
+    names.discard("limits")
+    # MOFSERVE_CLIP/DINOV2/LLAVA are read by the paper profile itself; MOFSERVE_HOME is the artefact root
+    return {name: environ[ENV_PREFIX + name.upper()] for name in names
+            if ENV_PREFIX + name.upper() in environ and name not in ("clip", "dinov2", "llava")}
+
+
+def from_file(path: Path) -> dict[str, Any]:
+    """A TOML file with the settings at top level or under ``[serve]`` (limits may sit in ``[limits]``)."""
+    data = tomllib.loads(Path(path).read_text())
+    values = dict(data.get("serve", {k: v for k, v in data.items() if not isinstance(v, dict)}))
+    values.update(data.get("limits", {}))
+    return values
+
+
+def load_config(file: Path | None = None, flags: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> ServeConfig:
+    config = ServeConfig()
+    if file is not None:
+        config = config.merged(from_file(file))
+    config = config.merged(from_environment(environ))
+    return config.merged(flags or {})

@@ -1,0 +1,406 @@
+"""The front-end's one way to Triton: typed, validated, deadline-bounded calls to the ensembles.
+
+Both transports (gRPC in ``grpc_service``, HTTP in ``http_api``) turn their wire requests into
+these dataclasses and call ``TritonEngine``; nothing else in the front-end spells a tensor name.
+Errors come out as ``EngineError`` with a transport-neutral ``code`` that each transport maps to
+its own status (see ``ERROR_CODES``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from mofserve.core import tensors as T
+from mofserve.core.conversation import parse_options
+from mofserve.core.fusion import check_alpha
+from mofserve.core.profiles import get_profile
+from mofserve.core.tensors import FusionMode
+
+# transport-neutral error codes -> (gRPC status name, HTTP status)
+ERROR_CODES = {
+    "invalid_argument": ("INVALID_ARGUMENT", 400),
+    "too_large": ("RESOURCE_EXHAUSTED", 413),
+    "resource_exhausted": ("RESOURCE_EXHAUSTED", 429),
+    "deadline_exceeded": ("DEADLINE_EXCEEDED", 504),
+    "unavailable": ("UNAVAILABLE", 503),
+    "not_found": ("NOT_FOUND", 404),
+    "internal": ("INTERNAL", 500),
+}
+
+
+class EngineError(Exception):
+    """A request that could not be answered; ``code`` is a key of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits enforced before anything reaches Triton (the models re-check images)."""
+
+    max_image_bytes: int = 20 << 20
+    max_question_chars: int = 2000
+    max_options_chars: int = 2000
+    max_new_tokens: int = 512
+    max_compare_modes: int = 8
+    max_embed_images: int = 64
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def validate(self, limits: Limits) -> GenerationParams:
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+            raise EngineError("invalid_argument", f"max_new_tokens: must be within [1, {limits.max_new_tokens}], "
+                                                  f"got {self.max_new_tokens}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            raise EngineError("invalid_argument", f"temperature: must be within [0, 2], got {self.temperature}")
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise EngineError("invalid_argument", f"top_p: must be within (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise EngineError("invalid_argument", f"seed: must be within [0, 2^63), got {self.seed}")
+        return self
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A fusion mode and, for ``additive``, its DINOv2 proportion (None: the profile default)."""
+
+    mode: FusionMode
+    alpha: float | None = None
+
+    @classmethod
+    def parse(cls, mode: str, alpha: float | None = None) -> Selection:
+        try:
+            parsed = FusionMode.parse(mode)
+            if alpha is not None:
+                if parsed is not FusionMode.ADDITIVE:
+                    raise ValueError(f"alpha: only the additive mode takes alpha, not {parsed.value!r}")
+                alpha = check_alpha(alpha)
+        except ValueError as error:
+            raise EngineError("invalid_argument", str(error)) from None
+        return cls(parsed, alpha)
+
+
+@dataclass(frozen=True)
+class Question:
+    image: bytes
+    question: str
+    options: str | None = None
+    generation: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds per stage; encoders run side by side, so ``encoders_ms`` is the slower one."""
+
+    preprocess_ms: float = 0.0
+    clip_ms: float = 0.0
+    dinov2_ms: float = 0.0
+    fusion_ms: float = 0.0
+    llm_ms: float = 0.0
+    total_ms: float = 0.0
+
+    @property
+    def encoders_ms(self) -> float:
+        return max(self.clip_ms, self.dinov2_ms)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"preprocess_ms": self.preprocess_ms, "encoders_ms": self.encoders_ms, "clip_ms": self.clip_ms,
+                "dinov2_ms": self.dinov2_ms, "fusion_ms": self.fusion_ms, "llm_ms": self.llm_ms,
+                "total_ms": self.total_ms}
+
+
+_TIMING_FIELDS = {T.TIMING_PREPROCESS: "preprocess_ms", T.TIMING_CLIP: "clip_ms", T.TIMING_DINOV2: "dinov2_ms",
+                  T.TIMING_FUSION: "fusion_ms", T.TIMING_LLM: "llm_ms"}
+
+
+@dataclass
+class Answer:
+    mode: FusionMode
+    alpha: float | None
+    answer: str
+    chosen_option: str
+    option_scores: list[float]
+    timings: StageTimings
+
+
+@dataclass
+class Tokens:
+    mode: FusionMode
+    alpha: float | None
+    tokens: np.ndarray  # [N, H] float32
+    timings: StageTimings
+
+
+@dataclass
+class Embeddings:
+    clip: np.ndarray  # [n, E]
+    dino: np.ndarray  # [n, D]
+
+    @staticmethod
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    """What every answer says about where it came from."""
+
+    profile: str
+    random_weights: bool
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def notice(self) -> str:
+        """The warning every output of a seeded profile carries ("" for real weights)."""
+        return f"{self.profile} profile: seeded random weights, answers are not meaningful" \
+            if self.random_weights else ""
+
+    @property
+    def default_alpha(self) -> float | None:
+        """A-MoF's alpha when a request gives none (the profile's; None for an unknown profile)."""
+        try:
+            return get_profile(self.profile).default_alpha
+        except ValueError:
+            return None
+
+
+def _bytes_input(name: str, values: Sequence[bytes]) -> triton.InferInput:
+    tensor = triton.InferInput(name, [len(values), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[v] for v in values], dtype=object))
+    return tensor
+
+
+def _scalar_input(name: str, value: float | int, dtype: str) -> triton.InferInput:
+    np_type = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64}[dtype]
+    tensor = triton.InferInput(name, [1, 1], dtype)
+    tensor.set_data_from_numpy(np.array([[value]], dtype=np_type))
+    return tensor
+
+
+def _timings(result, started: float) -> StageTimings:
+    timings = StageTimings(total_ms=(time.perf_counter() - started) * 1e3)
+    for name, attr in _TIMING_FIELDS.items():
+        array = result.as_numpy(name)
+        if array is not None:
+            setattr(timings, attr, float(np.asarray(array).reshape(-1)[0]))
+    return timings
+
+
+def _text(array: np.ndarray | None) -> str:
+    if array is None:
+        return ""
+    value = np.asarray(array).reshape(-1)[0]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+_TRITON_CODES = {"StatusCode.INVALID_ARGUMENT": "invalid_argument", "StatusCode.UNAVAILABLE": "unavailable",
+                 "StatusCode.DEADLINE_EXCEEDED": "deadline_exceeded", "StatusCode.NOT_FOUND": "not_found",
+                 "StatusCode.RESOURCE_EXHAUSTED": "resource_exhausted"}
+
+
+def _engine_error(error: InferenceServerException) -> EngineError:
+    message = error.message() or str(error)
+    code = _TRITON_CODES.get(str(error.status()), "internal")
+    for prefix in ("in ensemble ",):
+        # "in ensemble 'vqa_clip', image: ..." -> "image: ..." (the field first, as everywhere)
+        if message.startswith(prefix) and ", " in message:
+            message = message.split(", ", 1)[1]
+    if "image:" in message and "exceeds the limit" in message:
+        code = "too_large"
+    if code == "internal" and ("Deadline" in message or "timeout" in message.lower()):
+        code = "deadline_exceeded"
+    return EngineError(code, message)
+
+
+class TritonEngine:
+    """Async calls to the Triton ensembles over gRPC (loopback)."""
+
+    def __init__(self, triton_url: str, info: ServingInfo, limits: Limits | None = None,
+                 max_batch_size: int = 8) -> None:
+        self.triton_url = triton_url
+        self.info = info
+        self.limits = limits or Limits()
+        self.max_batch_size = max_batch_size  # the ensembles' max_batch_size: larger calls are split
+        self._client: triton.InferenceServerClient | None = None
+        self._outputs: dict[str, frozenset[str]] = {}  # model -> output names (see _model_outputs)
+        self._detached: set[asyncio.Future] = set()  # Triton calls in flight (see _infer)
+
+    @property
+    def client(self) -> triton.InferenceServerClient:
+        if self._client is None:
+            self._client = triton.InferenceServerClient(self.triton_url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        self._outputs.clear()
+
+    async def reconnect(self) -> None:
+        """Drop the channel (after Triton restarts) so the next call dials afresh, not after a backoff."""
+        await self.close()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready(client_timeout=2.0))
+        except Exception:
+            return False
+
+    # ---- validation ------------------------------------------------------------------------
+
+    def _check_image(self, image: bytes, field_name: str = "image") -> None:
+        if not image:
+            raise EngineError("invalid_argument", f"{field_name}: empty; send the encoded image bytes")
+        if len(image) > self.limits.max_image_bytes:
+            raise EngineError("too_large", f"{field_name}: {len(image)} bytes exceeds the limit of "
+                                           f"{self.limits.max_image_bytes} bytes (max_image_bytes)")
+
+    def _check_question(self, q: Question) -> None:
+        self._check_image(q.image)
+        if not q.question.strip():
+            raise EngineError("invalid_argument", "question: empty; ask something about the image")
+        if len(q.question) > self.limits.max_question_chars:
+            raise EngineError("invalid_argument", f"question: {len(q.question)} characters exceeds the limit of "
+                                                  f"{self.limits.max_question_chars} (max_question_chars)")
+        if q.options is not None and q.options.strip():
+            if len(q.options) > self.limits.max_options_chars:
+                raise EngineError("invalid_argument", f"options: {len(q.options)} characters exceeds the limit "
+                                                      f"of {self.limits.max_options_chars} (max_options_chars)")
+            try:
+                parse_options(q.options)
+            except ValueError as error:
+                raise EngineError("invalid_argument", str(error)) from None
+        q.generation.validate(self.limits)
+
+    # ---- calls -----------------------------------------------------------------------------
+
+    async def _model_outputs(self, model: str, timeout: float | None) -> frozenset[str]:
+        """The output names of ``model`` (asked once): timings exist only for the stages a mode runs
+        and only where python-backend models emit them, so requests ask for the ones it has."""
+        names = self._outputs.get(model)
+        if names is None:
+            metadata = await self.client.get_model_metadata(model, client_timeout=timeout)
+            names = self._outputs[model] = frozenset(o.name for o in metadata.outputs)
+        return names
+
+    async def _infer(self, model: str, inputs, outputs: Sequence[str] | None, timeout: float | None):
+        """One Triton inference, bounded by ``timeout`` seconds.
+
+        The inference itself is never cancelled: Triton 2.51's gRPC endpoint can crash (SIGSEGV in
+        TRITONBACKEND_ResponseSend) when an in-flight request is cancelled, which a Triton client
+        deadline or a caller that goes away would do (triton-inference-server/server#7368, fixed
+        in 24.12). So the deadline is enforced here instead: the caller stops waiting (with
+        ``deadline_exceeded``, or its own cancellation) while the call completes in the background
+        and its result is dropped; Triton's python models would finish the work anyway.
+        """
+        if timeout is not None and timeout <= 0:
+            raise EngineError("deadline_exceeded", "deadline: expired before the request reached Triton")
+        started = time.monotonic()
+        try:
+            if outputs:
+                available = await self._model_outputs(model, timeout)
+                outputs = [n for n in outputs if n in available or not T.is_timing(n)]
+            requested = [triton.InferRequestedOutput(n) for n in outputs] if outputs else None
+            call = asyncio.ensure_future(self.client.infer(model, inputs, outputs=requested))
+            self._detached.add(call)
+            call.add_done_callback(self._settle)
+            left = None if timeout is None else max(timeout - (time.monotonic() - started), 0.0)
+            try:
+                return await asyncio.wait_for(asyncio.shield(call), left)
+            except TimeoutError:
+                raise EngineError("deadline_exceeded", f"deadline: {model} did not answer within "
+                                                       f"{timeout:.3f} s") from None
+        except EngineError:
+            raise
+        except InferenceServerException as error:
+            raise _engine_error(error) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # connection refused, channel closed while Triton restarts
+            raise EngineError("unavailable", f"triton: not reachable at {self.triton_url} ({error})") from None
+
+    def _settle(self, call: asyncio.Future) -> None:
+        """Forget a finished Triton call; read its error so that an abandoned one is not reported."""
+        self._detached.discard(call)
+        if not call.cancelled():
+            call.exception()
+
+    async def ask(self, q: Question, selection: Selection, timeout: float | None = None) -> Answer:
+        self._check_question(q)
+        inputs = [_bytes_input(T.IMAGE, [q.image]), _bytes_input(T.QUESTION, [q.question.encode()])]
+        if q.options and q.options.strip():
+            inputs.append(_bytes_input(T.OPTIONS, [q.options.encode()]))
+        if selection.alpha is not None:
+            inputs.append(_scalar_input(T.ALPHA, selection.alpha, "FP32"))
+        g = q.generation
+        for name, value, dtype in ((T.MAX_NEW_TOKENS, g.max_new_tokens, "INT32"),
+                                   (T.TEMPERATURE, g.temperature, "FP32"), (T.TOP_P, g.top_p, "FP32"),
+                                   (T.SEED, g.seed, "INT64")):
+            if value is not None:
+                inputs.append(_scalar_input(name, value, dtype))
+        outputs = [T.ANSWER, T.CHOSEN_OPTION, T.OPTION_SCORES, *_TIMING_FIELDS]
+        started = time.perf_counter()
+        result = await self._infer(T.vqa_model(selection.mode), inputs, outputs, timeout)
+        scores = result.as_numpy(T.OPTION_SCORES)
+        return Answer(selection.mode, selection.alpha, _text(result.as_numpy(T.ANSWER)),
+                      _text(result.as_numpy(T.CHOSEN_OPTION)),
+                      [] if scores is None else [float(s) for s in np.asarray(scores).reshape(-1)],
+                      _timings(result, started))
+
+    async def compare(self, q: Question, selections: Sequence[Selection], timeout: float | None = None) -> list[Answer]:
+        """One image, several modes. The first mode runs alone so that the encoders see the image
+        once; the other modes then find its features in the encoders' cache and run side by side."""
+        if not selections:
+            raise EngineError("invalid_argument", "modes: give at least one fusion mode")
+        if len(selections) > self.limits.max_compare_modes:
+            raise EngineError("invalid_argument", f"modes: {len(selections)} exceeds the limit of "
+                                                  f"{self.limits.max_compare_modes} (max_compare_modes)")
+        self._check_question(q)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = lambda: None if deadline is None else deadline - time.monotonic()  # noqa: E731
+        first = await self.ask(q, selections[0], remaining())
+        rest = await asyncio.gather(*(self.ask(q, s, remaining()) for s in selections[1:]))
+        return [first, *rest]
+
+    async def encode(self, image: bytes, selection: Selection, timeout: float | None = None) -> Tokens:
+        self._check_image(image)
+        inputs = [_bytes_input(T.IMAGE, [image])]
+        if selection.alpha is not None:
+            inputs.append(_scalar_input(T.ALPHA, selection.alpha, "FP32"))
+        started = time.perf_counter()
+        result = await self._infer(T.tokens_model(selection.mode), inputs,
+                                   [T.VISUAL_TOKENS, *_TIMING_FIELDS], timeout)
+        tokens = np.ascontiguousarray(result.as_numpy(T.VISUAL_TOKENS)[0], dtype=np.float32)
+        return Tokens(selection.mode, selection.alpha, tokens, _timings(result, started))
+
+    async def embed(self, images: Sequence[bytes], timeout: float | None = None) -> Embeddings:
+        if not images:
+            raise EngineError("invalid_argument", "images: give at least one image")
+        if len(images) > self.limits.max_embed_images:
+            raise EngineError("invalid_argument", f"images: {len(images)} exceeds the limit of "
+                                                  f"{self.limits.max_embed_images} (max_embed_images)")
+        for i, image in enumerate(images):
+            self._check_image(image, f"images[{i}]")
+        chunks = [list(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+        results = await asyncio.gather(*(self._infer(T.EMBED, [_bytes_input(T.IMAGE, chunk)],
+                                                     [T.CLIP_EMBEDS, T.DINO_CLS], timeout) for chunk in chunks))
+        return Embeddings(np.concatenate([r.as_numpy(T.CLIP_EMBEDS) for r in results]),
+                          np.concatenate([r.as_numpy(T.DINO_CLS) for r in results]))

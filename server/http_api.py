@@ -1,0 +1,227 @@
+"""The HTTP front-end: an OpenAI-compatible aiohttp app over ``TritonEngine``.
+
+Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{model}``,
+``GET /healthz``, ``GET /metrics``. The wire format (parsing, responses, errors) lives in
+``openai_protocol``; this module reads bodies, enforces the HTTP-level limits (content type,
+body size), calls the engine, counts every request in ``FrontendMetrics`` and answers every
+failure in OpenAI's error shape. ``start_http`` binds it (loopback by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from mofserve.core.tensors import FusionMode
+
+from . import openai_protocol as P
+from .engine import EngineError, TritonEngine
+from .metrics import CONTENT_TYPE, FrontendMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_TIMEOUT_S = 300.0  # deadline handed to the engine for one chat completion
+_OFFLOAD_BYTES = 1 << 20  # bodies above this are decoded in a worker thread, off the event loop
+
+# metrics status label of each HTTP error status (the engine's transport-neutral codes)
+_STATUS_LABELS = {400: "invalid_argument", 404: "not_found", 405: "invalid_argument", 413: "too_large",
+                  415: "invalid_argument", 429: "resource_exhausted", 503: "unavailable",
+                  504: "deadline_exceeded"}
+
+
+def default_max_body_bytes(max_image_bytes: int) -> int:
+    """A body that can carry the largest allowed image base64-encoded, plus 1 MiB for the rest."""
+    return (max_image_bytes + 2) // 3 * 4 + (1 << 20)
+
+
+def _status_label(status: int) -> str:
+    return _STATUS_LABELS.get(status, "internal" if status >= 500 else "invalid_argument")
+
+
+def _error_response(error: P.ProtocolError) -> web.Response:
+    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    return web.json_response(P.error_body(error), status=error.status, headers=headers)
+
+
+class _Frontend:
+    def __init__(self, engine: TritonEngine, metrics: FrontendMetrics, max_body_bytes: int,
+                 request_timeout_s: float | None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout_s = request_timeout_s
+        self.created = int(time.time())
+
+    def _count(self, method: str, mode: str, status: str) -> None:
+        with self.metrics.track("http", method, mode) as outcome:
+            outcome["status"] = status
+
+    # ---- body ------------------------------------------------------------------------------
+
+    async def _read_json(self, request: web.Request) -> tuple[Any, int]:
+        """The decoded JSON body and its size in bytes."""
+        # request.content_type drops parameters such as charset (and says octet-stream when absent)
+        if "Content-Type" not in request.headers or request.content_type != "application/json":
+            given = request.headers.get("Content-Type", "none")
+            raise P.ProtocolError(415, f"content-type: expected application/json, got {given!r}",
+                                  None, "unsupported_media_type")
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise P.ProtocolError(413, f"body: {length} bytes exceeds the limit of {self.max_body_bytes} bytes "
+                                       "(max_body_bytes)", None, "too_large")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise P.ProtocolError(413, f"body: exceeds the limit of {self.max_body_bytes} bytes (max_body_bytes)",
+                                  None, "too_large") from None
+        if not raw:
+            raise P.ProtocolError(400, "body: empty; send a JSON object", None, "invalid_json")
+        try:
+            if len(raw) > _OFFLOAD_BYTES:
+                return await asyncio.to_thread(json.loads, raw), len(raw)
+            return json.loads(raw), len(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise P.ProtocolError(400, f"body: invalid JSON ({error})", None, "invalid_json") from None
+
+    # ---- routes ----------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        method = "chat.completions"
+        try:
+            body, size = await self._read_json(request)
+        except P.ProtocolError as error:
+            self._count(method, "", _status_label(error.status))
+            return _error_response(error)
+        mode = ""
+        if isinstance(body, dict):
+            with contextlib.suppress(P.ProtocolError):
+                mode = P.resolve_model(body.get("model")).value
+        chat: P.ChatRequest | None = None
+        with self.metrics.track("http", method, mode) as outcome:
+            try:
+                if size > _OFFLOAD_BYTES:  # base64-decoding a large image: off the event loop
+                    chat = await asyncio.to_thread(P.parse_chat_request, body, self.engine.limits)
+                else:
+                    chat = P.parse_chat_request(body, self.engine.limits)
+                answer = await self.engine.ask(chat.question, chat.selection, timeout=self.request_timeout_s)
+            except P.ProtocolError as error:
+                outcome["status"] = _status_label(error.status)
+                return _error_response(error)
+            except EngineError as error:
+                outcome["status"] = error.code
+                if error.code == "internal":
+                    log.warning("chat completion failed: %s", error.message)
+                return _error_response(P.from_engine_error(error, chat.params if chat else None))
+            self.metrics.observe_stages(answer.mode.value, answer.timings)
+            alpha = answer.alpha
+            if alpha is None and answer.mode is FusionMode.ADDITIVE:
+                alpha = self.engine.info.default_alpha
+            ident, created = P.completion_id(), int(time.time())
+            if not chat.stream:
+                return web.json_response(P.chat_completion(chat, answer, self.engine.info, ident=ident,
+                                                           created=created, alpha=alpha))
+            # The answer is complete before the first byte: errors above keep their HTTP status,
+            # and the stream carries the whole answer in one delta (see docs/api.md).
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            for chunk in P.chat_completion_chunks(chat, answer, self.engine.info, ident=ident, created=created,
+                                                  alpha=alpha):
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        with self.metrics.track("http", "models"):
+            return web.json_response(P.model_list(self.engine.info, self.created))
+
+    async def model(self, request: web.Request) -> web.Response:
+        with self.metrics.track("http", "models") as outcome:
+            try:
+                mode = P.resolve_model(request.match_info["model"])
+            except P.ProtocolError as error:
+                outcome["status"] = _status_label(error.status)
+                return _error_response(error)
+            return web.json_response(P.model_card(mode, self.engine.info, self.created))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        with self.metrics.track("http", "healthz") as outcome:
+            ready = await self.engine.ready()
+            outcome["status"] = "ok" if ready else "unavailable"
+            body = {"status": "ok" if ready else "unavailable", "triton": ready, "profile": self.engine.info.profile,
+                    "random_weights": self.engine.info.random_weights}
+            return web.json_response(body, status=200 if ready else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        with self.metrics.track("http", "metrics"):
+            return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    # ---- everything else -------------------------------------------------------------------
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Router errors (404, 405) and anything unexpected, in OpenAI's error shape."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status == 405:
+                allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+                message = f"method: {request.method} is not allowed on {request.path}; use {allowed}"
+                code = "method_not_allowed"
+            elif exc.status == 404:
+                message = (f"path: {request.path} not found; routes: POST /v1/chat/completions, GET /v1/models, "
+                           "GET /healthz, GET /metrics")
+                code = "not_found"
+            else:
+                message, code = exc.text or exc.reason, _status_label(exc.status)
+            self._count("unmatched", "", _status_label(exc.status))
+            return _error_response(P.ProtocolError(exc.status, message, None, code))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return _error_response(P.ProtocolError(500, "internal: unexpected server error (see the server log)",
+                                                   None, "internal"))
+
+
+def build_http_app(engine: TritonEngine, metrics: FrontendMetrics, max_body_bytes: int | None = None,
+                   request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S) -> web.Application:
+    """The OpenAI-compatible app. ``max_body_bytes`` defaults to what carries the engine's largest
+    allowed image base64-encoded; larger bodies get a JSON 413."""
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(engine.limits.max_image_bytes)
+    frontend = _Frontend(engine, metrics, max_body_bytes, request_timeout_s)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[frontend.errors])
+    app.router.add_post("/v1/chat/completions", frontend.chat_completions)
+    app.router.add_get("/v1/models", frontend.models)
+    app.router.add_get("/v1/models/{model}", frontend.model)
+    app.router.add_get("/healthz", frontend.healthz)
+    app.router.add_get("/metrics", frontend.prometheus)
+    return app
+
+
+async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (port 0: a free port); returns the runner (``await
+    runner.cleanup()`` to stop) and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = port
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            bound = int(address[1])
+            break
+    return runner, bound

@@ -1,0 +1,102 @@
+"""`mofserve serve` as users run it: a subprocess that exports, starts Triton and both front-ends,
+restarts Triton when it dies without restarting the front-end, and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _healthz(http: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"{http}/healthz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+    except OSError:
+        return 0, {}
+
+
+def _children(pid: int, name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_repository) -> Iterator[dict]:
+    """`mofserve serve` on free ports (the tiny export is already cached by the session fixture)."""
+    cmd = [sys.executable, "-m", "mofserve", "serve", "--grpc-port", "0", "--http-port", "0"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    ready = None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("READY "):
+            ready = dict(part.split("=", 1) for part in line.split()[1:])
+            break
+    if ready is None:
+        process.kill()
+        pytest.fail("mofserve serve did not become ready:\n" + "".join(lines[-40:]))
+    import threading
+
+    threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True).start()
+    yield {"process": process, "lines": lines, **ready}
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+def test_serve_prints_endpoints_and_reports_healthy(served):
+    status, body = _healthz(served["http"])
+    assert status == 200 and body["status"] == "ok"
+    assert served["grpc"].startswith("127.0.0.1:")
+    assert any("seeded RANDOM weights" in line for line in served["lines"])
+
+
+def test_supervisor_restarts_a_killed_triton_and_service_recovers(served):
+    process = served["process"]
+    tritons = _children(process.pid, "tritonserver")
+    assert len(tritons) == 1
+    os.kill(tritons[0], signal.SIGKILL)
+    went_down = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, _ = _healthz(served["http"])
+        went_down = went_down or status == 503
+        new = _children(process.pid, "tritonserver")
+        if went_down and status == 200 and new and new != tritons:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("service did not recover:\n" + "".join(served["lines"][-30:]))
+    assert process.poll() is None, "the front-end must not restart with Triton"
+    assert any("restart 1/" in line for line in served["lines"])
+
+
+def test_sigterm_stops_the_front_end_and_triton(served):
+    process = served["process"]
+    tritons = _children(process.pid, "tritonserver")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    time.sleep(0.5)
+    from pathlib import Path
+
+    for pid in tritons:
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text().lower()
