@@ -1,25 +1,29 @@
-"""``make demo``: the whole pipeline end to end on one drawn image, then everything stops.
+"""``make demo``: the whole product end to end on one drawn image, then everything stops.
 
-Exports the profile (cached after the first run), starts the real tritonserver on loopback
-ports, asks every ``tokens_<mode>`` ensemble for the visual tokens of an MMVP-style image
-(and the ``embed`` ensemble for the CLIP/DINOv2 similarity of the image and its mirror image,
-a CLIP-blind-pair check), prints shapes and timings, and stops Triton.
+Exports the profile (cached after the first run), starts ``mofserve serve`` in-process on free
+loopback ports (Triton + the gRPC and HTTP front-ends), asks one MMVP-style question in every
+fusion mode through the gRPC client, then one ``Compare`` over all modes, an ``Encode`` and an
+``Embed`` of the image and its mirror image (a CLIP-blind-pair check), prints answers and
+per-stage timings, and stops everything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import sys
+import threading
 import time
 
-import numpy as np
-
-from mofserve.core import tensors as T
 from mofserve.core.profiles import Profile
+
+QUESTION = "Is the dog facing left or right from the camera's perspective?"
+OPTIONS = "(a) Left (b) Right"
+MODES = ("clip", "dinov2", "additive", "interleaved")
 
 
 def draw_mmvp_image(mirror: bool = False) -> bytes:
-    """A small scene with a clear orientation: an arrow-shaped "dog" facing right (or left)."""
+    """A small scene with a clear orientation: a dog facing right (or, mirrored, left)."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (320, 240), (135, 190, 235))
@@ -38,56 +42,67 @@ def draw_mmvp_image(mirror: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def _image_input(client_module, data: bytes):
-    tensor = client_module.InferInput(T.IMAGE, [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[data]], dtype=object))
-    return tensor
+def _row(result) -> str:
+    t = result.timings
+    alpha = f"{result.alpha:.2f}" if result.alpha is not None else "-"
+    # random weights decode to arbitrary bytes: keep the table readable
+    answer = "".join(ch if ch.isprintable() else "·" for ch in result.answer)
+    answer = answer if len(answer) <= 24 else answer[:23] + "…"
+    return (f"   {result.mode:<12} {alpha:>5}  ({result.chosen_option or '-'})  {answer:<26} "
+            f"{t.preprocess_ms:7.1f} {t.encoders_ms:8.1f} {t.fusion_ms:7.1f} {t.llm_ms:7.1f} {t.total_ms:8.1f}")
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+HEADER = (f"   {'mode':<12} {'alpha':>5}  opt  {'answer':<26} {'prep ms':>7} {'enc ms':>8} {'fuse ms':>7} "
+          f"{'llm ms':>7} {'total ms':>8}")
 
 
 def run_demo(profile: Profile) -> int:
-    import tritonclient.grpc as grpcclient
-
-    from mofserve.export.pipeline import export_profile
-    from mofserve.server.launcher import TritonServer
+    from mofserve.clients.client import MofServeClient
+    from mofserve.server.app import MofServeApp
+    from mofserve.server.config import ServeConfig
 
     say = lambda text="": print(text, flush=True)  # noqa: E731
     say(f"== mofserve demo: profile {profile.name} ({profile.description})")
-    built = export_profile(profile)
+    config = ServeConfig(profile=profile.name, grpc_port=0, http_port=0, clip=profile.sources.clip,
+                         dinov2=profile.sources.dinov2, llava=profile.sources.llava)
+    app = MofServeApp(config)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="mofserve-demo", daemon=True)
+    thread.start()
     started = time.perf_counter()
-    with TritonServer(built.path) as server:
-        ready_s = time.perf_counter() - started
-        say(f"== tritonserver (nvidia-pytriton {server.install.version}) ready in {ready_s:.1f} s "
-            f"(gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url})")
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        endpoints = asyncio.run_coroutine_threadsafe(app.start(), loop).result(timeout=900)
+        say(f"== serving in {time.perf_counter() - started:.1f} s: gRPC {endpoints.grpc}, HTTP {endpoints.http} "
+            f"(OpenAI-compatible), Triton {endpoints.triton_grpc}")
         image, mirrored = draw_mmvp_image(), draw_mmvp_image(mirror=True)
-        say("== visual tokens per fusion mode (question: 'Is the dog facing left or right?')")
-        say(f"   {'mode':<12} {'model':<20} {'tokens':>12} {'ms':>8}  first values")
-        for mode in T.FusionMode:
-            only = [grpcclient.InferRequestedOutput(T.VISUAL_TOKENS)]
-            t0 = time.perf_counter()
-            result = client.infer(T.tokens_model(mode), [_image_input(grpcclient, image)], outputs=only)
-            ms = (time.perf_counter() - t0) * 1e3
-            tokens = result.as_numpy(T.VISUAL_TOKENS)[0]
-            shape = "x".join(map(str, tokens.shape))
-            say(f"   {mode.value:<12} {T.tokens_model(mode):<20} {shape:>12} {ms:8.1f}  "
-                f"{np.array2string(tokens[0, :3], precision=3)}")
-        say("   (the first mode on an image pays for the encoders; the others reuse cached features)")
-        a = client.infer(T.EMBED, [_image_input(grpcclient, image)])
-        b = client.infer(T.EMBED, [_image_input(grpcclient, mirrored)])
-        clip_cos = _cosine(a.as_numpy(T.CLIP_EMBEDS)[0], b.as_numpy(T.CLIP_EMBEDS)[0])
-        dino_cos = _cosine(a.as_numpy(T.DINO_CLS)[0], b.as_numpy(T.DINO_CLS)[0])
-        say(f"== image vs its mirror image: CLIP cosine {clip_cos:.4f}, DINOv2 cosine {dino_cos:.4f} "
-            "(a CLIP-blind pair has CLIP > 0.95 and DINOv2 < 0.6)")
-    if profile.random_weights:
-        say("== NOTE: the tiny profile has seeded RANDOM weights: these numbers show the pipeline works, "
-            "not what the paper's models see.")
-        say("   For real models: mofserve demo --profile paper --clip PATH --dinov2 PATH --llava PATH "
-            "(local folders or HF ids already in the HF cache; nothing is downloaded).")
-    say("== stopped Triton; demo done")
+        with MofServeClient(endpoints.grpc, timeout=120) as client:
+            say(f"== Ask, one request per mode: {QUESTION} {OPTIONS}")
+            say(HEADER)
+            for mode in MODES:
+                say(_row(client.ask(image, QUESTION, OPTIONS, mode=mode)))
+            say("   (the first mode pays for the encoders it needs; later modes reuse cached features)")
+            say("== Compare, all modes in one call on the mirrored image (encoders run once for it)")
+            say(HEADER)
+            answers = client.compare(mirrored, QUESTION, OPTIONS, modes=MODES)
+            for result in answers:
+                say(_row(result))
+            tokens = client.encode(image, mode="interleaved")
+            say(f"== Encode (interleaved): visual tokens {tokens.shape[0]}x{tokens.shape[1]} float32 "
+                "(CLIP and DINOv2 tokens alternate)")
+            pair = client.embed([image, mirrored])
+            say(f"== Embed, image vs its mirror: CLIP cosine {pair.clip_cosine:.4f}, DINOv2 cosine "
+                f"{pair.dinov2_cosine:.4f} (a CLIP-blind pair has CLIP > 0.95 and DINOv2 < 0.6)")
+            notice = answers[0].notice
+        if profile.random_weights:
+            say(f"== NOTE: {notice or 'random weights'}. These answers show the pipeline works, "
+                "not what the paper's models see.")
+            say("   For real models: mofserve demo --profile paper --clip PATH --dinov2 PATH --llava PATH "
+                "(local folders or HF ids already in the HF cache; nothing is downloaded).")
+    finally:
+        asyncio.run_coroutine_threadsafe(app.stop(), loop).result(timeout=120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    say("== stopped the front-end and Triton; demo done")
     return 0
 
 

@@ -229,6 +229,21 @@ def _engine_error(error: InferenceServerException) -> EngineError:
     return EngineError(code, message)
 
 
+def _encoders(mode: FusionMode) -> frozenset[str]:
+    return frozenset(e for e, used in (("clip", mode is not FusionMode.DINOV2), ("dinov2", mode is not FusionMode.CLIP))
+                     if used)
+
+
+def _covering_wave(selections: Sequence[Selection]) -> list[int]:
+    """Indices of the modes to run first so that each needed encoder runs once for the image."""
+    needed = frozenset().union(*(_encoders(s.mode) for s in selections))
+    for i, s in enumerate(selections):
+        if _encoders(s.mode) == needed:
+            return [i]
+    # no mode uses every needed encoder: one mode per encoder, side by side (they share none)
+    return [next(i for i, s in enumerate(selections) if _encoders(s.mode) == frozenset({e})) for e in sorted(needed)]
+
+
 class TritonEngine:
     """Async calls to the Triton ensembles over gRPC (loopback)."""
 
@@ -366,8 +381,10 @@ class TritonEngine:
                       _timings(result, started))
 
     async def compare(self, q: Question, selections: Sequence[Selection], timeout: float | None = None) -> list[Answer]:
-        """One image, several modes. The first mode runs alone so that the encoders see the image
-        once; the other modes then find its features in the encoders' cache and run side by side."""
+        """One image, several modes, answers in the order asked. A first wave computes every encoder
+        the modes need exactly once (one mode that uses both encoders, or one CLIP-only and one
+        DINOv2-only mode side by side); the other modes then find the image's features in the
+        encoders' cache and run side by side."""
         if not selections:
             raise EngineError("invalid_argument", "modes: give at least one fusion mode")
         if len(selections) > self.limits.max_compare_modes:
@@ -376,9 +393,12 @@ class TritonEngine:
         self._check_question(q)
         deadline = None if timeout is None else time.monotonic() + timeout
         remaining = lambda: None if deadline is None else deadline - time.monotonic()  # noqa: E731
-        first = await self.ask(q, selections[0], remaining())
-        rest = await asyncio.gather(*(self.ask(q, s, remaining()) for s in selections[1:]))
-        return [first, *rest]
+        first_wave = _covering_wave(selections)
+        answers: dict[int, Answer] = {}
+        for wave in (first_wave, [i for i in range(len(selections)) if i not in first_wave]):
+            results = await asyncio.gather(*(self.ask(q, selections[i], remaining()) for i in wave))
+            answers.update(zip(wave, results, strict=True))
+        return [answers[i] for i in range(len(selections))]
 
     async def encode(self, image: bytes, selection: Selection, timeout: float | None = None) -> Tokens:
         self._check_image(image)

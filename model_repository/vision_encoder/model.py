@@ -54,20 +54,29 @@ class TritonPythonModel:
             found.append(self.cache.get(key) if key is not None else None)
             elapsed_ms.append((time.perf_counter() - started) * 1e3)
         missing = [i for i, entry in enumerate(found) if entry is None]
-        self.hit_metric.increment(len(rows) - len(missing))
-        self.miss_metric.increment(len(missing))
+        # the same image twice in one batch (e.g. the modes of a Compare) runs once
+        slots: dict[object, int] = {}
+        representatives: list[int] = []
+        for i in missing:
+            key = keys[i] if keys[i] is not None else i
+            if key not in slots:
+                slots[key] = len(representatives)
+                representatives.append(i)
+        self.hit_metric.increment(len(rows) - len(representatives))
+        self.miss_metric.increment(len(representatives))
         if missing:
             started = time.perf_counter()
-            batch = np.ascontiguousarray(np.stack([rows[i] for i in missing]))
+            batch = np.ascontiguousarray(np.stack([rows[i] for i in representatives]))
             try:
                 outputs = self.runner.run({self.input_name: batch})
             except Exception as error:  # a runtime failure fails these requests, never the model
                 message = f"{self.input_name}: {self.name} failed: {error}"
                 return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
             run_ms = (time.perf_counter() - started) * 1e3
-            for j, i in enumerate(missing):
+            for i in missing:
+                slot = slots[keys[i] if keys[i] is not None else i]
                 elapsed_ms[i] += run_ms
-                found[i] = {name: outputs[name][j] for name in self.output_names}
+                found[i] = {name: outputs[name][slot] for name in self.output_names}
                 if keys[i] is not None:
                     self.cache.put(keys[i], found[i])
         responses, start = [], 0

@@ -211,3 +211,24 @@ def test_concurrent_requests_are_dynamically_batched_into_one_encoder_call(tiny_
     executions = after.execution_count - before.execution_count
     assert inferences == 32
     assert executions < inferences, "dynamic batching should merge some of 32 concurrent requests"
+
+
+def _unique_png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_the_same_image_twice_in_one_batch_runs_the_encoder_once(tiny_triton):
+    client = grpcclient.InferenceServerClient(tiny_triton.grpc_url)
+    image = _unique_png(20261126)  # seen by no other test
+    before = encoder_cache(tiny_triton, "clip_vision")
+    tokens = client.infer("tokens_clip", [image_input(grpcclient, [image, image])]).as_numpy("VISUAL_TOKENS")
+    after = encoder_cache(tiny_triton, "clip_vision")
+    assert (after["miss"] - before["miss"], after["hit"] - before["hit"]) == (1, 1)
+    np.testing.assert_array_equal(tokens[0], tokens[1])
