@@ -6,7 +6,6 @@ and a value outside [0, 1] fails that request alone. ``TIMING_FUSION_MS`` [1] is
 of the batched projector call that produced the row.
 """
 
-import json
 import time
 
 import numpy as np
@@ -16,15 +15,13 @@ import triton_python_backend_utils as pb_utils
 from mofserve.core import tensors as T
 from mofserve.core.checkpoints import load_fuser
 from mofserve.core.fusion import check_alpha
+from mofserve.model_repository.common import model_config, set_torch_threads
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("threads", "0"))
-        if threads:
-            torch.set_num_threads(threads)
+        config, params = model_config(args)
+        set_torch_threads(params)
         self.mode = T.FusionMode.parse(params["mode"])
         self.default_alpha = check_alpha(float(params["default_alpha"]))
         self.fuser = load_fuser(params["llava"])

@@ -8,7 +8,6 @@ option token, in option order; rows of one request with fewer options are padded
 bad value fails only its own request with INVALID_ARG naming the field and its limit.
 """
 
-import json
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from mofserve.core import tensors as T
 from mofserve.core.language_model import VisualLanguageModel
+from mofserve.model_repository.common import model_config, set_torch_threads
 
 _OPTIONAL = ((T.MAX_NEW_TOKENS, "max_new_tokens"), (T.TEMPERATURE, "temperature"), (T.TOP_P, "top_p"),
              (T.SEED, "seed"))
@@ -33,11 +33,8 @@ def _text(value, name: str) -> str:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("threads", "0"))
-        if threads:
-            torch.set_num_threads(threads)
+        config, params = model_config(args)
+        set_torch_threads(params)
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
         self.vlm = VisualLanguageModel.from_checkpoint(

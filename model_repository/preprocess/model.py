@@ -5,7 +5,6 @@ other requests of the dynamic batch are answered normally and the model keeps se
 ``TIMING_PREPROCESS_MS`` [1] is each image's own decode-and-normalise time.
 """
 
-import json
 import time
 
 import numpy as np
@@ -13,12 +12,12 @@ import triton_python_backend_utils as pb_utils
 
 from mofserve.core import tensors as T
 from mofserve.core.preprocessing import ImageError, ImageLimits, preprocess_bytes
+from mofserve.model_repository.common import model_config
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        _, params = model_config(args)
         self.image_size = int(params["image_size"])
         self.aspect = params.get("aspect", "crop")
         self.limits = ImageLimits(max_bytes=int(params["max_bytes"]), max_pixels=int(params["max_pixels"]))

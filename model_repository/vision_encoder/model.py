@@ -9,7 +9,6 @@ Triton's metrics port (``mofserve_encoder_cache_total{model, result}``). The tim
 wall time of the graph call that computed it: ~0 for a row answered from the cache.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -19,12 +18,12 @@ import triton_python_backend_utils as pb_utils
 from mofserve.core import tensors as T
 from mofserve.core.feature_cache import FeatureCache, content_key
 from mofserve.core.runtime import OnnxRunner
+from mofserve.model_repository.common import model_config
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, params = model_config(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.runner = OnnxRunner(version_dir / params.get("onnx_file", "model.onnx"),
                                  runtime=params.get("runtime", "onnxruntime"),
