@@ -14,7 +14,7 @@ from .client import (
     MofServeError,
     read_image,
 )
-from .results import AskResult, EmbedResult, EncodeResult, Provenance, ServerInfo, Timings
+from .results import AskResult, EmbedResult, EncodeResult, Provenance, ServerInfo, TextEmbedResult, Timings
 
 __all__ = [
     "ALL_MODES",
@@ -27,6 +27,7 @@ __all__ = [
     "MofServeError",
     "Provenance",
     "ServerInfo",
+    "TextEmbedResult",
     "Timings",
     "read_image",
 ]

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 
-from .results import AskResult, EmbedResult, EncodeResult, ServerInfo
+from .results import AskResult, EmbedResult, EncodeResult, ServerInfo, TextEmbedResult
 
 ImageLike = bytes | bytearray | memoryview | str | os.PathLike
 ModeLike = str | tuple[str, float | None]
@@ -134,6 +134,12 @@ def embed_request(images: Iterable[ImageLike]) -> pb.EmbedRequest:
     return pb.EmbedRequest(images=[read_image(i) for i in images])
 
 
+def embed_text_request(texts: Iterable[str]) -> pb.EmbedTextRequest:
+    if isinstance(texts, str | bytes):
+        raise TypeError("embed_text: give a list of texts, not a single string")
+    return pb.EmbedTextRequest(texts=list(texts))
+
+
 def _health_status(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
@@ -194,6 +200,11 @@ class MofServeClient:
 
     def embed(self, images: Iterable[ImageLike], timeout: float | None = None) -> EmbedResult:
         return EmbedResult.from_proto(self._call(self._stub.Embed, embed_request(images), timeout))
+
+    def embed_text(self, texts: Iterable[str], timeout: float | None = None) -> TextEmbedResult:
+        """CLIP text embeddings ``[n, E]`` of ``texts`` (the space of ``embed(...).clip``) and the
+        checkpoint's logit scale."""
+        return TextEmbedResult.from_proto(self._call(self._stub.EmbedText, embed_text_request(texts), timeout))
 
     def server_info(self, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_proto(self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
@@ -261,6 +272,10 @@ class AsyncMofServeClient:
 
     async def embed(self, images: Iterable[ImageLike], timeout: float | None = None) -> EmbedResult:
         return EmbedResult.from_proto(await self._call(self._stub.Embed, embed_request(images), timeout))
+
+    async def embed_text(self, texts: Iterable[str], timeout: float | None = None) -> TextEmbedResult:
+        response = await self._call(self._stub.EmbedText, embed_text_request(texts), timeout)
+        return TextEmbedResult.from_proto(response)
 
     async def server_info(self, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_proto(await self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))

@@ -119,6 +119,22 @@ class EmbedResult:
 
 
 @dataclass(frozen=True)
+class TextEmbedResult:
+    """CLIP text embeddings, comparable with ``EmbedResult.clip`` by cosine."""
+
+    embeddings: np.ndarray  # [n, E] float32, one row per text (not normalised)
+    logit_scale: float | None  # the checkpoint's exp(logit_scale): CLIP logits = logit_scale * cosine
+    total_ms: float
+    provenance: Provenance
+
+    @classmethod
+    def from_proto(cls, message: pb.EmbedTextResponse) -> TextEmbedResult:
+        return cls(np.stack([tensor_to_numpy(e) for e in message.embeddings]),
+                   message.logit_scale if message.HasField("logit_scale") else None, message.total_ms,
+                   Provenance.from_proto(message.provenance))
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     version: str
     modes: list[str]

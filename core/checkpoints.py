@@ -96,6 +96,28 @@ def load_clip_vision(path: Path):
     return CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def load_clip_text(path: Path):
+    """CLIP text tower with its projection (``text_embeds``, the space of ``image_embeds``); needs a
+    full ``CLIPModel`` checkpoint. Eager attention: the exported graph then holds plain MatMul/Softmax
+    with CLIP's causal mask as a constant (the context length is fixed)."""
+    from transformers import CLIPTextModelWithProjection
+
+    quiet_transformers()
+    return CLIPTextModelWithProjection.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def read_logit_scale(path: Path) -> float:
+    """CLIP's trained temperature ``exp(logit_scale)`` (100.0 for OpenAI's checkpoints): its
+    similarity logits are ``logit_scale.exp() * cosine(text, image)``. Read from the weights; the
+    config only has the initial value."""
+    import math
+
+    for key, value in iter_tensors(Path(path), ("logit_scale",)):
+        if key == "logit_scale":
+            return math.exp(float(value.float().reshape(-1)[0]))
+    raise ValueError(f"clip: {path} has no logit_scale weight; the text tower needs a full CLIPModel checkpoint")
+
+
 def load_dinov2(path: Path):
     from transformers import Dinov2Model
 
@@ -175,6 +197,7 @@ class ModelShapes:
     clip_embed_dim: int
     dino_width: int
     llm_width: int
+    text_context_length: int = 77  # CLIP's text context (input ids per text)
 
 
 def _vision_section(config: dict) -> dict:
@@ -197,4 +220,5 @@ def read_shapes(paths: CheckpointPaths, profile: Profile) -> ModelShapes:
         clip_embed_dim=clip_cfg.get("projection_dim", clip_vision.get("projection_dim")),
         dino_width=dino_cfg["hidden_size"],
         llm_width=llava_cfg["hidden_size"],
+        text_context_length=clip_cfg.get("text_config", {}).get("max_position_embeddings", 77),
     )

@@ -4,6 +4,13 @@ They are written in the same formats as the real checkpoints (a ``CLIPModel`` fo
 ``Dinov2Model`` folder, a LLaVA-format folder with LLaMA weights, ``mm_projector`` and
 ``dino_mm_projector`` keys in safetensors, and a tokenizer trained offline) so that they load
 through ``core.checkpoints`` exactly like ``paper``'s. Answers from them are not meaningful.
+
+The CLIP folder also gets a CLIP tokenizer (``CLIPTokenizer``: CLIP's normaliser, split regex,
+byte-level BPE with ``</w>`` word ends), trained offline on a small corpus to the text tower's
+vocabulary size, with ``<|startoftext|>`` and ``<|endoftext|>`` as the two HIGHEST ids as in
+OpenAI's vocabulary (49406, 49407). The text config keeps OpenAI's legacy ``eos_token_id=2``, so
+the text tower pools at ``argmax(input_ids)`` (the end-of-text token) exactly as
+``openai/clip-vit-large-patch14-336`` does.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from .fusion import PROJECTOR_TYPE, Projector
 from .profiles import CLIP_MEAN, CLIP_STD, Profile, SeededSpec
 
 MARKER = ".mofserve-seeded.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the CLIP folder carries a CLIP tokenizer
 
 
 def _spec_digest(profile: Profile) -> str:
@@ -72,7 +79,9 @@ def _build_clip(spec: SeededSpec, profile: Profile, out: Path) -> None:
         text_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                          num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
                          vocab_size=spec.llm.vocab_size, max_position_embeddings=77,
-                         projection_dim=v.projection_dim),
+                         projection_dim=v.projection_dim,
+                         # OpenAI's released text config: eos_token_id 2 makes HF pool at argmax(ids)
+                         bos_token_id=0, pad_token_id=1, eos_token_id=2),
         projection_dim=v.projection_dim,
     )
     CLIPModel(config).eval().save_pretrained(out)
@@ -81,6 +90,7 @@ def _build_clip(spec: SeededSpec, profile: Profile, out: Path) -> None:
         crop_size={"height": profile.image_size, "width": profile.image_size},
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     ).save_pretrained(out)
+    build_clip_tokenizer(spec.llm.vocab_size).save_pretrained(out)
 
 
 def _build_dinov2(spec: SeededSpec, profile: Profile, out: Path) -> None:
@@ -107,6 +117,91 @@ _CORPUS = [
     "flame of the match more towards the left or right?",
     "0 1 2 3 4 5 6 7 8 9 yes no left right up down top bottom front back open closed one two three",
 ]
+
+
+# What the CLIP text tower reads: MMVP-VLM statements behind "a photo of ".
+_CLIP_CORPUS = [
+    "a photo of the dog facing left. a photo of the dog facing right.",
+    "a photo of the butterfly with its wings open. a photo of the butterfly with its wings closed.",
+    "a photo of an elderly person standing. a photo of an elderly person sitting.",
+    "a photo of one eye visible. a photo of two eyes visible. a photo of three cups on the table.",
+    "a photo of a red sign with white text. a photo of a blue truck with the door open.",
+    "a photo of the flame of the match pointing up, seen from the front, the back, the top.",
+    "a photo of a shadow on the flower in the picture; the camera looks down at the car.",
+]
+
+
+def _word_final_bytes() -> list[int]:
+    """Every byte a word of valid UTF-8 can END with: ASCII that is not white space (CLIP splits on
+    it) and the continuation bytes 0x80..0xBF. Each gets a ``<byte></w>`` token, so no text maps to
+    the unknown token, which for CLIP is ``<|endoftext|>``: the token the text tower pools at."""
+    white_space = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)
+    return [b for b in range(0x80) if b not in white_space] + list(range(0x80, 0xC0))
+
+
+def build_clip_tokenizer(vocab_size: int):
+    """A ``CLIPTokenizer`` with at most ``vocab_size`` ids (see the module doc), trained by a small
+    deterministic BPE (the ``tokenizers`` trainer breaks ties between equally frequent pairs by ids
+    it assigns in hash order, so two builds could differ): words are CLIP-normalised and
+    pre-tokenised by CLIP's own pipeline; ids are the 256 bytes, the word-final ``<byte></w>``
+    tokens, one token per merge (the most frequent pair, ties to the smallest), then
+    ``<|startoftext|>`` and ``<|endoftext|>``."""
+    from collections import Counter
+    from itertools import pairwise
+
+    from transformers import CLIPTokenizer
+
+    template = CLIPTokenizer().backend_tokenizer  # CLIP's normaliser and pre-tokeniser, exactly
+    byte_char = _byte_level_chars()
+    alphabet = [byte_char[b] for b in range(256)]
+    words: Counter[str] = Counter()
+    for line in [*_CLIP_CORPUS, *_CORPUS]:
+        normalised = template.normalizer.normalize_str(line)
+        words.update(word for word, _ in template.pre_tokenizer.pre_tokenize_str(normalised))
+    vocab = [*alphabet, *(byte_char[b] + "</w>" for b in _word_final_bytes())]
+    if vocab_size < len(vocab) + 2:
+        raise ValueError(f"vocab_size: a CLIP tokenizer needs at least {len(vocab) + 2} ids, got {vocab_size}")
+    splits = {word: [*word[:-1], word[-1] + "</w>"] for word in words}
+    merges: list[tuple[str, str]] = []
+    known = set(vocab)
+    while len(vocab) < vocab_size - 2:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            parts = splits[word]
+            for pair in pairwise(parts):
+                pairs[pair] += count
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append((a, b))
+        if a + b not in known:
+            known.add(a + b)
+            vocab.append(a + b)
+        for word, parts in splits.items():
+            i, merged = 0, []
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            splits[word] = merged
+    ids = {token: i for i, token in enumerate([*vocab, "<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=ids, merges=merges, model_max_length=77)
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what ByteLevel pre-tokenisation writes)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def _build_tokenizer(vocab_size: int):

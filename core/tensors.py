@@ -26,6 +26,15 @@ CLIP_VISION = "clip_vision"
 DINOV2_VISION = "dinov2_vision"
 EMBED = "embed"
 
+# ---- CLIP text tower (MMVP-VLM: text embeddings in the space of CLIP_EMBEDS) -------------
+TEXT = "TEXT"  # TYPE_STRING [1]: UTF-8 text (the evaluator sends "a photo of " + statement)
+INPUT_IDS = "INPUT_IDS"  # INT64 [L]: CLIP token ids, <|startoftext|> ... <|endoftext|>, padded/truncated to L=77
+TEXT_EMBEDS = "TEXT_EMBEDS"  # FP32 [E]: CLIPTextModelWithProjection.text_embeds (same space as CLIP_EMBEDS)
+TOKENIZE_TEXT = "tokenize_text"  # TEXT -> INPUT_IDS with the CLIP checkpoint's own tokenizer
+CLIP_TEXT = "clip_text"  # INPUT_IDS -> TEXT_EMBEDS (the exported text tower)
+EMBED_TEXT = "embed_text"  # ensemble TEXT -> TEXT_EMBEDS
+LOGIT_SCALE_PARAMETER = "logit_scale"  # embed_text config parameter: exp(logit_scale) of the checkpoint
+
 
 class FusionMode(StrEnum):
     """How CLIP and DINOv2 features become the LLM's visual tokens (see core.fusion)."""
@@ -77,8 +86,10 @@ TIMING_CLIP = "TIMING_CLIP_MS"
 TIMING_DINOV2 = "TIMING_DINOV2_MS"
 TIMING_FUSION = "TIMING_FUSION_MS"
 TIMING_LLM = "TIMING_LLM_MS"
+TIMING_TOKENIZE = "TIMING_TOKENIZE_MS"
+TIMING_CLIP_TEXT = "TIMING_CLIP_TEXT_MS"
 TIMING_PREFIX = "TIMING_"
-ENCODER_TIMINGS = {CLIP_VISION: TIMING_CLIP, DINOV2_VISION: TIMING_DINOV2}  # cpu target only
+ENCODER_TIMINGS = {CLIP_VISION: TIMING_CLIP, DINOV2_VISION: TIMING_DINOV2, CLIP_TEXT: TIMING_CLIP_TEXT}  # cpu only
 
 
 def is_timing(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""Vision towers -> ONNX at a fixed resolution with a dynamic batch axis, checked and cached.
+"""Encoders -> ONNX with a dynamic batch axis, checked and cached: the vision towers at a fixed
+resolution, CLIP's text tower at its fixed context (77 token ids).
 
 An export lands in ``<artifacts>/onnx/<model>-<digest>/`` where the digest covers the source
 checkpoint's bytes, the settings, the exporter code and the torch/transformers versions, so a
@@ -26,7 +27,7 @@ from mofserve.core.profiles import Profile, artifacts_dir
 from mofserve.core.runtime import OnnxRunner
 
 from . import configs as configs_module
-from .configs import VisionExportConfig
+from .configs import ExportConfig, TextExportConfig
 from .fingerprint import folder_digest, settings_digest
 from .parity import BF16, check_parity, summarise
 
@@ -65,7 +66,7 @@ def _code_digest() -> str:
     return settings_digest(*(p.read_text() for p in sources))
 
 
-def export_digest(config: VisionExportConfig, paths: CheckpointPaths, profile: Profile) -> str:
+def export_digest(config: ExportConfig, paths: CheckpointPaths, profile: Profile) -> str:
     import transformers
 
     source = folder_digest(config.checkpoint(paths), artifacts_dir() / "hash-memo.json")
@@ -85,6 +86,37 @@ def parity_batches(profile: Profile, seed: int = 0) -> dict[str, np.ndarray]:
     return {"random[2]": random, "photos[3]": photos.astype(np.float32)}
 
 
+# Sentences for the text tower's parity: MMVP-VLM-like statements, punctuation, non-ASCII, and one
+# longer than the context (truncated to 77 ids, ending with <|endoftext|>).
+PARITY_SENTENCES = (
+    "a photo of the dog facing left",
+    "a photo of a butterfly with its wings closed, seen from above!",
+    "a photo of 3 red apples (and 1 green one) on a café table",
+    "a photo of " + " ".join(["a very long description of the scene"] * 20),
+)
+
+
+def text_parity_batches(module: torch.nn.Module, paths: CheckpointPaths, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids for the text tower: fully random ids (batch 2: any id anywhere, the pooled position is
+    wherever the graph's argmax lands), tokenizer-shaped random ids (batch 3: start, random tokens, end,
+    then padding with end-of-text repeated, so the FIRST maximum must win) and real sentences through
+    the checkpoint's tokenizer (batch 4)."""
+    from mofserve.core.text import load_clip_tokenizer, tokenize
+
+    config = module.model.config
+    length, vocab = int(config.max_position_embeddings), int(config.vocab_size)
+    tokenizer = load_clip_tokenizer(paths.clip)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    rng = np.random.default_rng(seed)
+    random = rng.integers(0, vocab, (2, length), dtype=np.int64)
+    shaped = np.full((3, length), eos, dtype=np.int64)
+    for row, words in enumerate((1, 9, length - 2)):
+        shaped[row, 0] = bos
+        shaped[row, 1:1 + words] = rng.integers(0, min(bos, eos), words)
+    return {"random[2]": random, "padded[3]": shaped,
+            "sentences[4]": tokenize(tokenizer, PARITY_SENTENCES, length)}
+
+
 def _save_graph(tmp_graph: Path, final_dir: Path) -> None:
     """Re-save the traced graph into final_dir, moving large weights to one external-data file."""
     import onnx
@@ -99,8 +131,9 @@ def _save_graph(tmp_graph: Path, final_dir: Path) -> None:
         onnx.save_model(proto, str(target))
 
 
-def export_vision(config: VisionExportConfig, paths: CheckpointPaths, profile: Profile,
+def export_vision(config: ExportConfig, paths: CheckpointPaths, profile: Profile,
                   log: Log = stderr_log, force: bool = False) -> ExportedGraph:
+    """Export one encoder (a vision tower or CLIP's text tower; the name predates the text tower)."""
     digest = export_digest(config, paths, profile)
     folder = artifacts_dir() / "onnx" / f"{config.model_name}-{digest}"
     manifest_path = folder / MANIFEST_FILE
@@ -113,26 +146,30 @@ def export_vision(config: VisionExportConfig, paths: CheckpointPaths, profile: P
     started = time.perf_counter()
     log(f"{config.model_name}: loading {config.checkpoint(paths)}")
     module = config.build_module(paths, profile)
-    size = profile.image_size
-    example = torch.zeros(1, 3, size, size)
+    text = isinstance(config, TextExportConfig)
+    example = config.example(module, profile)
+    shape = f"{example.shape[-1]} token ids" if text else f"{profile.image_size}px"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{config.model_name}-") as tmp:
         tmp_dir = Path(tmp)
         traced, staged = tmp_dir / "traced" / GRAPH_FILE, tmp_dir / "staged"
         traced.parent.mkdir()
         staged.mkdir()
-        log(f"{config.model_name}: tracing to ONNX (opset {OPSET}, {size}px, dynamic batch)")
+        log(f"{config.model_name}: tracing to ONNX (opset {OPSET}, {shape}, dynamic batch)")
         dynamic = {name: {0: "batch"} for name in (config.input_name, *config.output_names)}
         with torch.inference_mode(), warnings.catch_warnings():
             # tracing a fixed-size graph: transformers' shape checks become constants, as intended
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # the text tower gathers its pooled row at argmax(ids) >= 0: the negative-index caveat is moot
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
             torch.onnx.export(module, (example,), str(traced), input_names=[config.input_name],
                               output_names=list(config.output_names), dynamic_axes=dynamic,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
         _save_graph(traced, staged)
-        log(f"{config.model_name}: parity check against PyTorch (random and real photos)")
+        log(f"{config.model_name}: parity check against PyTorch (random and real "
+            f"{'sentences' if text else 'photos'})")
         runner = OnnxRunner(staged / GRAPH_FILE)
-        batches = parity_batches(profile)
+        batches = text_parity_batches(module, paths) if text else parity_batches(profile)
         results = check_parity(module, runner, config.input_name, config.output_names, batches)
         for r in results:
             log(f"{config.model_name}:   {r.line()}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_shapes, resolve_profile
 from mofserve.core.profiles import Profile, artifacts_dir
 
-from .configs import VISION_EXPORTS
+from .configs import EXPORTS
 from .onnx_export import ExportedGraph, Log, export_vision, stderr_log
 from .repository import repository_specs, write_repository
 
@@ -35,10 +35,14 @@ def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
     log(f"profile {profile.name}: {shapes.num_patches} patches, CLIP width {shapes.clip_width}, "
         f"DINOv2 width {shapes.dino_width}, LLM width {shapes.llm_width}")
     graphs = {}
-    for step, config in enumerate(VISION_EXPORTS, start=1):
-        log(f"[{step}/{len(VISION_EXPORTS) + 1}] {config.model_name}")
+    for step, config in enumerate(EXPORTS, start=1):
+        log(f"[{step}/{len(EXPORTS) + 1}] {config.model_name}")
+        skip = config.skip_reason(paths)
+        if skip:
+            log(f"{config.model_name}: skipped: {skip}")
+            continue
         graphs[config.model_name] = export_vision(config, paths, profile, log=log, force=force)
-    log(f"[{len(VISION_EXPORTS) + 1}/{len(VISION_EXPORTS) + 1}] model repository ({target})")
+    log(f"[{len(EXPORTS) + 1}/{len(EXPORTS) + 1}] model repository ({target})")
     specs = repository_specs(profile, target, paths, shapes, graphs)
     root = output or artifacts_dir() / "repositories" / f"{profile.name}-{target}"
     path = write_repository(specs, root)

@@ -5,7 +5,8 @@ encoders and the fusion run, and in the per-stage timings (``TIMING_*_MS``) that
 python-backend models emit:
 
 - ``cpu``: every model is a python-backend model (``model_repository/<source>/model.py``); the
-  encoders run their ONNX graph with ONNX Runtime or OpenVINO inside it.
+  encoders (the two vision towers and CLIP's text tower ``clip_text``) run their ONNX graph with
+  ONNX Runtime or OpenVINO inside it.
 - ``gpu-onnx``: the encoders use Triton's native ``onnxruntime_onnx`` platform with the
   TensorRT execution provider in FP16, ``KIND_GPU``; python models run on the GPU.
 - ``gpu-trt``: the encoders are ``tensorrt_plan`` engines built on the serving GPU.
@@ -27,7 +28,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from mofserve.core import tensors as T
-from mofserve.core.checkpoints import CheckpointPaths, ModelShapes
+from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_logit_scale
 from mofserve.core.preprocessing import DEFAULT_LIMITS
 from mofserve.core.profiles import Profile
 from mofserve.core.tensors import FusionMode
@@ -98,15 +99,31 @@ def preprocess_spec(profile: Profile, target: str) -> ModelSpec:
     return ModelSpec(c, source="preprocess")
 
 
+def tokenize_text_spec(profile: Profile, shapes: ModelShapes, paths: CheckpointPaths, target: str) -> ModelSpec:
+    """text -> CLIP token ids with the CLIP checkpoint's own tokenizer (CPU work on every target)."""
+    c = mc.ModelConfig(name=T.TOKENIZE_TEXT)
+    _python_on(c, gpu=False)
+    _batched(c, profile, mc.ModelInstanceGroup.KIND_CPU, 1)
+    _io(c.input, T.TEXT, _STRING, [1])
+    _io(c.output, T.INPUT_IDS, mc.TYPE_INT64, [shapes.text_context_length])
+    _io(c.output, T.TIMING_TOKENIZE, _FP32, [1])
+    _params(c, tokenizer=paths.clip, context_length=shapes.text_context_length)
+    return ModelSpec(c, source="tokenize_text")
+
+
 def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, target: str) -> ModelSpec:
     name = graph.model_name
     c = mc.ModelConfig(name=name)
     size = shapes.image_size
-    _io(c.input, T.PIXEL_VALUES, _FP32, [3, size, size])
-    if name == T.CLIP_VISION:
+    if name == T.CLIP_TEXT:  # CLIP's text tower: token ids -> text embedding (same space as CLIP_EMBEDS)
+        _io(c.input, T.INPUT_IDS, mc.TYPE_INT64, [shapes.text_context_length])
+        _io(c.output, T.TEXT_EMBEDS, _FP32, [shapes.clip_embed_dim])
+    elif name == T.CLIP_VISION:
+        _io(c.input, T.PIXEL_VALUES, _FP32, [3, size, size])
         _io(c.output, T.CLIP_FEATURES, _FP32, [shapes.num_patches, shapes.clip_width])
         _io(c.output, T.CLIP_EMBEDS, _FP32, [shapes.clip_embed_dim])
     else:
+        _io(c.input, T.PIXEL_VALUES, _FP32, [3, size, size])
         _io(c.output, T.DINO_FEATURES, _FP32, [shapes.num_patches, shapes.dino_width])
         _io(c.output, T.DINO_CLS, _FP32, [shapes.dino_width])
     serving = profile.serving
@@ -249,6 +266,15 @@ def embed_spec(models: dict[str, mc.ModelConfig], profile: Profile) -> ModelSpec
     return ModelSpec(ensemble(T.EMBED, steps, profile))
 
 
+def embed_text_spec(models: dict[str, mc.ModelConfig], profile: Profile, logit_scale: float) -> ModelSpec:
+    """text -> CLIP text embedding (the space of ``CLIP_EMBEDS``), for MMVP-VLM and zero-shot use.
+    The ``logit_scale`` parameter is the checkpoint's ``exp(logit_scale)``: CLIP's logits are
+    ``logit_scale * cosine(text, image)``; the front-end reads it from this config."""
+    c = ensemble(T.EMBED_TEXT, [models[T.TOKENIZE_TEXT], models[T.CLIP_TEXT]], profile)
+    _params(c, **{T.LOGIT_SCALE_PARAMETER: repr(float(logit_scale))})
+    return ModelSpec(c)
+
+
 def repository_specs(profile: Profile, target: str, paths: CheckpointPaths, shapes: ModelShapes,
                      graphs: dict[str, ExportedGraph]) -> list[ModelSpec]:
     if target not in TARGETS:
@@ -261,6 +287,11 @@ def repository_specs(profile: Profile, target: str, paths: CheckpointPaths, shap
     specs += [tokens_spec(mode, models, profile) for mode in FusionMode]
     specs += [vqa_spec(mode, models, profile) for mode in FusionMode]
     specs.append(embed_spec(models, profile))
+    if T.CLIP_TEXT in graphs:  # absent for a vision-only CLIP checkpoint (export.configs.TextExportConfig)
+        text = [tokenize_text_spec(profile, shapes, paths, target), encoder_spec(graphs[T.CLIP_TEXT], shapes,
+                                                                                 profile, target)]
+        models.update((s.name, s.config) for s in text)
+        specs += [*text, embed_text_spec(models, profile, read_logit_scale(paths.clip))]
     return specs
 
 

@@ -45,6 +45,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_encoders(_profile(args), batch_sizes=args.batch, repeats=args.repeats, output=args.output)
 
 
+def _cmd_bench_frontend(args: argparse.Namespace) -> int:
+    from mofserve.benchmarks.frontend import main as bench_frontend
+    from mofserve.benchmarks.frontend import pool_main
+
+    if args.pool:
+        return pool_main(args.pool, output=args.output)
+    return bench_frontend(_profile(args), requests=args.requests, modes=args.modes, output=args.output)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mofserve.server.app import serve
     from mofserve.server.config import load_config
@@ -58,6 +67,24 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     from mofserve.clients.cli import run_ask
 
     return run_ask(args)
+
+
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from mofserve.evaluation.mining import run_mine
+
+    return run_mine(args)
+
+
+def _cmd_eval_mmvp(args: argparse.Namespace) -> int:
+    from mofserve.evaluation.mmvp import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_eval_mmvp_vlm(args: argparse.Namespace) -> int:
+    from mofserve.evaluation.mmvp_vlm import run_from_args
+
+    return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     enc.add_argument("--repeats", type=int, default=5)
     enc.add_argument("--output", type=Path, help="write the JSON report here")
+    fe = bench_sub.add_parser("frontend", help="Ask latency: gRPC front-end vs direct ensemble vs in-process; "
+                                               "Compare and second-mode cost")
+    _add_profile_args(fe)
+    fe.set_defaults(profile="small", func=_cmd_bench_frontend)
+    fe.add_argument("--requests", type=int, help="timed requests per mode and path (default: 8 on small, 10 on tiny)")
+    fe.add_argument("--modes", nargs="+", choices=("interleaved", "additive", "clip", "dinov2"),
+                    help="fusion modes, the first is Compare's first and the seen-image Ask's A "
+                         "(default: interleaved additive clip dinov2)")
+    fe.add_argument("--output", type=Path, help="write the JSON report here")
+    fe.add_argument("--pool", type=Path, nargs="+", metavar="REPORT",
+                    help="run nothing: pool these JSON reports (same profile and modes) and print the tables")
 
     serve = sub.add_parser(
         "serve", help="export if needed, start Triton and the gRPC + HTTP front-ends, supervise, stop on SIGTERM",
@@ -105,6 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="ask a running server about an image (gRPC), in one mode or several")
     add_ask_arguments(ask)
     ask.set_defaults(func=_cmd_ask)
+
+    from mofserve.evaluation.mining import add_mine_arguments
+
+    mine = sub.add_parser("mine", help="find CLIP-blind pairs (CLIP cos > 0.95, DINOv2 cos < 0.6) in a folder "
+                                       "of images through a running server",
+                          description="Embed every image with CLIP and DINOv2 through the gRPC server (cached "
+                                      "on disk), search all pairs blockwise and write pairs.csv, failed.csv, "
+                                      "summary.json and a contact sheet. See docs/evaluation.md.")
+    add_mine_arguments(mine)
+    mine.set_defaults(func=_cmd_mine)
+
+    # `mofserve eval <benchmark>`: evaluators of a running server (mofserve.evaluation). Add each
+    # benchmark as a subparser of `eval_sub` below (e.g. `eval mmvp-vlm`), each with its own func.
+    evaluate = sub.add_parser("eval", help="run a benchmark against a running server (MMVP, ...)")
+    eval_sub = evaluate.add_subparsers(dest="benchmark", required=True)
+    from mofserve.evaluation.mmvp import add_mmvp_arguments
+
+    mmvp = eval_sub.add_parser("mmvp", help="MMVP: 300 questions / 150 CLIP-blind pairs, per fusion mode",
+                               description="Ask MMVP's questions through the gRPC server and score question and "
+                                           "pair accuracy per mode. See docs/evaluation.md.")
+    add_mmvp_arguments(mmvp)
+    mmvp.set_defaults(func=_cmd_eval_mmvp)
+    from mofserve.evaluation.mmvp_vlm import add_mmvp_vlm_arguments
+
+    mmvp_vlm = eval_sub.add_parser("mmvp-vlm", help="MMVP-VLM: CLIP alone on 135 pairs x 9 visual patterns",
+                                   description="Score the server's CLIP (Embed + EmbedText) on MMVP-VLM with the "
+                                               "official rule, per visual pattern. See docs/evaluation.md.")
+    add_mmvp_vlm_arguments(mmvp_vlm)
+    mmvp_vlm.set_defaults(func=_cmd_eval_mmvp_vlm)
     return parser
 
 

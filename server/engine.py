@@ -55,6 +55,8 @@ class Limits:
     max_new_tokens: int = 512
     max_compare_modes: int = 8
     max_embed_images: int = 64
+    max_embed_texts: int = 64
+    max_text_chars: int = 2000
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,16 @@ class Embeddings:
         return float(np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
 
 
+@dataclass
+class TextEmbeddings:
+    """CLIP text embeddings ``[n, E]`` (the space of ``Embeddings.clip``) and the checkpoint's
+    ``exp(logit_scale)``: CLIP's logits are ``logit_scale * cosine(text, image)`` (None if the
+    repository does not say)."""
+
+    embeddings: np.ndarray
+    logit_scale: float | None
+
+
 @dataclass(frozen=True)
 class ServingInfo:
     """What every answer says about where it came from."""
@@ -255,6 +267,7 @@ class TritonEngine:
         self.max_batch_size = max_batch_size  # the ensembles' max_batch_size: larger calls are split
         self._client: triton.InferenceServerClient | None = None
         self._outputs: dict[str, frozenset[str]] = {}  # model -> output names (see _model_outputs)
+        self._logit_scale: tuple[float | None] | None = None  # embed_text's parameter, asked once
         self._detached: set[asyncio.Future] = set()  # Triton calls in flight (see _infer)
 
     @property
@@ -268,6 +281,7 @@ class TritonEngine:
             await self._client.close()
             self._client = None
         self._outputs.clear()
+        self._logit_scale = None
 
     async def reconnect(self) -> None:
         """Drop the channel (after Triton restarts) so the next call dials afresh, not after a backoff."""
@@ -424,3 +438,41 @@ class TritonEngine:
                                                      [T.CLIP_EMBEDS, T.DINO_CLS], timeout) for chunk in chunks))
         return Embeddings(np.concatenate([r.as_numpy(T.CLIP_EMBEDS) for r in results]),
                           np.concatenate([r.as_numpy(T.DINO_CLS) for r in results]))
+
+    async def _embed_text_logit_scale(self, timeout: float | None) -> float | None:
+        """``exp(logit_scale)`` of the served CLIP checkpoint: a parameter of the ``embed_text`` config."""
+        if self._logit_scale is None:
+            if timeout is not None and timeout <= 0:
+                raise EngineError("deadline_exceeded", "deadline: expired before the request reached Triton")
+            try:
+                response = await self.client.get_model_config(T.EMBED_TEXT, client_timeout=timeout)
+            except InferenceServerException as error:
+                raise _engine_error(error) from None
+            except Exception as error:  # connection refused, channel closed while Triton restarts
+                raise EngineError("unavailable", f"triton: not reachable at {self.triton_url} ({error})") from None
+            parameter = response.config.parameters.get(T.LOGIT_SCALE_PARAMETER)
+            self._logit_scale = (float(parameter.string_value) if parameter is not None else None,)
+        return self._logit_scale[0]
+
+    async def embed_text(self, texts: Sequence[str], timeout: float | None = None) -> TextEmbeddings:
+        """CLIP text embeddings of ``texts`` (tokenised in Triton with the checkpoint's tokenizer,
+        padded or truncated to CLIP's 77-token context), in order."""
+        if not texts:
+            raise EngineError("invalid_argument", "texts: give at least one text")
+        if len(texts) > self.limits.max_embed_texts:
+            raise EngineError("invalid_argument", f"texts: {len(texts)} exceeds the limit of "
+                                                  f"{self.limits.max_embed_texts} (max_embed_texts)")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise EngineError("invalid_argument", f"texts[{i}]: empty; send the text to embed")
+            if len(text) > self.limits.max_text_chars:
+                raise EngineError("invalid_argument", f"texts[{i}]: {len(text)} characters exceeds the limit of "
+                                                      f"{self.limits.max_text_chars} (max_text_chars)")
+        started = time.monotonic()
+        scale = await self._embed_text_logit_scale(timeout)
+        if timeout is not None:
+            timeout -= time.monotonic() - started
+        chunks = [list(texts[i:i + self.max_batch_size]) for i in range(0, len(texts), self.max_batch_size)]
+        results = await asyncio.gather(*(self._infer(T.EMBED_TEXT, [_bytes_input(T.TEXT, [t.encode() for t in chunk])],
+                                                     [T.TEXT_EMBEDS], timeout) for chunk in chunks))
+        return TextEmbeddings(np.concatenate([r.as_numpy(T.TEXT_EMBEDS) for r in results]), scale)

@@ -266,6 +266,19 @@ class MofServeServicer(pb_grpc.MofServeServicer):
 
         return await self._serve(context, "Embed", "", work)
 
+    async def EmbedText(self, request: pb.EmbedTextRequest, context) -> pb.EmbedTextResponse:
+        async def work(timeout: float | None) -> pb.EmbedTextResponse:
+            started = time.perf_counter()
+            result = await self.engine.embed_text(list(request.texts), timeout)
+            response = pb.EmbedTextResponse(embeddings=[_tensor(e) for e in result.embeddings],
+                                            total_ms=(time.perf_counter() - started) * 1e3,
+                                            provenance=self._provenance())
+            if result.logit_scale is not None:
+                response.logit_scale = result.logit_scale
+            return response
+
+        return await self._serve(context, "EmbedText", "", work)
+
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
         async def work(timeout: float | None) -> pb.ServerInfo:
             lim = self.engine.limits
@@ -274,7 +287,8 @@ class MofServeServicer(pb_grpc.MofServeServicer):
                 limits=pb.Limits(max_image_bytes=lim.max_image_bytes, max_question_chars=lim.max_question_chars,
                                  max_options_chars=lim.max_options_chars, max_new_tokens=lim.max_new_tokens,
                                  max_compare_modes=lim.max_compare_modes, max_embed_images=lim.max_embed_images,
-                                 max_message_bytes=self.max_message_bytes),
+                                 max_message_bytes=self.max_message_bytes, max_embed_texts=lim.max_embed_texts,
+                                 max_text_chars=lim.max_text_chars),
                 provenance=self._provenance())
             if self.engine.info.default_alpha is not None:
                 info.default_alpha = self.engine.info.default_alpha

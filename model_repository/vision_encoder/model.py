@@ -1,4 +1,6 @@
-"""Triton python-backend model for one exported vision tower (``clip_vision``, ``dinov2_vision``).
+"""Triton python-backend model for one exported encoder graph: the vision towers (``clip_vision``,
+``dinov2_vision``) and CLIP's text tower (``clip_text``: ``INPUT_IDS`` int64 -> ``TEXT_EMBEDS``).
+The input, outputs and timing come from the model's config, so one source serves all three.
 
 Dynamic batching hands ``execute`` several requests at once; the image rows not found in the
 feature cache run as ONE call of the ONNX graph (the batch axis is dynamic) and the outputs are

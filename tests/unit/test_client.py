@@ -118,3 +118,21 @@ def test_ask_subcommand_arguments():
     assert args.server == "127.0.0.1:50051" and args.mode == "interleaved"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ask", "--image", "x", "--question", "q", "--mode", "clip", "--compare", "clip"])
+
+
+def test_embed_text_request_wants_a_list_and_results_decode():
+    from mofserve.clients.client import embed_text_request
+    from mofserve.clients.results import TextEmbedResult
+
+    assert list(embed_text_request(("a photo of a cat", "a photo of a dog")).texts) == ["a photo of a cat",
+                                                                                         "a photo of a dog"]
+    with pytest.raises(TypeError, match="list of texts"):
+        embed_text_request("one text")
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    message = pb.EmbedTextResponse(embeddings=[pb.Tensor(data=r.astype("<f4").tobytes(), shape=[3], dtype="float32")
+                                               for r in rows], total_ms=1.5, provenance=pb.Provenance(profile="tiny"))
+    result = TextEmbedResult.from_proto(message)
+    np.testing.assert_array_equal(result.embeddings, rows)
+    assert result.logit_scale is None and result.provenance.profile == "tiny"
+    message.logit_scale = 100.0
+    assert TextEmbedResult.from_proto(message).logit_scale == 100.0

@@ -21,6 +21,7 @@ METHODS = {
     "Compare": ("CompareRequest", "CompareResponse"),
     "Encode": ("EncodeRequest", "EncodeResponse"),
     "Embed": ("EmbedRequest", "EmbedResponse"),
+    "EmbedText": ("EmbedTextRequest", "EmbedTextResponse"),
     "GetServerInfo": ("GetServerInfoRequest", "ServerInfo"),
 }
 
@@ -40,7 +41,7 @@ def test_descriptor_has_the_service_and_its_unary_methods():
 @pytest.mark.parametrize(("message", "field"), [
     ("AskRequest", "alpha"), ("ModeSelection", "alpha"), ("EncodeRequest", "alpha"), ("AskResponse", "alpha"),
     ("GenerationParams", "max_new_tokens"), ("GenerationParams", "temperature"), ("GenerationParams", "top_p"),
-    ("GenerationParams", "seed"), ("ServerInfo", "default_alpha"),
+    ("GenerationParams", "seed"), ("ServerInfo", "default_alpha"), ("EmbedTextResponse", "logit_scale"),
 ])
 def test_optional_scalars_tell_unset_from_zero(message, field):
     cls = getattr(pb, message)

@@ -36,3 +36,20 @@ def test_generation_params_outside_their_limits_name_the_field(params, field):
     with pytest.raises(EngineError) as error:
         params.validate(Limits())
     assert error.value.code == "invalid_argument" and error.value.message.startswith(f"{field}:")
+
+
+@pytest.mark.parametrize(("texts", "message"), [
+    ([], "texts: give at least one text"),
+    (["a photo of a cat", "  "], "texts[1]: empty"),
+    (["x" * 2001], "texts[0]: 2001 characters exceeds the limit of 2000 (max_text_chars)"),
+    (["a"] * 65, "texts: 65 exceeds the limit of 64 (max_embed_texts)"),
+])
+def test_embed_text_refuses_bad_texts_before_reaching_triton(texts, message):
+    import asyncio
+
+    from mofserve.server.engine import ServingInfo, TritonEngine
+
+    engine = TritonEngine("127.0.0.1:1", ServingInfo("tiny", True))  # nothing listens: validation comes first
+    with pytest.raises(EngineError) as error:
+        asyncio.run(engine.embed_text(texts))
+    assert error.value.code == "invalid_argument" and error.value.message.startswith(message)

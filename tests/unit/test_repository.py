@@ -17,7 +17,7 @@ from mofserve.export.repository import TARGETS, config_text, repository_specs, w
 @pytest.fixture
 def graphs(tmp_path: Path) -> dict[str, ExportedGraph]:
     out = {}
-    for name in (T.CLIP_VISION, T.DINOV2_VISION):
+    for name in (T.CLIP_VISION, T.DINOV2_VISION, T.CLIP_TEXT):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "model.onnx").write_bytes(b"graph")
@@ -35,7 +35,7 @@ def test_every_config_parses_back_with_tritons_schema(target, tiny_profile, tiny
     specs = specs_for(target, tiny_profile, tiny_paths, graphs)
     expected = {"preprocess", "clip_vision", "dinov2_vision", "embed", "llm",
                 *(f"fuse_{m}" for m in T.FusionMode), *(f"tokens_{m}" for m in T.FusionMode),
-                *(f"vqa_{m}" for m in T.FusionMode)}
+                *(f"vqa_{m}" for m in T.FusionMode), "tokenize_text", "clip_text", "embed_text"}
     assert set(specs) == expected
     for spec in specs.values():
         parsed = text_format.Parse(config_text(spec.config), mc.ModelConfig())
@@ -197,3 +197,50 @@ def test_llm_is_a_batched_python_model_with_its_limits_as_parameters(target, tin
         assert kind == mc.ModelInstanceGroup.KIND_CPU and "FORCE_CPU_ONLY_INPUT_TENSORS" not in params
     else:
         assert kind == mc.ModelInstanceGroup.KIND_GPU and params["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_embed_text_tokenizes_in_python_then_runs_the_clip_text_graph(target, tiny_profile, tiny_paths, graphs):
+    import math
+
+    specs = specs_for(target, tiny_profile, tiny_paths, graphs)
+    tokenize = specs["tokenize_text"].config
+    assert tokenize.backend == "python" and tokenize.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert [(i.name, i.data_type, list(i.dims)) for i in tokenize.input] == [("TEXT", mc.TYPE_STRING, [1])]
+    assert (tokenize.output[0].name, tokenize.output[0].data_type, list(tokenize.output[0].dims)) == (
+        "INPUT_IDS", mc.TYPE_INT64, [77])
+    assert tokenize.parameters["tokenizer"].string_value == str(tiny_paths.clip)
+    text = specs["clip_text"].config
+    assert [(i.name, i.data_type, list(i.dims)) for i in text.input] == [("INPUT_IDS", mc.TYPE_INT64, [77])]
+    assert (text.output[0].name, list(text.output[0].dims)) == ("TEXT_EMBEDS", [24])  # = CLIP_EMBEDS' width
+    if target == "cpu":
+        assert text.backend == "python" and specs["clip_text"].source == "vision_encoder"
+        assert {o.name for o in text.output} == {"TEXT_EMBEDS", "TIMING_CLIP_TEXT_MS"}
+    else:
+        assert text.platform == ("onnxruntime_onnx" if target == "gpu-onnx" else "tensorrt_plan")
+        assert [o.name for o in text.output] == ["TEXT_EMBEDS"]
+    embed = specs["embed_text"].config
+    assert [s.model_name for s in embed.ensemble_scheduling.step] == ["tokenize_text", "clip_text"]
+    assert [i.name for i in embed.input] == ["TEXT"] and embed.output[0].name == "TEXT_EMBEDS"
+    assert "INPUT_IDS" not in {o.name for o in embed.output}
+    # the seeded CLIP keeps CLIP's initial temperature 1/0.07 (OpenAI's trained one is 100)
+    assert math.isclose(float(embed.parameters["logit_scale"].string_value), 1 / 0.07, rel_tol=1e-4)
+
+
+def test_a_vision_only_clip_checkpoint_is_served_without_the_text_models(tmp_path, tiny_profile, tiny_paths, graphs):
+    from dataclasses import replace
+
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from mofserve.export.configs import CLIP_TEXT_EXPORT
+
+    assert CLIP_TEXT_EXPORT.skip_reason(tiny_paths) is None
+    vision_only = tmp_path / "clip-vision"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, patch_size=14, projection_dim=24)
+                                  ).save_pretrained(vision_only)
+    paths = replace(tiny_paths, clip=vision_only)
+    assert "vision-only" in CLIP_TEXT_EXPORT.skip_reason(paths)
+    without_text = {name: g for name, g in graphs.items() if name != T.CLIP_TEXT}
+    names = set(specs_for("cpu", tiny_profile, paths, without_text))
+    assert not names & {"tokenize_text", "clip_text", "embed_text"} and "embed" in names

@@ -1,0 +1,569 @@
+"""``mofserve eval mmvp-vlm``: MMVP-VLM, the CLIP-only variant of MMVP (Tong et al., CVPR 2024).
+
+    mofserve eval mmvp-vlm --data ~/MMVP_VLM --server 127.0.0.1:50051 --out results/mmvp-vlm
+
+The dataset (HF ``MMVP/MMVP_VLM``, read by the official ``scripts/evaluate_vlm.py``)::
+
+    DIR/Questions.csv                       Question ID,Type,Statement   (also qid,qtype,statement)
+    DIR/MLLM_VLM Images/<Type>/<qid>.jpg    e.g. "MLLM_VLM Images/Orientation/1.jpg"
+
+The image folder may also be ``MMVP_VLM_Images/`` (the repository README's name), another of
+``IMAGE_DIRS``, or DIR itself; a ``<Type>`` folder may be named by the CSV's Type or by any alias
+of its visual pattern (``Camera_Perspective``, ``Viewpoint and Perspective``...); images may be
+``.jpg``, ``.jpeg`` or ``.png``. Questions ``2k-1`` and ``2k`` form pair k (135 pairs = 9 visual
+patterns x 15 on the full set).
+
+Scoring, exactly the official script's: the text of question q is ``"a photo of " + statement``;
+for each pair, the CLIP image embeddings of its two images (``Embed``) and the CLIP text
+embeddings of its two texts (``EmbedText``); each text's logits over the two images are
+``logit_scale * cosine`` and a softmax over the two gives its probability for the first image; a
+text picks image 1 when that probability is > 0.5, else image 2 (so an exact tie picks image 2, as
+``pred = "img1" if score > 0.5 else "img2"``); the pair counts only when the text of ``2k-1`` picks
+image ``2k-1`` AND the text of ``2k`` picks image ``2k``. Scores: pair accuracy per visual pattern,
+in percent, and their average (the paper's table). ``logit_scale`` (the CLIP checkpoint's
+``exp(logit_scale)``, 100 for OpenAI's) comes from the server's ``EmbedText`` answer; it does not
+change which image a text picks, only the probabilities reported.
+
+Bad input: a missing folder or CSV, an unknown header or missing column, a qid that is not a
+positive integer or appears twice, or a Type that names none of the nine patterns raises
+``DatasetError`` naming the file and line. A pair with a problem of its own (a missing, empty or
+undecodable image, an empty statement, a question without its partner, partners of different
+patterns, a server error) is not skipped: it counts as wrong, and its error (naming the file and
+row) is listed in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mofserve.clients import DEFAULT_TARGET, AsyncMofServeClient, MofServeError
+
+from .datasets import DatasetError, check_image
+from .reports import machine_info, markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
+
+# The nine visual patterns in the paper's (and the official script's) order, and what folders and
+# CSV Types may call them. The released CSV's Types are the short names (Orientation, Presence,
+# State, Quantity, Spatial, Color, Structural Character, Text, Camera Perspective).
+PATTERNS = (
+    "Orientation and Direction", "Presence of Specific Features", "State and Condition", "Quantity and Count",
+    "Positional and Relational Context", "Color and Appearance", "Structural Characteristics", "Texts",
+    "Viewpoint and Perspective",
+)
+PATTERN_ALIASES = {
+    "Orientation and Direction": ("Orientation", "Direction"),
+    "Presence of Specific Features": ("Presence", "Specific Features"),
+    "State and Condition": ("State", "Condition"),
+    "Quantity and Count": ("Quantity", "Count"),
+    "Positional and Relational Context": ("Spatial", "Positional", "Position", "Relational Context"),
+    "Color and Appearance": ("Color", "Colour", "Appearance", "Colour and Appearance"),
+    "Structural Characteristics": ("Structural Character", "Structural", "Structure"),
+    "Texts": ("Text",),
+    "Viewpoint and Perspective": ("Camera Perspective", "Viewpoint", "Perspective", "Camera"),
+}
+QUESTIONS_CSV = "Questions.csv"
+IMAGE_DIRS = ("MLLM_VLM Images", "MMVP_VLM_Images", "MLLM_VLM_Images", "MMVP_VLM Images", "MMVP VLM Images",
+              "images")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+COLUMN_ALIASES = {  # the official file's header first
+    "qid": ("Question ID", "qid", "question_id", "id", "index", "lndex"),
+    "qtype": ("Type", "qtype", "pattern", "category", "visual pattern"),
+    "statement": ("Statement", "statement", "text", "caption"),
+}
+TEXT_PROMPT = "a photo of "
+# The paper's MMVP-VLM averages (%) (../shared/PAPER.md); per-pattern numbers are not reproduced here.
+REFERENCE_AVERAGE = {"OpenAI ViT-L/14": 19.3, "SigLIP SO/14": 37.8, "DFN H/14": 39.3}
+DEFAULT_LOGIT_SCALE = 100.0  # OpenAI's trained exp(logit_scale); used only when the server does not say
+REPORT_JSON, REPORT_MD, PAIRS_CSV = "report.json", "report.md", "pairs.csv"
+RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: the server runs seeded random weights ({notice}); these scores measure "
+                          "nothing about vision and must not be compared with the paper's")
+SCORING = ("text = 'a photo of ' + statement; per pair, each text's softmax over the pair's two images of "
+           "logit_scale * cosine(text, image); a text picks image 1 when its probability is > 0.5 (else image 2); "
+           "the pair counts only when both texts pick their own image (scripts/evaluate_vlm.py)")
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+_PATTERN_BY_KEY = {_key(alias): pattern for pattern in PATTERNS for alias in (pattern, *PATTERN_ALIASES[pattern])}
+
+
+def pattern_of(name: str) -> str | None:
+    """The canonical visual pattern a CSV Type or folder name stands for (None: none)."""
+    return _PATTERN_BY_KEY.get(_key(name))
+
+
+# ---- the dataset ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    qid: int
+    qtype: str  # as written in the CSV
+    pattern: str  # canonical (PATTERNS)
+    statement: str
+    line: int  # line in Questions.csv
+
+
+@dataclass(frozen=True)
+class VLMPair:
+    pair: int  # k: questions 2k-1 and 2k
+    pattern: str
+    qids: tuple[int, int]
+    statements: tuple[str, str]
+    images: tuple[Path | None, Path | None]
+    lines: tuple[int | None, int | None]
+    error: str | None = None  # set: not sent to the server, counts as wrong
+
+    @property
+    def texts(self) -> tuple[str, str]:
+        return TEXT_PROMPT + self.statements[0], TEXT_PROMPT + self.statements[1]
+
+
+@dataclass(frozen=True)
+class VLMDataset:
+    root: Path
+    questions_csv: Path
+    images_dir: Path
+    questions: int
+    pairs: tuple[VLMPair, ...]
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def find_questions_csv(root: Path) -> Path:
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (expected an MMVP-VLM folder holding {QUESTIONS_CSV} and "
+                           f"'{IMAGE_DIRS[0]}/<Type>/<qid>.jpg')")
+    path = root / QUESTIONS_CSV
+    if path.is_file():
+        return path
+    for candidate in sorted(root.glob("*.csv")):
+        if candidate.name.lower() == QUESTIONS_CSV.lower():
+            return candidate
+    raise DatasetError(f"{path}: not found (expected the MMVP-VLM questions file with columns "
+                       f"{', '.join(aliases[0] for aliases in COLUMN_ALIASES.values())})")
+
+
+def _pattern_dirs(folder: Path) -> dict[str, list[Path]]:
+    """Sub-folders of ``folder`` that name a visual pattern, by pattern."""
+    found: dict[str, list[Path]] = {}
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pattern = pattern_of(child.name)
+        if pattern is not None:
+            found.setdefault(pattern, []).append(child)
+    return found
+
+
+def find_images_dir(root: Path) -> Path:
+    for candidate in [*(root / name for name in IMAGE_DIRS), root]:
+        if candidate.is_dir() and _pattern_dirs(candidate):
+            return candidate
+    raise DatasetError(f"{root}: no image folder; expected '{IMAGE_DIRS[0]}/' (or "
+                       f"{', '.join(repr(n + '/') for n in IMAGE_DIRS[1:])}, or {root} itself) holding one folder per "
+                       f"visual pattern named by the CSV's Type (e.g. 'Orientation/1.jpg')")
+
+
+def read_questions(path: Path) -> list[Question]:
+    """The rows of Questions.csv; raises DatasetError for a structural problem."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read ({error.strerror or error})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    while header is not None and not any(cell.strip() for cell in header):
+        header = next(reader, None)
+    if header is None:
+        raise DatasetError(f"{path}: empty file; expected a header "
+                           f"{','.join(aliases[0] for aliases in COLUMN_ALIASES.values())}")
+    keys = [_key(h) for h in header]
+    columns: dict[str, int] = {}
+    for column, aliases in COLUMN_ALIASES.items():
+        for alias in aliases:
+            if _key(alias) in keys:
+                columns[column] = keys.index(_key(alias))
+                break
+    missing = [f"{c} ({' / '.join(repr(a) for a in COLUMN_ALIASES[c])})" for c in COLUMN_ALIASES if c not in columns]
+    if missing:
+        raise DatasetError(f"{path} line {reader.line_num}: missing column(s) {'; '.join(missing)}; header: {header}")
+    questions: list[Question] = []
+    seen: dict[int, int] = {}
+    for cells in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in cells):
+            continue
+        value = {c: (cells[i].strip() if i < len(cells) else "") for c, i in columns.items()}
+        try:
+            qid = int(value["qid"])
+        except ValueError:
+            qid = -1
+        if qid < 1:
+            raise DatasetError(f"{path} line {line}: {header[columns['qid']].strip()} must be a positive integer, "
+                               f"got {value['qid']!r}")
+        if qid in seen:
+            raise DatasetError(f"{path} line {line}: qid {qid} appears twice (first on line {seen[qid]})")
+        seen[qid] = line
+        pattern = pattern_of(value["qtype"])
+        if pattern is None:
+            raise DatasetError(f"{path} line {line} (qid {qid}): {header[columns['qtype']].strip()} "
+                               f"{value['qtype']!r} names none of the nine visual patterns ({', '.join(PATTERNS)}; "
+                               f"or the released short names such as 'Orientation', 'Camera Perspective')")
+        questions.append(Question(qid, value["qtype"], pattern, value["statement"], line))
+    if not questions:
+        raise DatasetError(f"{path}: no questions below the header")
+    return questions
+
+
+def find_image(images_dir: Path, question: Question, folders: Mapping[str, list[Path]]) -> tuple[Path | None, Path]:
+    """(the image of ``question`` or None, the path it was expected at). The folder named exactly
+    as the CSV's Type comes first (the official script's path), then the pattern's other folders."""
+    expected = images_dir / question.qtype / f"{question.qid}.jpg"
+    candidates = [images_dir / question.qtype, *folders.get(question.pattern, [])]
+    for folder in dict.fromkeys(candidates):
+        for suffix in IMAGE_SUFFIXES:
+            path = folder / f"{question.qid}{suffix}"
+            if path.is_file():
+                return path, expected
+    return None, expected
+
+
+def load_mmvp_vlm(root: Path | str) -> VLMDataset:
+    """Read an MMVP-VLM folder into pairs (see the module doc for what is an error and what fails a pair)."""
+    root = Path(root)
+    csv_path = find_questions_csv(root)
+    images_dir = find_images_dir(root)
+    questions = read_questions(csv_path)
+    folders = _pattern_dirs(images_dir)
+    where = lambda q: f"{_rel(csv_path, root)} line {q.line} (qid {q.qid})"  # noqa: E731
+    by_qid = {q.qid: q for q in questions}
+    pairs = []
+    for k in sorted({(q.qid + 1) // 2 for q in questions}):
+        first, second = by_qid.get(2 * k - 1), by_qid.get(2 * k)
+        present = [q for q in (first, second) if q is not None]
+        problems = []
+        if first is None or second is None:
+            lonely = present[0]
+            partner = 2 * k if first is not None else 2 * k - 1
+            problems.append(f"{where(lonely)}: its pair partner qid {partner} is not in {_rel(csv_path, root)}")
+        elif first.pattern != second.pattern:
+            problems.append(f"{where(first)} and line {second.line} (qid {second.qid}): a pair of different visual "
+                            f"patterns ({first.qtype!r}, {second.qtype!r})")
+        images: list[Path | None] = []
+        for q in (first, second):
+            if q is None:
+                images.append(None)
+                continue
+            if not q.statement:
+                problems.append(f"{where(q)}: empty statement")
+            image, expected = find_image(images_dir, q, folders)
+            if image is None:
+                problems.append(f"{_rel(expected, root)}: image not found (for {where(q)})")
+            else:
+                _, why = check_image(image)
+                if why:
+                    problems.append(f"{_rel(image, root)}: {why} (for {where(q)})")
+            images.append(image)
+        pairs.append(VLMPair(
+            pair=k, pattern=present[0].pattern, qids=(2 * k - 1, 2 * k),
+            statements=(first.statement if first else "", second.statement if second else ""),
+            images=(images[0], images[1]), lines=(first.line if first else None, second.line if second else None),
+            error="; ".join(problems) or None))
+    return VLMDataset(root, csv_path, images_dir, len(questions), tuple(pairs))
+
+
+# ---- scoring --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairScore:
+    probabilities: tuple[float, float]  # P(image 1) for text 1 and for text 2
+    picks: tuple[int, int]  # the image (1 or 2) each text picks
+    correct: bool  # text 1 picks image 1 and text 2 picks image 2
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+
+
+def score_pair(image_embeds: np.ndarray, text_embeds: np.ndarray, logit_scale: float) -> PairScore:
+    """The official rule on one pair: ``image_embeds`` and ``text_embeds`` are ``[2, E]`` (row i
+    belongs to question 2k-1+i); see the module doc."""
+    images, texts = _unit(image_embeds), _unit(text_embeds)
+    if images.shape != (2, images.shape[-1]) or texts.shape != images.shape:
+        raise ValueError(f"score_pair: expected two image and two text embeddings of one width, got "
+                         f"{images.shape} and {texts.shape}")
+    logits = logit_scale * texts @ images.T  # [text, image]
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    first = (float(probs[0, 0]), float(probs[1, 0]))
+    picks = (1 if first[0] > 0.5 else 2, 1 if first[1] > 0.5 else 2)
+    return PairScore(first, picks, picks == (1, 2))
+
+
+def summarise(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per visual pattern (in the paper's order, only those present): pairs, correct, failed and
+    pair accuracy (%); ``average``: the mean of the per-pattern accuracies (the paper's Average);
+    ``overall``: correct pairs / all pairs. A failed pair counts as wrong."""
+    per_pattern: dict[str, dict[str, Any]] = {}
+    for pattern in PATTERNS:
+        rows = [r for r in results if r["pattern"] == pattern]
+        if rows:
+            correct = sum(bool(r["correct"]) for r in rows)
+            per_pattern[pattern] = {"pairs": len(rows), "correct": correct,
+                                    "failed": sum(r["error"] is not None for r in rows),
+                                    "accuracy": 100.0 * correct / len(rows)}
+    total, correct = len(results), sum(bool(r["correct"]) for r in results)
+    accuracies = [v["accuracy"] for v in per_pattern.values()]
+    return {"per_pattern": per_pattern, "average": sum(accuracies) / len(accuracies) if accuracies else None,
+            "pairs": total, "correct": correct, "failed": sum(r["error"] is not None for r in results),
+            "overall": 100.0 * correct / total if total else None,
+            "patterns_missing": [p for p in PATTERNS if p not in per_pattern]}
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLMConfig:
+    data: Path
+    server: str = DEFAULT_TARGET
+    out: Path | None = None
+    concurrency: int = 4
+    timeout: float = 300.0
+    logit_scale: float | None = None  # None: the server's
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency: must be at least 1, got {self.concurrency}")
+        if not self.timeout > 0:
+            raise ValueError(f"--timeout: must be positive, got {self.timeout}")
+        if self.logit_scale is not None and not self.logit_scale > 0:
+            raise ValueError(f"--logit-scale: must be positive, got {self.logit_scale}")
+
+
+@dataclass
+class VLMRun:
+    out: Path
+    report: dict[str, Any]
+    paths: dict[str, Path]
+
+
+def _pair_record(pair: VLMPair, root: Path) -> dict[str, Any]:
+    return {"pair": pair.pair, "pattern": pair.pattern, "qid1": pair.qids[0], "qid2": pair.qids[1],
+            "line1": pair.lines[0], "line2": pair.lines[1], "text1": pair.texts[0], "text2": pair.texts[1],
+            "image1": _rel(pair.images[0], root) if pair.images[0] else None,
+            "image2": _rel(pair.images[1], root) if pair.images[1] else None,
+            "p_image1_text1": None, "p_image1_text2": None, "pick1": None, "pick2": None, "correct": False,
+            "error": pair.error}
+
+
+async def _embed_pair(client: AsyncMofServeClient, pair: VLMPair, timeout: float) -> tuple[np.ndarray, np.ndarray,
+                                                                                              float | None]:
+    images = [path.read_bytes() for path in pair.images if path is not None]
+    embedded, texts = await asyncio.gather(client.embed(images, timeout=timeout),
+                                           client.embed_text(list(pair.texts), timeout=timeout))
+    return embedded.clip, texts.embeddings, texts.logit_scale
+
+
+async def run_mmvp_vlm_async(config: VLMConfig, log=None) -> VLMRun:
+    log = log or (lambda message: print(message, file=sys.stderr))
+    started = time.perf_counter()
+    dataset = load_mmvp_vlm(config.data)
+    out = Path(config.out) if config.out else timestamped_dir("mmvp-vlm")
+    out.mkdir(parents=True, exist_ok=True)
+    records = {p.pair: _pair_record(p, dataset.root) for p in dataset.pairs}
+    bad = [p for p in dataset.pairs if p.error]
+    if bad:
+        log(f"mofserve eval mmvp-vlm: {len(bad)} pair(s) cannot be scored (counted as wrong), e.g. {bad[0].error}")
+    scales: set[float] = set()
+    warnings: list[str] = []
+    async with AsyncMofServeClient(config.server, timeout=config.timeout) as client:
+        info = await client.server_info(timeout=min(config.timeout, 30.0))
+        if info.provenance.random_weights:
+            warnings.append(RANDOM_WEIGHTS_WARNING.format(notice=info.provenance.notice
+                                                          or f"profile {info.provenance.profile}"))
+            log("mofserve eval mmvp-vlm: WARNING: " + warnings[-1])
+        semaphore = asyncio.Semaphore(config.concurrency)
+        done = 0
+
+        async def one(pair: VLMPair) -> None:
+            nonlocal done
+            record = records[pair.pair]
+            async with semaphore:
+                try:
+                    images, texts, server_scale = await _embed_pair(client, pair, config.timeout)
+                except MofServeError as error:
+                    record["error"] = f"server: {error} (pair {pair.pair}: qid {pair.qids[0]}, {pair.qids[1]})"
+                    return
+                except OSError as error:
+                    record["error"] = f"cannot read an image of pair {pair.pair} ({error})"
+                    return
+            if server_scale is not None:
+                scales.add(server_scale)
+            scale = config.logit_scale or server_scale or DEFAULT_LOGIT_SCALE
+            result = score_pair(images, texts, scale)
+            record.update(p_image1_text1=result.probabilities[0], p_image1_text2=result.probabilities[1],
+                          pick1=result.picks[0], pick2=result.picks[1], correct=result.correct)
+            done += 1
+            if config.progress and done % 25 == 0:
+                log(f"mofserve eval mmvp-vlm: {done} pair(s) scored")
+
+        await asyncio.gather(*(one(p) for p in dataset.pairs if p.error is None))
+
+    if config.logit_scale is not None:
+        scale, source = config.logit_scale, "--logit-scale"
+    elif scales:
+        scale, source = next(iter(scales)), "server (EmbedText.logit_scale: the CLIP checkpoint's exp(logit_scale))"
+    else:
+        scale, source = DEFAULT_LOGIT_SCALE, "default (OpenAI's 100; the server did not say)"
+        warnings.append("the server reported no logit scale; probabilities use OpenAI CLIP's 100 (the picks, and so "
+                        "the scores, do not depend on it)")
+    results = [records[p.pair] for p in dataset.pairs]
+    failures = [{"pair": r["pair"], "qid1": r["qid1"], "qid2": r["qid2"], "pattern": r["pattern"],
+                 "error": r["error"]} for r in results if r["error"]]
+    if failures:
+        log(f"mofserve eval mmvp-vlm: {len(failures)} pair(s) failed and count as wrong (listed in the report)")
+    summary = summarise(results)
+    if summary["patterns_missing"]:
+        warnings.append(f"{len(summary['patterns_missing'])} of the 9 visual patterns have no pairs in this dataset "
+                        f"({', '.join(summary['patterns_missing'])}); the average is over the others")
+    report = {
+        "benchmark": "MMVP-VLM", "created": now_iso(), "warnings": warnings,
+        "server": {"target": config.server, "version": info.version, "provenance": asdict(info.provenance)},
+        "dataset": {"path": str(dataset.root), "questions_csv": str(dataset.questions_csv),
+                    "images_dir": str(dataset.images_dir), "questions": dataset.questions,
+                    "pairs": len(dataset.pairs)},
+        "scoring": {"rule": SCORING, "text_prompt": TEXT_PROMPT + "{statement}", "logit_scale": scale,
+                    "logit_scale_source": source, "image_embedding": "Embed: CLIP image_embeds (CLIP_EMBEDS)",
+                    "text_embedding": "EmbedText: CLIP text_embeds (TEXT_EMBEDS)"},
+        "results": summary,
+        "reference": {"source": "Tong et al., Eyes Wide Shut? (CVPR 2024), MMVP-VLM average pair accuracy (%)",
+                      "average": REFERENCE_AVERAGE},
+        "failures": failures,
+        "pairs": results,
+        "run": {"concurrency": config.concurrency, "timeout_s": config.timeout,
+                "wall_s": time.perf_counter() - started, "out": str(out)},
+        "machine": machine_info(),
+    }
+    paths = {"report_json": out / REPORT_JSON, "report_md": out / REPORT_MD, "pairs_csv": out / PAIRS_CSV}
+    write_json(paths["report_json"], report)
+    write_text(paths["report_md"], render_markdown(report))
+    write_csv(paths["pairs_csv"], list(results[0]) if results else [], results)
+    return VLMRun(out, report, paths)
+
+
+def run_mmvp_vlm(config: VLMConfig, log=None) -> VLMRun:
+    return asyncio.run(run_mmvp_vlm_async(config, log))
+
+
+# ---- the report ----------------------------------------------------------------------------------------
+
+
+def _model_label(report: Mapping[str, Any]) -> str:
+    prov = report["server"]["provenance"]
+    return f"mofserve CLIP ({prov['profile']}{', random weights' if prov['random_weights'] else ''})"
+
+
+def score_table(report: Mapping[str, Any]) -> str:
+    """The paper's table: pair accuracy (%) per visual pattern and the average, this server first,
+    then the paper's reference averages."""
+    results = report["results"]
+    ours = [_model_label(report), *(pct(results["per_pattern"][p]["accuracy"]) if p in results["per_pattern"]
+                                    else "-" for p in PATTERNS), pct(results["average"])]
+    references = [[f"{name} (paper)", *("-" for _ in PATTERNS), pct(value)]
+                  for name, value in report["reference"]["average"].items()]
+    return markdown_table(["model", *PATTERNS, "Average"], [ours, *references])
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    ds, server, scoring, results = report["dataset"], report["server"], report["scoring"], report["results"]
+    prov = server["provenance"]
+    out = [f"# MMVP-VLM results ({report['created']})", ""]
+    for warning in report["warnings"]:
+        out += [f"> **WARNING: {warning}**" if warning.startswith("RANDOM") else f"> **Note:** {warning}", ""]
+    out += [f"- server: `{server['target']}`, mofserve {server['version']}, profile `{prov['profile']}`"
+            f"{' (random weights)' if prov['random_weights'] else ''}",
+            f"- dataset: `{ds['path']}`: {ds['questions']} statements, {ds['pairs']} pairs",
+            f"- text: `{scoring['text_prompt']}`; logit scale {scoring['logit_scale']:g} "
+            f"({scoring['logit_scale_source']})", ""]
+    out += ["## Pair accuracy (%) per visual pattern", "",
+            "A pair counts only when both texts pick their own image; a failed pair counts as wrong. "
+            "The paper gives per-pattern numbers only in its figure; its averages are shown.", "",
+            score_table(report), ""]
+    rows = [[p, v["pairs"], v["correct"], v["failed"], pct(v["accuracy"])] for p, v in results["per_pattern"].items()]
+    rows.append(["all", results["pairs"], results["correct"], results["failed"], pct(results["overall"])])
+    out += ["## Counts", "", markdown_table(["visual pattern", "pairs", "correct", "failed", "accuracy (%)"], rows), ""]
+    out += ["## Scoring", "", scoring["rule"] + ".", ""]
+    if report["failures"]:
+        out += [f"## Failed pairs ({len(report['failures'])})", ""]
+        out += [markdown_table(["pair", "qids", "pattern", "error"],
+                               [[f["pair"], f"{f['qid1']}, {f['qid2']}", f["pattern"], f["error"]]
+                                for f in report["failures"][:100]], "llll")]
+        if len(report["failures"]) > 100:
+            out.append(f"\n... and {len(report['failures']) - 100} more ({PAIRS_CSV}, column error)")
+        out.append("")
+    out.append(f"Run: {report['run']['wall_s']:.1f} s, {report['run']['concurrency']} pair(s) in flight.")
+    return "\n".join(out) + "\n"
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_mmvp_vlm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True,
+                        help="MMVP-VLM folder: Questions.csv (Question ID,Type,Statement) and "
+                             "'MLLM_VLM Images/<Type>/<qid>.jpg'")
+    parser.add_argument("--server", default=DEFAULT_TARGET, help=f"gRPC address (default {DEFAULT_TARGET})")
+    parser.add_argument("--out", type=Path, help="output folder (default results/mmvp-vlm-<timestamp>)")
+    parser.add_argument("--concurrency", type=_positive_int, default=4, help="pairs in flight (default 4)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline per request, seconds (default 300)")
+    parser.add_argument("--logit-scale", type=float,
+                        help="CLIP's exp(logit_scale) for the reported probabilities (default: the server's, from "
+                             "the checkpoint; it never changes a pick)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    config = VLMConfig(data=args.data, server=args.server, out=args.out, concurrency=args.concurrency,
+                       timeout=args.timeout, logit_scale=args.logit_scale, progress=not args.no_progress)
+    try:
+        result = run_mmvp_vlm(config)
+    except MofServeError as error:
+        print(f"mofserve eval mmvp-vlm: server {config.server}: {error}", file=sys.stderr)
+        return 1
+    print(score_table(result.report))
+    for warning in result.report["warnings"]:
+        print(f"{'WARNING' if warning.startswith('RANDOM') else 'note'}: {warning}", file=sys.stderr)
+    print(f"wrote {result.paths['report_md']}, {result.paths['report_json']}, {result.paths['pairs_csv']}")
+    return 0
