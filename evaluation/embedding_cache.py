@@ -199,9 +199,6 @@ class EmbeddingCache:
         self._append_index([(str(path), Entry(entry.row, stamp.size, stamp.mtime_ns, entry.sha256))])
         return entry.row
 
-    def rows(self, paths: Sequence[Path]) -> np.ndarray:
-        return np.array([self.entries[str(p)].row for p in paths], dtype=np.int64)
-
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """CLIP and DINOv2 embeddings of ``rows``, read into memory (float32)."""
         if self.clip is None or self.dino is None:
