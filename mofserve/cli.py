@@ -51,7 +51,14 @@ def _cmd_bench_frontend(args: argparse.Namespace) -> int:
 
     if args.pool:
         return pool_main(args.pool, output=args.output)
-    return bench_frontend(_profile(args), requests=args.requests, modes=args.modes, output=args.output)
+    return bench_frontend(_profile(args), requests=args.requests, modes=args.modes, output=args.output,
+                          budget_s=args.budget_s)
+
+
+def _cmd_bench_load(args: argparse.Namespace) -> int:
+    from mofserve.benchmarks.load import main as bench_load
+
+    return bench_load(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -59,7 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mofserve.server.config import load_config
 
     flags = {name: getattr(args, name) for name in ("profile", "host", "grpc_port", "http_port", "clip", "dinov2",
-                                                     "llava", "max_restarts")}
+                                                     "llava", "max_restarts", "target")}
     return serve(load_config(args.config, flags))
 
 
@@ -115,13 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                "Compare and second-mode cost")
     _add_profile_args(fe)
     fe.set_defaults(profile="small", func=_cmd_bench_frontend)
-    fe.add_argument("--requests", type=int, help="timed requests per mode and path (default: 8 on small, 10 on tiny)")
+    fe.add_argument("--requests", type=int, help="timed requests per mode and path (default 20)")
+    fe.add_argument("--budget-s", type=float, default=480.0,
+                    help="seconds for the timed phases; on a busy machine they stop early (0: no limit)")
     fe.add_argument("--modes", nargs="+", choices=("interleaved", "additive", "clip", "dinov2"),
                     help="fusion modes, the first is Compare's first and the seen-image Ask's A "
                          "(default: interleaved additive clip dinov2)")
     fe.add_argument("--output", type=Path, help="write the JSON report here")
     fe.add_argument("--pool", type=Path, nargs="+", metavar="REPORT",
                     help="run nothing: pool these JSON reports (same profile and modes) and print the tables")
+    from mofserve.benchmarks.load import add_load_arguments
+
+    load = bench_sub.add_parser("load", help="load a running front-end (gRPC or HTTP): concurrency and "
+                                             "Poisson-rate sweeps, mixed modes, repeated images; "
+                                             "JSON + Markdown + PNG report",
+                                description="See docs/benchmarks.md (Load).")
+    add_load_arguments(load)
+    load.set_defaults(func=_cmd_bench_load)
 
     serve = sub.add_parser(
         "serve", help="export if needed, start Triton and the gRPC + HTTP front-ends, supervise, stop on SIGTERM",
@@ -136,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dinov2", help="DINOv2 checkpoint folder or HF id in the HF cache (paper profile)")
     serve.add_argument("--llava", help="LLaVA-format checkpoint with mm_projector and dino_mm_projector")
     serve.add_argument("--max-restarts", type=int, help="Triton restarts before giving up (default 5)")
+    serve.add_argument("--target", choices=("cpu", "gpu-onnx", "gpu-trt"),
+                       help="model repository target (default cpu; gpu-trt needs engines built on the serving GPU)")
     serve.set_defaults(func=_cmd_serve)
 
     from mofserve.clients.cli import add_ask_arguments

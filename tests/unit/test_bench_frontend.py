@@ -1,0 +1,402 @@
+"""Pure helpers of ``mofserve bench frontend``: percentiles, targets, rounds, image variants,
+analysis and tables. No server, model or export here; records are plain dicts."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mofserve.benchmarks import frontend as bench
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 75, 90, 99, 100])
+def test_percentile_matches_numpy_linear(q):
+    values = [12.0, 3.5, 7.25, 100.0, 41.0, 8.0, 8.0, 55.5, 0.5, 19.0, 23.0]
+    assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edge_cases():
+    assert bench.percentile([4.0], 99) == 4.0
+    assert bench.percentile([1.0, 3.0], 50) == 2.0
+    # p99 of 10 samples lies between the two largest
+    values = list(range(1, 11))
+    assert 9 < bench.percentile(values, 99) < 10
+    with pytest.raises(ValueError, match="no values"):
+        bench.percentile([], 50)
+    with pytest.raises(ValueError, match="q must be"):
+        bench.percentile([1.0], 101)
+
+
+def test_latency_summary():
+    s = bench.LatencySummary.of([30.0, 10.0, 20.0])
+    assert (s.n, s.p50, s.mean, s.min, s.max) == (3, 20.0, 20.0, 10.0, 30.0)
+    assert s.p99 == pytest.approx(29.8)
+    with pytest.raises(ValueError):
+        bench.LatencySummary.of([])
+
+
+def test_ratio_and_targets():
+    assert bench.ratio(110.0, 100.0) == pytest.approx(1.1)
+    assert math.isnan(bench.ratio(1.0, 0.0))
+    assert math.isnan(bench.ratio(math.nan, 2.0))
+    assert [bench.compare_target(k) for k in (1, 2, 3, 4)] == [1.0, 1.25, 1.5, 1.75]
+    with pytest.raises(ValueError):
+        bench.compare_target(0)
+    assert bench.meets(1.10, bench.FRONTEND_TARGET) is True  # the limit itself is met
+    assert bench.meets(1.1001, bench.FRONTEND_TARGET) is False
+    assert bench.meets(math.nan, 1.0) is None
+    assert [bench.verdict(x) for x in (True, False, None)] == ["MET", "MISSED", "n/a"]
+
+
+def test_paired_differences_and_rotation():
+    assert bench.paired_differences([5.0, 7.0], [4.0, 9.0]) == [1.0, -2.0]
+    with pytest.raises(ValueError):
+        bench.paired_differences([1.0], [])
+    assert bench.rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert bench.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    assert bench.rotated([], 3) == []
+    # over len(items) rounds every item takes every position once
+    firsts = {bench.rotated(bench.PATHS, r)[0] for r in range(len(bench.PATHS))}
+    assert firsts == set(bench.PATHS)
+
+
+# ---- modes, pairs, rounds ----------------------------------------------------------------------
+
+
+def test_parse_modes():
+    assert bench.parse_modes(None) == ("interleaved", "additive", "clip", "dinov2")
+    assert bench.parse_modes(["clip", "clip", "dinov2"]) == ("clip", "dinov2")
+    with pytest.raises(ValueError, match="unknown fusion mode"):
+        bench.parse_modes(["nope"])
+    with pytest.raises(ValueError, match="at least one"):
+        bench.parse_modes([])
+
+
+def test_compare_ks_and_second_mode_pairs():
+    assert bench.compare_ks(bench.DEFAULT_MODES) == [2, 3, 4]
+    assert bench.compare_ks(["clip"]) == []
+    assert bench.second_mode_pairs(bench.DEFAULT_MODES) == [
+        ("interleaved", "additive"), ("interleaved", "clip"), ("interleaved", "dinov2")]
+    # B's encoders must all have run for A: clip then dinov2 is not a "seen" image for dinov2
+    assert bench.second_mode_pairs(["clip", "dinov2", "additive"]) == []
+    assert bench.second_mode_pairs(["additive", "clip"]) == [("additive", "clip")]
+    assert bench.second_mode_pairs(["clip"]) == []
+
+
+def test_default_rounds_and_image_count():
+    assert bench.default_rounds(8, 3) == (4, 6)
+    assert bench.default_rounds(10, 3) == (5, 6)
+    assert bench.default_rounds(1, 3) == (3, 3)
+    assert bench.default_rounds(8, 0) == (4, 0)
+    with pytest.raises(ValueError):
+        bench.default_rounds(0, 3)
+    # warm-up 4 + 8 x 4 modes x 3 paths + 4 x (1 ask + 3 compares) + 6 x 2
+    assert bench.images_needed(bench.DEFAULT_MODES, 8, 4, 6) == 4 + 96 + 16 + 12
+    assert bench.default_requests("small") == 20 and bench.default_requests("tiny") == 20
+    assert bench.default_rounds(20, 3) == (10, 12)
+
+
+# ---- image variants ------------------------------------------------------------------------------
+
+
+def _photo(width: int = 96, height: int = 64) -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_variant_params_are_deterministic_and_in_range():
+    a = [bench.variant_params(i, 6) for i in range(40)]
+    assert a == [bench.variant_params(i, 6) for i in range(40)]
+    assert a != [bench.variant_params(i, 6, seed=1) for i in range(40)]
+    for i, p in enumerate(a):
+        assert p.photo == i % 6
+        assert p.flip == bool((i // 6) % 2)
+        assert p.left >= 0 and p.left + p.width <= 1 and p.top >= 0 and p.top + p.height <= 1
+        assert 0.55 <= p.width <= 0.95 and 0.55 <= p.height <= 0.95
+        assert all(0.8 <= f <= 1.2 for f in (p.brightness, p.contrast, p.saturation))
+    with pytest.raises(ValueError):
+        bench.variant_params(-1, 6)
+
+
+def test_make_variant_crops_flips_and_is_deterministic():
+    photo = _photo()
+    params = bench.VariantParams(0, 0.0, 0.0, 0.5, 0.5, True, 1.0, 1.0, 1.0)
+    png = bench.make_variant(photo, params, fmt="PNG")
+    assert png == bench.make_variant(photo, params, fmt="PNG")
+    with Image.open(io.BytesIO(png)) as out:
+        got = np.asarray(out.convert("RGB"))
+    with Image.open(io.BytesIO(photo)) as src:
+        expected = np.asarray(src.convert("RGB"))[:32, :48][:, ::-1]
+    assert got.shape == (32, 48, 3)
+    np.testing.assert_array_equal(got, expected)  # jitter factors of 1.0 leave the pixels alone
+    jpeg = bench.make_variant(photo, bench.variant_params(3, 1))
+    assert jpeg[:2] == b"\xff\xd8"
+
+
+def test_distinct_variants_are_distinct_and_reproducible():
+    photos = [_photo(), _photo(80, 80)]
+    images = bench.distinct_variants(photos, 30)
+    assert len(images) == 30 and len(set(images)) == 30
+    assert images == bench.distinct_variants(photos, 30)
+
+
+def test_distinct_variants_skip_collisions_of_the_key():
+    calls = []
+
+    def key(data: bytes) -> bytes:  # every other variant collides with the one before it
+        calls.append(data)
+        return str(len(calls) // 2).encode()
+
+    images = bench.distinct_variants([_photo()], 5, key=key)
+    assert len(images) == 5 and len(calls) == 8
+
+
+def test_distinct_variants_give_up_when_nothing_is_distinct():
+    with pytest.raises(RuntimeError, match="distinct"):
+        bench.distinct_variants([_photo()], 3, key=lambda data: b"same")
+
+
+# ---- analysis and tables -------------------------------------------------------------------------
+
+
+def _stages(llm: float, clip: float = 0.0, dino: float = 0.0, total: float = 0.0) -> dict:
+    return {"preprocess_ms": 2.0, "clip_ms": clip, "dinov2_ms": dino, "fusion_ms": 1.0, "llm_ms": llm,
+            "encoders_ms": max(clip, dino), "total_ms": total}
+
+
+def _ask_records() -> list[dict]:
+    records = []
+    for r in range(4):
+        for mode in ("interleaved", "clip"):
+            records.append({"round": r, "mode": mode, "path": "frontend", "ms": 105.0 + r,
+                            "stages": _stages(50.0, 30.0, 28.0)})
+            records.append({"round": r, "mode": mode, "path": "direct", "ms": 100.0 + r,
+                            "stages": _stages(50.0, 30.0, 28.0)})
+            records.append({"round": r, "mode": mode, "path": "inprocess", "ms": 140.0 if mode == "interleaved"
+                            else 90.0, "stages": _stages(50.0, 30.0, 28.0 if mode == "interleaved" else 0.0)})
+    return records
+
+
+def test_analyse_paths_ratios_verdicts_and_stages():
+    paths = bench.analyse_paths(_ask_records(), ["interleaved", "clip"])
+    row = paths["interleaved"]
+    assert row["summaries"]["frontend"]["p50"] == 106.5
+    assert row["frontend_over_direct_p50"] == pytest.approx(106.5 / 101.5)
+    assert row["paired_overhead_ms_median"] == pytest.approx(5.0)
+    assert row["met"] is True
+    assert row["frontend_over_inprocess_p50"] == pytest.approx(106.5 / 140.0)
+    # Triton runs the encoders side by side (the slower counts), in-process one after the other
+    assert row["stages"]["direct"]["stages_ms"] == pytest.approx(2 + 30 + 1 + 50)
+    assert row["stages"]["inprocess"]["stages_ms"] == pytest.approx(2 + 58 + 1 + 50)
+    assert row["stages"]["direct"]["other_ms"] == pytest.approx(101.5 - 83)
+    slow = [dict(r, ms=r["ms"] * 1.5) if r["path"] == "frontend" else r for r in _ask_records()]
+    assert bench.analyse_paths(slow, ["clip"])["clip"]["met"] is False
+
+
+def _compare_records() -> list[dict]:
+    records = []
+    for r in range(3):
+        records.append({"kind": "ask", "k": 1, "round": r, "ms": 100.0, "stages": _stages(40.0, 50.0, 45.0)})
+        for k in (2, 3):
+            answers = [{"mode": "interleaved", "stages": _stages(40.0, 50.0, 45.0, 100.0)}]
+            answers += [{"mode": "x", "stages": _stages(40.0, 1.0, 1.0, 40.0 * i)} for i in range(1, k)]
+            records.append({"kind": "compare", "k": k, "round": r, "ms": 100.0 + 40.0 * (k - 1) + r,
+                            "answers": answers})
+    return records
+
+
+def test_analyse_compare():
+    compare = bench.analyse_compare(_compare_records(), ["interleaved", "additive", "clip"])
+    rows = {row["k"]: row for row in compare["rows"]}
+    assert set(rows) == {2, 3}
+    assert rows[2]["ratio"] == pytest.approx(1.41) and rows[2]["met"] is False
+    assert rows[3]["ratio"] == pytest.approx(1.81) and rows[3]["target"] == 1.5
+    assert rows[2]["first_encoders_ms_median"] == 50.0 and rows[2]["later_encoders_ms_median"] == 1.0
+    assert rows[3]["later_llm_ms_median"] == 40.0
+    fast = [dict(r, ms=110.0) if r["kind"] == "compare" else r for r in _compare_records()]
+    assert all(row["met"] for row in bench.analyse_compare(fast, ["interleaved", "additive", "clip"])["rows"])
+
+
+def test_analyse_second_mode():
+    records = []
+    for r, pair in enumerate(["interleaved -> clip", "interleaved -> dinov2"] * 2):
+        records.append({"kind": "cold_a", "pair": pair, "ms": 100.0, "stages": _stages(40.0, 50.0, 50.0)})
+        records.append({"kind": "seen_b", "pair": pair, "ms": 20.0 + r, "stages": _stages(15.0, 0.5, 0.0)})
+        records.append({"kind": "cold_b", "pair": pair, "ms": 100.0, "stages": _stages(15.0, 50.0, 0.0)})
+    second = bench.analyse_second_mode(records)
+    assert second["ratio"] == pytest.approx((21.0 + 22.0) / 200.0) and second["met"] is True
+    assert [p["pair"] for p in second["pairs"]] == ["interleaved -> clip", "interleaved -> dinov2"]
+    assert second["pairs"][0]["seen_encoders_ms_median"] == 0.5
+    assert bench.analyse_second_mode([])["met"] is None
+
+
+def _report() -> dict:
+    modes = ["interleaved", "additive", "clip"]
+    return {
+        "machine": {"cpu_model": "Test CPU", "usable_cpus": 2}, "profile": "small", "max_new_tokens": 8,
+        "requests": 4, "compare_rounds": 3, "second_rounds": 4,
+        "load_average": {"start": [1.0, 1.0, 1.0], "end": [3.5, 2.0, 1.0]},
+        "cpu": {"ask": {"others_cores": 0.8, "steal_cores": 0.0}},
+        "paths": bench.analyse_paths(_ask_records(), ["interleaved", "clip"]),
+        "compare": bench.analyse_compare(_compare_records(), modes),
+        "second_mode": bench.analyse_second_mode([]),
+        "agreement": {"clip": {"agree": True, "chosen": {}, "answers": {}}},
+    }
+
+
+def test_format_report_tables_and_verdicts():
+    text = bench.format_report(_report())
+    assert "## Front-end overhead and Compare (CPU): profile small, Test CPU, 2 CPUs" in text
+    assert "start: 1.0 -> end: 3.5 on 2 CPUs" in text
+    assert "ask 0.80 (steal 0.00) -> contended" in text  # other processes took 0.8 of 2 cores
+    latency = bench.format_latency_table(_report()["paths"])
+    lines = latency.splitlines()
+    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| interleaved | 106.5 |" in latency and "1.049x" in latency and "| MET |" in latency
+    stages = bench.format_stage_table(_report()["paths"]).splitlines()
+    assert len(stages) == 2 + 2 * 3 and all(line.count("|") == stages[0].count("|") for line in stages)
+    compare = bench.format_compare_table(_report()["compare"]).splitlines()
+    assert len(compare) == 4 and all(line.count("|") == compare[0].count("|") for line in compare)
+    assert "<= 1.25x" in compare[2] and "MISSED" in compare[2]
+    assert "front-end <= 1.10x the direct ensemble call (p50, every mode): worst 1.049x -> **MET**" in text
+    assert "Compare over 3 modes <= 1.50x a cold Ask (p50): 1.81x -> **MISSED**" in text
+    assert "second mode" not in text.split("### Targets")[1]  # nothing measured, no verdict line
+    assert "agree in every mode" in text
+
+
+def test_format_verdicts_notes_a_profile_other_than_small():
+    r = _report()
+    line = bench.format_verdicts(r["paths"], r["compare"], r["second_mode"], "tiny")
+    assert "the target is set for `small`" in line
+
+
+def test_json_safe_turns_nan_into_null():
+    value = {"a": math.nan, "b": [1.0, math.inf, np.float32(2.5)], "c": (np.float64(math.nan),), "d": "x"}
+    safe = bench.json_safe(value)
+    assert safe == {"a": None, "b": [1.0, None, 2.5], "c": [None], "d": "x"}
+    json.dumps(safe, allow_nan=False)
+
+
+# ---- CPU used by other processes -----------------------------------------------------------------
+
+
+def test_parse_proc_stat_cpu():
+    busy, steal, total = bench.parse_proc_stat_cpu("cpu  100 5 20 300 7 1 2 9 4 0")
+    assert busy == 100 + 5 + 20 + 1 + 2 and steal == 9 and total == busy + 9 + 300 + 7
+    assert bench.parse_proc_stat_cpu("cpu 1 2 3 4") == (6, 0, 10)  # old kernels: fewer fields
+
+
+def test_parse_pid_stat_with_spaces_and_parens_in_the_name():
+    text = "4242 (tritonserver (stub) x) S 4000 4242 4242 0 -1 4194560 10 0 0 0 250 75 3 1 20 0 9 0 100"
+    assert bench.parse_pid_stat(text) == (4000, 325)
+
+
+def test_tree_ticks_counts_descendants_only():
+    processes = {1: (0, 1000), 10: (1, 5), 11: (10, 7), 12: (11, 11), 20: (1, 500), 13: (10, 2)}
+    assert bench.tree_ticks(10, processes) == 5 + 7 + 11 + 2
+    assert bench.tree_ticks(99, processes) == 0
+
+
+def test_cpu_usage_splits_ours_and_others():
+    before = bench.CpuSnapshot(busy=1000, steal=10, total=5000, ours=200, at=100.0)
+    after = bench.CpuSnapshot(busy=1000 + 1500, steal=10 + 50, total=5000 + 2000, ours=200 + 1000, at=110.0)
+    usage = bench.cpu_usage(before, after, 100.0)
+    assert usage == {"seconds": 10.0, "busy_cores": 1.5, "ours_cores": 1.0, "others_cores": 0.5,
+                     "steal_cores": 0.05}
+    assert math.isnan(bench.cpu_usage(after, after, 100.0)["others_cores"])
+
+
+def test_format_cpu_line():
+    quiet = {"ask": {"others_cores": 0.1, "steal_cores": 0.0}}
+    busy = {"ask": {"others_cores": 0.1, "steal_cores": 0.0}, "compare": {"others_cores": 0.9, "steal_cores": 0.1}}
+    assert bench.format_cpu_line(quiet, 2).endswith("-> quiet.")
+    assert "compare 0.90 (steal 0.10)" in bench.format_cpu_line(busy, 2)
+    assert bench.format_cpu_line(busy, 2).endswith("-> contended.")
+    assert "not measured" in bench.format_cpu_line({}, 2)
+
+
+def test_cpu_snapshot_sees_this_process():
+    snapshot = bench.cpu_snapshot()
+    if snapshot is None:
+        pytest.skip("no /proc")
+    sum(i * i for i in range(200_000))  # burn a little CPU
+    later = bench.cpu_snapshot()
+    assert later.ours >= snapshot.ours > 0 and later.busy >= snapshot.busy
+
+
+def test_second_mode_ratio_against_cold_a():
+    records = [{"kind": "cold_a", "pair": "interleaved -> clip", "ms": 200.0, "stages": _stages(1.0)},
+               {"kind": "seen_b", "pair": "interleaved -> clip", "ms": 50.0, "stages": _stages(1.0)},
+               {"kind": "cold_b", "pair": "interleaved -> clip", "ms": 100.0, "stages": _stages(1.0)}]
+    second = bench.analyse_second_mode(records)
+    assert second["ratio"] == 0.5 and second["ratio_vs_cold_a"] == 0.25 and second["met"] is False
+    assert "Against the cold Ask of A itself (p50 200.0 ms" in bench.format_second_mode_table(second)
+
+
+def _run_report(offset: float) -> dict:
+    modes = ["interleaved", "additive", "clip"]
+    ask = [dict(r, ms=r["ms"] + offset) for r in _ask_records()]
+    return {"benchmark": "frontend", "machine": {"cpu_model": "Test CPU", "usable_cpus": 2}, "profile": "small",
+            "modes": modes, "max_new_tokens": 8, "requests": 4, "compare_rounds": 3, "second_rounds": 0,
+            "load_average": {"start": [1.0, 1.0, 1.0]}, "cpu": {"ask": {"others_cores": 0.1, "steal_cores": 0.0}},
+            "agreement": {"clip": {"agree": True, "chosen": {}, "answers": {}}},
+            "records": {"ask": ask, "compare": _compare_records(), "second_mode": []}}
+
+
+def test_pool_reports_merges_records_and_keeps_rounds_apart():
+    pooled = bench.pool_reports([_run_report(0.0), _run_report(100.0)])
+    assert pooled["requests"] == 8 and pooled["compare_rounds"] == 6
+    row = pooled["paths"]["interleaved"]
+    assert row["summaries"]["frontend"]["n"] == 8
+    # front-end and direct requests of the same round of the same run are paired: still 5 ms apart
+    assert row["paired_overhead_ms_median"] == pytest.approx(5.0)
+    assert len({r["round"] for r in pooled["records"]["ask"]}) == 8
+    assert set(pooled["load_average"]) == {"run 1 start", "run 2 start"}
+    assert "(pooled from 2 runs)" in bench.format_report(pooled)
+    other = dict(_run_report(0.0), profile="tiny")
+    with pytest.raises(ValueError, match="differ"):
+        bench.pool_reports([_run_report(0.0), other])
+    with pytest.raises(ValueError):
+        bench.pool_reports([])
+
+
+def test_time_budget_helpers(monkeypatch):
+    monkeypatch.setattr(bench.time, "monotonic", lambda: 100.0)
+    assert bench.out_of_time(None, 50) is False
+    assert bench.out_of_time(99.0, 2) is False  # fewer than MIN_ROUNDS: go on
+    assert bench.out_of_time(99.0, 3) is True
+    assert bench.out_of_time(101.0, 3) is False
+    assert bench.out_of_time(99.0, 3, min_rounds=4) is False
+    assert bench.phase_deadline("ask", 0.0, None) is None
+    assert bench.phase_deadline("ask", 0.0, 100.0) == pytest.approx(55.0)
+    # the compare phase starting at 40 (the Ask phase used less than its share) gets 28/45 of the rest
+    assert bench.phase_deadline("compare", 40.0, 100.0) == pytest.approx(40 + 60 * 28 / 45)
+    assert bench.phase_deadline("second_mode", 90.0, 100.0) == pytest.approx(100.0)
+    assert bench.phase_deadline("second_mode", 120.0, 100.0) == pytest.approx(120.0)  # already late
+
+
+def test_format_report_says_when_the_budget_cut_rounds():
+    r = dict(_report(), planned={"requests": 20, "compare_rounds": 3, "second_rounds": 4})
+    text = bench.format_report(r)
+    assert "4 timed requests per mode and path (the time budget cut the run: 4 of 20 requests)" in text
+
+
+def test_second_mode_overall_ratio_weighs_pairs_alike():
+    records = []
+    for pair, seen, cold, n in (("a -> b", 50.0, 100.0, 1), ("a -> c", 50.0, 400.0, 5)):
+        for _ in range(n):  # the second pair has more samples: it must not count more
+            records.append({"kind": "seen_b", "pair": pair, "ms": seen, "stages": _stages(1.0)})
+            records.append({"kind": "cold_b", "pair": pair, "ms": cold, "stages": _stages(1.0)})
+    second = bench.analyse_second_mode(records)
+    assert second["ratio"] == pytest.approx(100.0 / 500.0)
+    table = bench.format_second_mode_table(second)
+    assert "| **all pairs** (sums of the pairs' p50s) | 100.0 | 500.0 | 0.20x |" in table
