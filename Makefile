@@ -10,7 +10,7 @@ export MOFSERVE_HOME ?= $(CURDIR)/.mofserve
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration lint bench-encoders clean
+.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ lint: install
 # Encoder latency per runtime vs the machine's matmul ceiling (small profile; minutes).
 bench-encoders: install
 	$(VENV)/bin/mofserve bench encoders --profile small
+
+# Load sweep: serves the small profile on free loopback ports, sweeps concurrency 1 2 4 8 (~5 min), stops it.
+# Report (JSON, Markdown, PNGs, serve.log) in results/load-<timestamp>/; BENCH_LOAD_ARGS adds options.
+BENCH_LOAD_ARGS ?=
+bench-load: install
+	$(VENV)/bin/mofserve bench load --serve small --concurrency 1 2 4 8 --duration 60 --warmup 10 $(BENCH_LOAD_ARGS)
 
 clean:
 	rm -rf $(MOFSERVE_HOME) .pytest_cache .ruff_cache

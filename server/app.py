@@ -108,6 +108,10 @@ class MofServeApp:
         self.endpoints: Endpoints | None = None
         self.stopping = asyncio.Event()
 
+    def _triton_metrics_url(self) -> str | None:
+        server = self.supervisor.server if self.supervisor is not None else None
+        return server.metrics_url if server is not None else None
+
     def _set_serving(self, serving: bool) -> None:
         if self._health is not None:
             self._health.set_serving(serving)
@@ -131,7 +135,7 @@ class MofServeApp:
         self._grpc_server, grpc_port, self._health = build_grpc_server(
             self.engine, self.metrics, host=c.host, port=c.grpc_port)
         await self._grpc_server.start()
-        app = build_http_app(self.engine, self.metrics)
+        app = build_http_app(self.engine, self.metrics, triton_metrics_url=self._triton_metrics_url)
         self._http_runner, http_port = await start_http(app, host=c.host, port=c.http_port)
         self._set_serving(True)
         self.endpoints = Endpoints(f"{c.host}:{grpc_port}", f"http://{c.host}:{http_port}", triton.grpc_url,

@@ -1,10 +1,12 @@
 """The HTTP front-end: an OpenAI-compatible aiohttp app over ``TritonEngine``.
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{model}``,
-``GET /healthz``, ``GET /metrics``. The wire format (parsing, responses, errors) lives in
-``openai_protocol``; this module reads bodies, enforces the HTTP-level limits (content type,
-body size), calls the engine, counts every request in ``FrontendMetrics`` and answers every
-failure in OpenAI's error shape. ``start_http`` binds it (loopback by default).
+``GET /healthz``, ``GET /metrics`` and, when given Triton's metrics URL, ``GET /metrics/triton``
+(Triton's own metrics page, relayed: Triton binds loopback, so Prometheus scrapes it here). The
+wire format (parsing, responses, errors) lives in ``openai_protocol``; this module reads bodies,
+enforces the HTTP-level limits (content type, body size), calls the engine, counts every request
+in ``FrontendMetrics`` and answers every failure in OpenAI's error shape. ``start_http`` binds it
+(loopback by default).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from mofserve.core.tensors import FusionMode
@@ -26,6 +30,7 @@ from .metrics import CONTENT_TYPE, FrontendMetrics
 
 log = logging.getLogger(__name__)
 
+TRITON_METRICS_TIMEOUT_S = 5.0  # relaying Triton's metrics page (a scrape has ~10 s)
 DEFAULT_REQUEST_TIMEOUT_S = 300.0  # deadline handed to the engine for one chat completion
 _OFFLOAD_BYTES = 1 << 20  # bodies above this are decoded in a worker thread, off the event loop
 
@@ -51,8 +56,9 @@ def _error_response(error: P.ProtocolError) -> web.Response:
 
 class _Frontend:
     def __init__(self, engine: TritonEngine, metrics: FrontendMetrics, max_body_bytes: int,
-                 request_timeout_s: float | None) -> None:
+                 request_timeout_s: float | None, triton_metrics_url: Callable[[], str | None] | None = None) -> None:
         self.engine = engine
+        self.triton_metrics_url = triton_metrics_url
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s = request_timeout_s
@@ -162,6 +168,26 @@ class _Frontend:
         with self.metrics.track("http", "metrics"):
             return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
+    async def triton_prometheus(self, request: web.Request) -> web.Response:
+        """Triton's metrics page (``nv_inference_*``, the models' ``mofserve_*`` counters), relayed."""
+        with self.metrics.track("http", "triton_metrics") as outcome:
+            url = self.triton_metrics_url() if self.triton_metrics_url is not None else None
+            try:
+                if url is None:
+                    raise aiohttp.ClientError("triton is not started")
+                timeout = aiohttp.ClientTimeout(total=TRITON_METRICS_TIMEOUT_S)
+                async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as upstream:
+                    body, status = await upstream.read(), upstream.status
+                    content_type = upstream.headers.get("Content-Type", "text/plain; version=0.0.4")
+            except (aiohttp.ClientError, TimeoutError) as error:
+                outcome["status"] = "unavailable"
+                return web.Response(status=503, text=f"triton metrics unavailable: {error}\n",
+                                    headers={"Retry-After": "1"})
+            if status != 200:
+                outcome["status"] = "unavailable"
+            return web.Response(body=body, status=200 if status == 200 else 503,
+                                headers={"Content-Type": content_type})
+
     # ---- everything else -------------------------------------------------------------------
 
     @web.middleware
@@ -193,18 +219,22 @@ class _Frontend:
 
 
 def build_http_app(engine: TritonEngine, metrics: FrontendMetrics, max_body_bytes: int | None = None,
-                   request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S) -> web.Application:
+                   request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+                   triton_metrics_url: Callable[[], str | None] | None = None) -> web.Application:
     """The OpenAI-compatible app. ``max_body_bytes`` defaults to what carries the engine's largest
-    allowed image base64-encoded; larger bodies get a JSON 413."""
+    allowed image base64-encoded; larger bodies get a JSON 413. ``triton_metrics_url`` (called per
+    scrape: Triton's port survives restarts, but ask anyway) adds ``GET /metrics/triton``."""
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(engine.limits.max_image_bytes)
-    frontend = _Frontend(engine, metrics, max_body_bytes, request_timeout_s)
+    frontend = _Frontend(engine, metrics, max_body_bytes, request_timeout_s, triton_metrics_url)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[frontend.errors])
     app.router.add_post("/v1/chat/completions", frontend.chat_completions)
     app.router.add_get("/v1/models", frontend.models)
     app.router.add_get("/v1/models/{model}", frontend.model)
     app.router.add_get("/healthz", frontend.healthz)
     app.router.add_get("/metrics", frontend.prometheus)
+    if triton_metrics_url is not None:
+        app.router.add_get("/metrics/triton", frontend.triton_prometheus)
     return app
 
 

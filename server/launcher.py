@@ -14,6 +14,10 @@ non-obvious pieces that this module owns in one place:
   regions (a killed server leaves them behind and ``/dev/shm`` is a small tmpfs);
 * an ``atexit`` hook so that an exception or a failing test never leaves a server running.
 
+``MOFSERVE_TRITONSERVER_ROOT`` (:data:`TRITON_ROOT_ENV`) runs a full installation instead, such as
+``/opt/tritonserver`` in NGC's image: its own ``backends/`` (python, tensorrt, onnxruntime) are used
+as they are.
+
 All endpoints bind to loopback by default: the server is reached through mofserve's own front
 end, never directly from the network.
 """
@@ -52,6 +56,7 @@ __all__ = [
     "DEFAULT_RESPONSE_CACHE_BYTES",
     "PYTRITON_REQUIREMENT",
     "SHM_DIR",
+    "TRITON_ROOT_ENV",
     "TritonInstall",
     "TritonNotInstalledError",
     "TritonPorts",
@@ -71,6 +76,10 @@ LOGGER = logging.getLogger(__name__)
 
 #: The wheel that carries the Triton binaries; named in every "not installed" error.
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
+
+#: Names a full Triton installation to run instead of the wheel's, e.g. ``/opt/tritonserver`` in
+#: NGC's ``tritonserver`` image (its TensorRT and ONNX Runtime backends serve the gpu targets).
+TRITON_ROOT_ENV = "MOFSERVE_TRITONSERVER_ROOT"
 
 #: Where POSIX shared memory lives on Linux; a module attribute so tests can point it elsewhere.
 SHM_DIR = Path("/dev/shm")
@@ -126,6 +135,9 @@ class TritonInstall:
     """``site-packages/nvidia_pytriton.libs``: vendored shared libraries (libcudart, ...)."""
     version: str = "unknown"
     """Version of the ``nvidia-pytriton`` distribution, for cache keys and messages."""
+    backends_dir: Path | None = None
+    """A complete ``--backend-directory`` used as it is (a full installation, see
+    :data:`TRITON_ROOT_ENV`); None: assemble ``python/`` from the wheel's files."""
 
     def stub_path(self, python_version: str | None = None) -> Path:
         """The python-backend stub for ``python_version`` (default: the running interpreter).
@@ -145,6 +157,9 @@ def find_tritonserver() -> TritonInstall:
     Raises:
         TritonNotInstalledError: the wheel, or a file of it that we need, is missing.
     """
+    native = os.environ.get(TRITON_ROOT_ENV)
+    if native:
+        return native_install(Path(native))
     hint = f"install it with `pip install {PYTRITON_REQUIREMENT}` (it ships the tritonserver binary)"
     spec = importlib.util.find_spec("pytriton")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -178,6 +193,30 @@ def find_tritonserver() -> TritonInstall:
     missing = [str(path) for path in required if not path.exists()]
     if missing:
         raise TritonNotInstalledError(f"nvidia-pytriton {version} at {package_dir} lacks {', '.join(missing)}; {hint}")
+    return install
+
+
+def native_install(root: Path) -> TritonInstall:
+    """A full Triton installation (``<root>/bin/tritonserver``, ``<root>/backends/<name>/``), such as
+    ``/opt/tritonserver`` in NGC's image, whose python backend stub embeds the system Python."""
+    root = Path(root)
+    version_file = root / "TRITON_VERSION"
+    python_dir = root / "backends" / "python"
+    install = TritonInstall(
+        root=root,
+        binary=root / "bin" / "tritonserver",
+        backend_source_dir=python_dir,
+        stubs_dir=python_dir,
+        caches_dir=root / "caches",
+        libs_dir=root / "lib",
+        version=version_file.read_text().strip() if version_file.is_file() else "unknown",
+        backends_dir=root / "backends",
+    )
+    required = (install.binary, python_dir / "libtriton_python.so", python_dir / "triton_python_backend_stub")
+    missing = [str(path) for path in required if not path.exists()]
+    if missing:
+        raise TritonNotInstalledError(f"{TRITON_ROOT_ENV}={root} is not a Triton installation: "
+                                      f"it lacks {', '.join(missing)}")
     return install
 
 
@@ -528,7 +567,10 @@ class TritonServer:
     # ---- command line ----------------------------------------------------------------------
 
     def backend_directory(self) -> Path:
-        """The prepared ``--backend-directory`` (built on first use, then reused)."""
+        """The prepared ``--backend-directory`` (built on first use, then reused), or a full
+        installation's own ``backends/``."""
+        if self.install.backends_dir is not None:
+            return self.install.backends_dir
         return prepare_backend_directory(self.backend_cache_dir, self.install)
 
     def build_command(self) -> list[str]:
