@@ -61,6 +61,8 @@ from typing import Any
 
 import numpy as np
 
+from .stats import percentile
+
 QUESTION = "Is the dog facing left or right?"
 OPTIONS = "(a) Left (b) Right"
 MAX_NEW_TOKENS = 8
@@ -85,21 +87,6 @@ ENCODERS = {"clip": ("clip",), "dinov2": ("dinov2",), "additive": ("clip", "dino
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers: statistics, targets
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation between ranks (numpy's default).
-
-    With n samples, p99 lies between the two largest (for n <= 100 it is within 1% of the max)."""
-    if not values:
-        raise ValueError("percentile: no values")
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile: q must be within [0, 100], got {q}")
-    ordered = sorted(float(v) for v in values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 @dataclass(frozen=True)

@@ -134,8 +134,9 @@ class _Row:
     problem: str | None
 
 
-def read_questions(path: Path) -> list[_Row]:
-    """The rows of Questions.csv; raises DatasetError for a structural problem."""
+def open_csv(path: Path, expected_header: str):
+    """A CSV reader positioned after the header (blank lines before it skipped), and the header;
+    an unreadable, non-UTF-8 or empty file is a DatasetError naming ``path``."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -147,7 +148,13 @@ def read_questions(path: Path) -> list[_Row]:
     while header is not None and not any(cell.strip() for cell in header):
         header = next(reader, None)
     if header is None:
-        raise DatasetError(f"{path}: empty file; expected a header Index,{','.join(COLUMNS)}")
+        raise DatasetError(f"{path}: empty file; expected a header {expected_header}")
+    return reader, header
+
+
+def read_questions(path: Path) -> list[_Row]:
+    """The rows of Questions.csv; raises DatasetError for a structural problem."""
+    reader, header = open_csv(path, f"Index,{','.join(COLUMNS)}")
     names = [_norm(h) for h in header]
     if names[0] not in {_norm(h) for h in INDEX_HEADERS}:
         raise DatasetError(f"{path} line {reader.line_num}: unknown header: the first column must be 'Index' "

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import io
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -49,7 +47,7 @@ import numpy as np
 
 from mofserve.clients import DEFAULT_TARGET, AsyncMofServeClient, MofServeError
 
-from .datasets import DatasetError, check_image
+from .datasets import DatasetError, check_image, open_csv
 from .reports import machine_info, markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
 
 # The nine visual patterns in the paper's (and the official script's) order, and what folders and
@@ -182,19 +180,7 @@ def find_images_dir(root: Path) -> Path:
 
 def read_questions(path: Path) -> list[Question]:
     """The rows of Questions.csv; raises DatasetError for a structural problem."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise DatasetError(f"{path}: cannot read ({error.strerror or error})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    while header is not None and not any(cell.strip() for cell in header):
-        header = next(reader, None)
-    if header is None:
-        raise DatasetError(f"{path}: empty file; expected a header "
-                           f"{','.join(aliases[0] for aliases in COLUMN_ALIASES.values())}")
+    reader, header = open_csv(path, ",".join(aliases[0] for aliases in COLUMN_ALIASES.values()))
     keys = [_key(h) for h in header]
     columns: dict[str, int] = {}
     for column, aliases in COLUMN_ALIASES.items():

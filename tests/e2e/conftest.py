@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -51,3 +52,18 @@ def engine(tiny_triton, tiny_profile, loop_thread) -> Iterator[TritonEngine]:
 @pytest.fixture(scope="session")
 def metrics() -> FrontendMetrics:
     return FrontendMetrics()
+
+
+@pytest.fixture(scope="module")
+def served(loop_thread, engine, metrics) -> Iterator[SimpleNamespace]:
+    """The gRPC front-end on a free loopback port, on ``loop_thread``'s loop (one per test module)."""
+    from mofserve.server.grpc_service import build_grpc_server
+
+    async def start():
+        server, port, health = build_grpc_server(engine, metrics, port=0)
+        await server.start()
+        return server, port, health
+
+    server, port, health = loop_thread.run(start())
+    yield SimpleNamespace(target=f"127.0.0.1:{port}", port=port, health=health)
+    loop_thread.run(server.stop(None))

@@ -11,7 +11,6 @@ import json
 import os
 import time
 import urllib.request
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -24,7 +23,7 @@ from PIL import Image, ImageDraw
 from mofserve.clients import AsyncMofServeClient, MofServeClient, MofServeError
 from mofserve.core import tensors as T
 from mofserve.core.tensors import FusionMode
-from mofserve.server.grpc_service import HEALTH_SERVICE_NAME, SERVICE_NAME, build_grpc_server
+from mofserve.server.grpc_service import HEALTH_SERVICE_NAME, SERVICE_NAME
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 
@@ -57,18 +56,6 @@ def fresh_image() -> bytes:
 
 
 IMAGE = drawing()
-
-
-@pytest.fixture(scope="module")
-def served(loop_thread, engine, metrics):
-    async def start():
-        server, port, health = build_grpc_server(engine, metrics, port=0)
-        await server.start()
-        return server, port, health
-
-    server, port, health = loop_thread.run(start())
-    yield SimpleNamespace(target=f"127.0.0.1:{port}", port=port, health=health)
-    loop_thread.run(server.stop(None))
 
 
 @pytest.fixture(scope="module")

@@ -7,27 +7,13 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image, ImageDraw
 
 from mofserve.cli import main
-from mofserve.server.grpc_service import build_grpc_server
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def served(loop_thread, engine, metrics):
-    async def start():
-        server, port, _ = build_grpc_server(engine, metrics, port=0)
-        await server.start()
-        return server, port
-
-    server, port = loop_thread.run(start())
-    yield SimpleNamespace(target=f"127.0.0.1:{port}")
-    loop_thread.run(server.stop(None))
 
 
 def drawing(kind: int) -> Image.Image:

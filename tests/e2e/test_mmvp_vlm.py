@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -17,7 +16,6 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection
 from mofserve.cli import main
 from mofserve.clients import AsyncMofServeClient, MofServeClient, MofServeError
 from mofserve.evaluation.mmvp_vlm import PATTERNS, VLMConfig, run_mmvp_vlm, score_pair
-from mofserve.server.grpc_service import build_grpc_server
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 from tests.reference import min_row_cosine
@@ -26,18 +24,6 @@ from tests.unit.test_mmvp_vlm import write_dataset
 pytestmark = pytest.mark.integration
 
 TEXTS = ["a photo of the dog facing left", "a photo of the dog facing right", "a photo of a café"]
-
-
-@pytest.fixture(scope="module")
-def served(loop_thread, engine, metrics):
-    async def start():
-        server, port, _ = build_grpc_server(engine, metrics, port=0)
-        await server.start()
-        return server, port
-
-    server, port = loop_thread.run(start())
-    yield SimpleNamespace(target=f"127.0.0.1:{port}")
-    loop_thread.run(server.stop(None))
 
 
 @pytest.fixture(scope="module")
