@@ -91,7 +91,8 @@ class MMVPDataset:
         return apply_label_fixes(self.items, self.correct_by_index)
 
 
-def _rel(path: Path, root: Path) -> str:
+def display_path(path: Path, root: Path) -> str:
+    """``path`` relative to the dataset root when it lies inside it (for messages and reports)."""
     try:
         return str(path.relative_to(root))
     except ValueError:
@@ -236,7 +237,7 @@ def correct_letter(correct: str, options: str) -> tuple[str | None, str | None]:
 
 
 def _item(row: _Row, csv_path: Path, images_dir: Path, root: Path) -> MMVPItem:
-    where = f"{_rel(csv_path, root)} line {row.line} (Index {row.index})"
+    where = f"{display_path(csv_path, root)} line {row.line} (Index {row.index})"
     error = f"{where}: {row.problem}" if row.problem else None
     letter = None
     if error is None:
@@ -246,12 +247,12 @@ def _item(row: _Row, csv_path: Path, images_dir: Path, root: Path) -> MMVPItem:
     image = find_image(images_dir, row.index)
     digest = ""
     if image is None:
-        problem = f"{_rel(images_dir / f'{row.index}.jpg', root)}: image not found (for {where})"
+        problem = f"{display_path(images_dir / f'{row.index}.jpg', root)}: image not found (for {where})"
         error = f"{error}; {problem}" if error else problem
     else:
         digest, why = check_image(image)
         if why:
-            problem = f"{_rel(image, root)}: {why} (for {where})"
+            problem = f"{display_path(image, root)}: {why} (for {where})"
             error = f"{error}; {problem}" if error else problem
     return MMVPItem(row.index, row.question, row.options, row.correct, None if error else letter, image, row.line,
                     digest, error)

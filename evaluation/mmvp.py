@@ -807,7 +807,7 @@ def run_mmvp(config: MMVPConfig, log=None) -> MMVPRun:
 # ---- command line ------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -835,13 +835,13 @@ def add_mmvp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_TARGET, help=f"gRPC address (default {DEFAULT_TARGET})")
     parser.add_argument("--out", type=Path, help="output folder (default results/mmvp-<timestamp>); "
                                                  "rerun with the same folder to resume")
-    parser.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (default 4)")
+    parser.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight (default 4)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline per request, seconds (default 300)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, help="answer length limit (default: the server's)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="answer length limit (default: the server's)")
     parser.add_argument("--fix-labels", action="store_true",
                         help="also score with the known label errors fixed (Correct Answer of Index 99<->100 and "
                              "279<->280 swapped); both raw and fixed scores are reported")
-    parser.add_argument("--limit", type=_positive_int, help="only the first N rows of Questions.csv")
+    parser.add_argument("--limit", type=positive_int, help="only the first N rows of Questions.csv")
     parser.add_argument("--judge-url", help="OpenAI-compatible base URL of an optional LLM judge "
                                             "(key from OPENAI_API_KEY)")
     parser.add_argument("--judge-model", help="the judge's model name (with --judge-url)")

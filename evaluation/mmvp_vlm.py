@@ -47,7 +47,8 @@ import numpy as np
 
 from mofserve.clients import DEFAULT_TARGET, AsyncMofServeClient, MofServeError
 
-from .datasets import DatasetError, check_image, open_csv
+from .datasets import DatasetError, check_image, display_path, open_csv
+from .mmvp import positive_int
 from .reports import machine_info, markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
 
 # The nine visual patterns in the paper's (and the official script's) order, and what folders and
@@ -136,13 +137,6 @@ class VLMDataset:
     images_dir: Path
     questions: int
     pairs: tuple[VLMPair, ...]
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def find_questions_csv(root: Path) -> Path:
@@ -239,7 +233,7 @@ def load_mmvp_vlm(root: Path | str) -> VLMDataset:
     images_dir = find_images_dir(root)
     questions = read_questions(csv_path)
     folders = _pattern_dirs(images_dir)
-    where = lambda q: f"{_rel(csv_path, root)} line {q.line} (qid {q.qid})"  # noqa: E731
+    where = lambda q: f"{display_path(csv_path, root)} line {q.line} (qid {q.qid})"  # noqa: E731
     by_qid = {q.qid: q for q in questions}
     pairs = []
     for k in sorted({(q.qid + 1) // 2 for q in questions}):
@@ -249,7 +243,7 @@ def load_mmvp_vlm(root: Path | str) -> VLMDataset:
         if first is None or second is None:
             lonely = present[0]
             partner = 2 * k if first is not None else 2 * k - 1
-            problems.append(f"{where(lonely)}: its pair partner qid {partner} is not in {_rel(csv_path, root)}")
+            problems.append(f"{where(lonely)}: its pair partner qid {partner} is not in {display_path(csv_path, root)}")
         elif first.pattern != second.pattern:
             problems.append(f"{where(first)} and line {second.line} (qid {second.qid}): a pair of different visual "
                             f"patterns ({first.qtype!r}, {second.qtype!r})")
@@ -262,11 +256,11 @@ def load_mmvp_vlm(root: Path | str) -> VLMDataset:
                 problems.append(f"{where(q)}: empty statement")
             image, expected = find_image(images_dir, q, folders)
             if image is None:
-                problems.append(f"{_rel(expected, root)}: image not found (for {where(q)})")
+                problems.append(f"{display_path(expected, root)}: image not found (for {where(q)})")
             else:
                 _, why = check_image(image)
                 if why:
-                    problems.append(f"{_rel(image, root)}: {why} (for {where(q)})")
+                    problems.append(f"{display_path(image, root)}: {why} (for {where(q)})")
             images.append(image)
         pairs.append(VLMPair(
             pair=k, pattern=present[0].pattern, qids=(2 * k - 1, 2 * k),
@@ -358,8 +352,8 @@ class VLMRun:
 def _pair_record(pair: VLMPair, root: Path) -> dict[str, Any]:
     return {"pair": pair.pair, "pattern": pair.pattern, "qid1": pair.qids[0], "qid2": pair.qids[1],
             "line1": pair.lines[0], "line2": pair.lines[1], "text1": pair.texts[0], "text2": pair.texts[1],
-            "image1": _rel(pair.images[0], root) if pair.images[0] else None,
-            "image2": _rel(pair.images[1], root) if pair.images[1] else None,
+            "image1": display_path(pair.images[0], root) if pair.images[0] else None,
+            "image2": display_path(pair.images[1], root) if pair.images[1] else None,
             "p_image1_text1": None, "p_image1_text2": None, "pick1": None, "pick2": None, "correct": False,
             "error": pair.error}
 
@@ -516,23 +510,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_mmvp_vlm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True,
                         help="MMVP-VLM folder: Questions.csv (Question ID,Type,Statement) and "
                              "'MLLM_VLM Images/<Type>/<qid>.jpg'")
     parser.add_argument("--server", default=DEFAULT_TARGET, help=f"gRPC address (default {DEFAULT_TARGET})")
     parser.add_argument("--out", type=Path, help="output folder (default results/mmvp-vlm-<timestamp>)")
-    parser.add_argument("--concurrency", type=_positive_int, default=4, help="pairs in flight (default 4)")
+    parser.add_argument("--concurrency", type=positive_int, default=4, help="pairs in flight (default 4)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline per request, seconds (default 300)")
     parser.add_argument("--logit-scale", type=float,
                         help="CLIP's exp(logit_scale) for the reported probabilities (default: the server's, from "
