@@ -30,6 +30,18 @@ class FrontendMetrics:
                                 ["stage", "mode"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("mofserve_in_flight_requests", "Requests being served now", ["transport"],
                                registry=self.registry)
+        # admission control (server/admission.py): both transports share one queue
+        self.admission_executing = Gauge("mofserve_admission_executing", "Admitted requests executing now "
+                                         "(at most max_in_flight)", registry=self.registry)
+        self.admission_queued = Gauge("mofserve_admission_queue_depth", "Requests waiting for a slot "
+                                      "(at most max_queue)", registry=self.registry)
+        self.admission_rejected = Counter("mofserve_admission_rejected", "Requests refused by admission control, "
+                                          "by transport and reason (queue_full, deadline)", ["transport", "reason"],
+                                          registry=self.registry)
+        self.admission_wait = Histogram("mofserve_admission_wait_seconds", "Time queued before a slot was free",
+                                        buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.auth_failures = Counter("mofserve_auth_failures", "Requests refused for a missing or wrong bearer "
+                                     "token, by transport", ["transport"], registry=self.registry)
 
     @contextmanager
     def track(self, transport: str, method: str, mode: str = "") -> Iterator[dict[str, str]]:
