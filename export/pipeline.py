@@ -28,6 +28,11 @@ def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
                    force: bool = False, output: Path | None = None) -> BuiltRepository:
     """Build (or reuse) everything a target needs to serve ``profile``."""
     started = time.perf_counter()
+    builder = None
+    if target == "gpu-trt":  # fail before the long ONNX export when no engine can be built here
+        from .tensorrt_engine import require_tensorrt
+
+        builder = require_tensorrt()
     if profile.seeded is not None:
         log(f"profile {profile.name}: seeded random weights (answers are not meaningful)")
     paths = resolve_profile(profile)
@@ -44,6 +49,10 @@ def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
         graphs[config.model_name] = export_vision(config, paths, profile, log=log, force=force)
     log(f"[{len(EXPORTS) + 1}/{len(EXPORTS) + 1}] model repository ({target})")
     specs = repository_specs(profile, target, paths, shapes, graphs)
+    if builder is not None:  # gpu-trt: FP16 engines built on this GPU, gated, cached (export/tensorrt_engine.py)
+        from .tensorrt_engine import attach_engines, build_engines
+
+        specs = attach_engines(specs, build_engines(graphs, profile, paths, log=log, force=force))
     root = output or artifacts_dir() / "repositories" / f"{profile.name}-{target}"
     path = write_repository(specs, root)
     log(f"repository ready in {time.perf_counter() - started:.1f} s: {path}")
