@@ -61,12 +61,36 @@ def _cmd_bench_load(args: argparse.Namespace) -> int:
     return bench_load(args)
 
 
+# `mofserve serve` flags of admission control and security (docs/reliability.md); the token itself
+# has no flag (a command line is visible to every user of the machine): MOFSERVE_AUTH_TOKEN, TOML or a file
+SERVE_LIMIT_AND_SECURITY_FLAGS = ("max_in_flight", "max_queue", "default_deadline_s", "max_deadline_s",
+                                  "max_message_bytes", "max_body_bytes", "tls_cert_file", "tls_key_file",
+                                  "tls_client_ca_file", "auth_token_file")
+
+
+def _add_limit_and_security_args(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--max-in-flight", type=int, help="requests executing at once, both transports (default 8)")
+    serve.add_argument("--max-queue", type=int, help="requests waiting for a slot (default 32); beyond: "
+                                                     "RESOURCE_EXHAUSTED / 429 with retry advice")
+    serve.add_argument("--default-deadline-s", type=float, help="deadline of a request that sends none (default 300)")
+    serve.add_argument("--max-deadline-s", type=float, help="longer deadlines are clamped to this (default 600)")
+    serve.add_argument("--max-message-bytes", type=int, help="largest gRPC request (default max_image_bytes + 1 MiB)")
+    serve.add_argument("--max-body-bytes", type=int, help="largest HTTP body (default base64 of max_image_bytes "
+                                                          "+ 1 MiB)")
+    serve.add_argument("--tls-cert-file", help="PEM certificate chain: TLS on gRPC and HTTP (with --tls-key-file)")
+    serve.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
+    serve.add_argument("--tls-client-ca-file", help="PEM CA: mutual TLS, clients must present a certificate it signed")
+    serve.add_argument("--auth-token-file", help="file holding the bearer token every request but health must send "
+                                                 "(or MOFSERVE_AUTH_TOKEN)")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mofserve.server.app import serve
     from mofserve.server.config import load_config
 
     flags = {name: getattr(args, name) for name in ("profile", "host", "grpc_port", "http_port", "clip", "dinov2",
                                                      "llava", "max_restarts", "target")}
+    flags.update({name: getattr(args, name) for name in SERVE_LIMIT_AND_SECURITY_FLAGS})
     return serve(load_config(args.config, flags))
 
 
@@ -155,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-restarts", type=int, help="Triton restarts before giving up (default 5)")
     serve.add_argument("--target", choices=("cpu", "gpu-onnx", "gpu-trt"),
                        help="model repository target (default cpu; gpu-trt needs engines built on the serving GPU)")
+    _add_limit_and_security_args(serve)
     serve.set_defaults(func=_cmd_serve)
 
     from mofserve.clients.cli import add_ask_arguments

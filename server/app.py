@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from mofserve.core.profiles import get_profile
 
+from .admission import Admission, AdmissionLimits
 from .config import ServeConfig
 from .engine import ServingInfo, TritonEngine
 from .launcher import TritonServer
 from .metrics import FrontendMetrics
+from .security import GrpcBearerAuth, Security, http_bearer_auth
 
 Log = Callable[[str], None]
 
@@ -124,6 +126,13 @@ class MofServeApp:
 
         loop = asyncio.get_running_loop()
         c = self.config
+        # checked before anything starts, so a bad setting fails fast with the setting's name
+        security = Security.from_settings(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file, c.auth_token,
+                                          c.auth_token_file)
+        admission = Admission(AdmissionLimits(c.max_in_flight, c.max_queue, c.default_deadline_s,
+                                              c.max_deadline_s), self.metrics)  # one queue for both transports
+        for warning in security.warnings(c.host):
+            self.log(warning)
         profile = get_profile(c.profile).with_sources(clip=c.clip, dinov2=c.dinov2, llava=c.llava)
         built = await loop.run_in_executor(None, lambda: export_profile(profile, target=c.target))
         self.supervisor = TritonSupervisor(built.path, c, self._set_serving, self.log)
@@ -133,12 +142,18 @@ class MofServeApp:
         info = ServingInfo(profile=profile.name, random_weights=profile.random_weights, versions=versions)
         self.engine = TritonEngine(triton.grpc_url, info, c.limits, max_batch_size=profile.serving.max_batch_size)
         self._grpc_server, grpc_port, self._health = build_grpc_server(
-            self.engine, self.metrics, host=c.host, port=c.grpc_port)
+            self.engine, self.metrics, host=c.host, port=c.grpc_port, max_message_bytes=c.max_message_bytes or None,
+            admission=admission, credentials=security.grpc_credentials(),
+            interceptors=[GrpcBearerAuth(security.token, self.metrics)] if security.token else ())
         await self._grpc_server.start()
-        app = build_http_app(self.engine, self.metrics, triton_metrics_url=self._triton_metrics_url)
-        self._http_runner, http_port = await start_http(app, host=c.host, port=c.http_port)
+        app = build_http_app(self.engine, self.metrics, triton_metrics_url=self._triton_metrics_url,
+                             max_body_bytes=c.max_body_bytes or None, admission=admission,
+                             middlewares=[http_bearer_auth(security.token, self.metrics)] if security.token else ())
+        self._http_runner, http_port = await start_http(app, host=c.host, port=c.http_port,
+                                                        ssl_context=security.http_ssl_context())
         self._set_serving(True)
-        self.endpoints = Endpoints(f"{c.host}:{grpc_port}", f"http://{c.host}:{http_port}", triton.grpc_url,
+        scheme = "https" if security.tls else "http"
+        self.endpoints = Endpoints(f"{c.host}:{grpc_port}", f"{scheme}://{c.host}:{http_port}", triton.grpc_url,
                                    triton.metrics_url)
         return self.endpoints
 

@@ -31,6 +31,19 @@ class ServeConfig:
     max_restarts: int = 5  # Triton restarts by the supervisor before the server gives up
     health_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
+    # limits and backpressure (server/admission.py; docs/reliability.md)
+    max_in_flight: int = 8  # requests executing at once, both transports together
+    max_queue: int = 32  # requests waiting for a slot; beyond: RESOURCE_EXHAUSTED / 429 with retry advice
+    default_deadline_s: float = 300.0  # a request's deadline when the caller sends none
+    max_deadline_s: float = 600.0  # longer deadlines are clamped to this
+    max_message_bytes: int = 0  # largest gRPC request message; 0: max_image_bytes + 1 MiB
+    max_body_bytes: int = 0  # largest HTTP body; 0: max_image_bytes base64-encoded + 1 MiB
+    # security (server/security.py): TLS for gRPC and HTTP, bearer-token auth on both
+    tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file turns TLS on
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # mutual TLS: clients need a certificate this CA signed
+    auth_token: str | None = field(default=None, repr=False)  # a secret: never printed
+    auth_token_file: str | None = None  # the token's file (first line), instead of auth_token
     limits: Limits = field(default_factory=Limits)
 
     def merged(self, values: Mapping[str, Any]) -> ServeConfig:

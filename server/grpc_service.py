@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -36,6 +37,7 @@ from mofserve.core.tensors import FusionMode
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 
+from .admission import Admission, remaining, retry_after
 from .engine import (
     ERROR_CODES,
     Embeddings,
@@ -156,11 +158,12 @@ def _tensor(array: np.ndarray) -> pb.Tensor:
 
 class MofServeServicer(pb_grpc.MofServeServicer):
     def __init__(self, engine: TritonEngine, metrics: FrontendMetrics, health: GrpcHealth,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, admission: Admission | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.health = health
         self.max_message_bytes = max_message_bytes
+        self.admission = admission or Admission(metrics=metrics)  # shared with HTTP in `serve`
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -183,10 +186,17 @@ class MofServeServicer(pb_grpc.MofServeServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "triton: not serving (restarting); retry shortly")
             try:
-                return await work(context.time_remaining())
+                # admission: a slot or a fast RESOURCE_EXHAUSTED; the deadline (the caller's, clamped,
+                # or the default) bounds the queue wait and the Triton call
+                async with self.admission.admit(context.time_remaining(), TRANSPORT) as deadline:
+                    return await work(remaining(deadline))
             except EngineError as error:
                 outcome["status"] = error.code
                 status_name = ERROR_CODES.get(error.code, ERROR_CODES["internal"])[0]
+                advice = retry_after(error)
+                if advice is not None:  # retry advice: ours and gRPC's standard retry pushback
+                    ms = str(max(1, math.ceil(advice * 1e3)))
+                    context.set_trailing_metadata((("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)))
                 await context.abort(grpc.StatusCode[status_name], error.message)
             except asyncio.CancelledError:  # the caller went away or its deadline passed
                 outcome["status"] = "cancelled"
@@ -308,6 +318,8 @@ def _address(host: str, port: int) -> str:
 
 def build_grpc_server(engine: TritonEngine, metrics: FrontendMetrics, host: str = "127.0.0.1", port: int = 50051,
                       max_message_bytes: int | None = None, serving: bool = True,
+                      admission: Admission | None = None, credentials: grpc.ServerCredentials | None = None,
+                      interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                       ) -> tuple[grpc.aio.Server, int, GrpcHealth]:
     """An unstarted gRPC server with MofServe, health and reflection, bound to ``host:port``.
 
@@ -315,20 +327,23 @@ def build_grpc_server(engine: TritonEngine, metrics: FrontendMetrics, host: str 
     one is returned). ``max_message_bytes`` (default: the engine's image limit + 1 MiB) caps
     every request message. Returns ``(server, bound_port, health)``: ``await server.start()``,
     ``health.set_serving(bool)`` as Triton goes down and up, ``await server.stop(grace)``.
+    ``admission`` (default: its own, with the default limits) is shared with the HTTP front-end
+    in ``serve``; ``credentials`` (``security.Security.grpc_credentials``) turn on TLS;
+    ``interceptors`` (``security.GrpcBearerAuth``) run before every handler.
     """
     limit = max_message_bytes or engine.limits.max_image_bytes + MESSAGE_MARGIN_BYTES
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", -1),  # Encode at paper size sends ~24 MB of tokens
         ("grpc.so_reuseport", 0),  # a port already taken is an error, never silently shared
     ])
     health = GrpcHealth(HealthServicer(), serving=serving)
-    pb_grpc.add_MofServeServicer_to_server(MofServeServicer(engine, metrics, health, limit), server)
+    pb_grpc.add_MofServeServicer_to_server(MofServeServicer(engine, metrics, health, limit, admission), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as error:
         raise OSError(f"grpc: cannot bind {address} ({error})") from None
     if not bound:

@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -25,13 +27,17 @@ from aiohttp import web
 from mofserve.core.tensors import FusionMode
 
 from . import openai_protocol as P
+from .admission import Admission, remaining, retry_after
 from .engine import EngineError, TritonEngine
 from .metrics import CONTENT_TYPE, FrontendMetrics
 
 log = logging.getLogger(__name__)
 
 TRITON_METRICS_TIMEOUT_S = 5.0  # relaying Triton's metrics page (a scrape has ~10 s)
-DEFAULT_REQUEST_TIMEOUT_S = 300.0  # deadline handed to the engine for one chat completion
+#: Optional request header: the client's deadline in seconds (gRPC clients send a deadline instead);
+#: clamped to max_deadline_s, default_deadline_s without it (server/admission.py).
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
+_DEADLINE = web.RequestKey("mofserve_deadline", float)  # the admitted request's deadline (time.monotonic())
 _OFFLOAD_BYTES = 1 << 20  # bodies above this are decoded in a worker thread, off the event loop
 
 # metrics status label of each HTTP error status (the engine's transport-neutral codes)
@@ -49,19 +55,20 @@ def _status_label(status: int) -> str:
     return _STATUS_LABELS.get(status, "internal" if status >= 500 else "invalid_argument")
 
 
-def _error_response(error: P.ProtocolError) -> web.Response:
-    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+def _error_response(error: P.ProtocolError, retry_after_s: float | None = None) -> web.Response:
+    """OpenAI's error shape; 429 and 503 say when to retry (whole seconds, at least 1)."""
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s or 1)))} if error.status in (429, 503) else None
     return web.json_response(P.error_body(error), status=error.status, headers=headers)
 
 
 class _Frontend:
     def __init__(self, engine: TritonEngine, metrics: FrontendMetrics, max_body_bytes: int,
-                 request_timeout_s: float | None, triton_metrics_url: Callable[[], str | None] | None = None) -> None:
+                 admission: Admission, triton_metrics_url: Callable[[], str | None] | None = None) -> None:
         self.engine = engine
         self.triton_metrics_url = triton_metrics_url
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self.request_timeout_s = request_timeout_s
+        self.admission = admission
         self.created = int(time.time())
 
     def _count(self, method: str, mode: str, status: str) -> None:
@@ -115,7 +122,7 @@ class _Frontend:
                     chat = await asyncio.to_thread(P.parse_chat_request, body, self.engine.limits)
                 else:
                     chat = P.parse_chat_request(body, self.engine.limits)
-                answer = await self.engine.ask(chat.question, chat.selection, timeout=self.request_timeout_s)
+                answer = await self.engine.ask(chat.question, chat.selection, timeout=remaining(request[_DEADLINE]))
             except P.ProtocolError as error:
                 outcome["status"] = _status_label(error.status)
                 return _error_response(error)
@@ -142,6 +149,29 @@ class _Frontend:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
+
+    async def admitted_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """``chat_completions`` under admission control: a slot (or a fast 429 with ``Retry-After``
+        before the body is read) and the request's deadline (``X-Request-Timeout``, clamped, or the
+        default), which bounds the queue wait and the Triton call (504 when it passes)."""
+        header = request.headers.get(REQUEST_TIMEOUT_HEADER)
+        requested = None
+        if header is not None:
+            try:
+                requested = float(header)
+            except ValueError:
+                requested = math.nan
+            if not (math.isfinite(requested) and requested > 0):
+                self._count("chat.completions", "", "invalid_argument")
+                return _error_response(P.ProtocolError(
+                    400, f"{REQUEST_TIMEOUT_HEADER.lower()}: must be a positive number of seconds, got {header!r}"))
+        try:
+            async with self.admission.admit(requested, "http") as deadline:
+                request[_DEADLINE] = deadline
+                return await self.chat_completions(request)
+        except EngineError as error:  # refused by admission: queue full, or the deadline passed while queued
+            self._count("chat.completions", "", error.code)
+            return _error_response(P.from_engine_error(error), retry_after(error))
 
     async def models(self, request: web.Request) -> web.Response:
         with self.metrics.track("http", "models"):
@@ -219,16 +249,19 @@ class _Frontend:
 
 
 def build_http_app(engine: TritonEngine, metrics: FrontendMetrics, max_body_bytes: int | None = None,
-                   request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
-                   triton_metrics_url: Callable[[], str | None] | None = None) -> web.Application:
+                   admission: Admission | None = None,
+                   triton_metrics_url: Callable[[], str | None] | None = None,
+                   middlewares: Sequence = ()) -> web.Application:
     """The OpenAI-compatible app. ``max_body_bytes`` defaults to what carries the engine's largest
     allowed image base64-encoded; larger bodies get a JSON 413. ``triton_metrics_url`` (called per
-    scrape: Triton's port survives restarts, but ask anyway) adds ``GET /metrics/triton``."""
+    scrape: Triton's port survives restarts, but ask anyway) adds ``GET /metrics/triton``.
+    ``admission`` (default: its own, with the default limits) is shared with gRPC in ``serve``;
+    ``middlewares`` run first, before routing (``security.http_bearer_auth``)."""
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(engine.limits.max_image_bytes)
-    frontend = _Frontend(engine, metrics, max_body_bytes, request_timeout_s, triton_metrics_url)
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[frontend.errors])
-    app.router.add_post("/v1/chat/completions", frontend.chat_completions)
+    frontend = _Frontend(engine, metrics, max_body_bytes, admission or Admission(metrics=metrics), triton_metrics_url)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[*middlewares, frontend.errors])
+    app.router.add_post("/v1/chat/completions", frontend.admitted_chat_completions)
     app.router.add_get("/v1/models", frontend.models)
     app.router.add_get("/v1/models/{model}", frontend.model)
     app.router.add_get("/healthz", frontend.healthz)
@@ -238,12 +271,13 @@ def build_http_app(engine: TritonEngine, metrics: FrontendMetrics, max_body_byte
     return app
 
 
-async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> tuple[web.AppRunner, int]:
+async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 8080,
+                     ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port`` (port 0: a free port); returns the runner (``await
-    runner.cleanup()`` to stop) and the bound port."""
+    runner.cleanup()`` to stop) and the bound port. ``ssl_context`` serves HTTPS."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:
