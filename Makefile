@@ -10,7 +10,7 @@ export MOFSERVE_HOME ?= $(CURDIR)/.mofserve
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load clean
+.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load soak clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ bench-encoders: install
 BENCH_LOAD_ARGS ?=
 bench-load: install
 	$(VENV)/bin/mofserve bench load --serve small --concurrency 1 2 4 8 --duration 60 --warmup 10 $(BENCH_LOAD_ARGS)
+
+# Soak: serves the tiny profile on free loopback ports, Ask at concurrency 4 for 10 min (mode mix),
+# errors by code and RSS of every process; exits 1 on an error or growth. Report in results/soak-<timestamp>/.
+SOAK_ARGS ?=
+soak: install
+	$(VENV)/bin/mofserve soak --profile tiny --duration 600 --concurrency 4 $(SOAK_ARGS)
 
 clean:
 	rm -rf $(MOFSERVE_HOME) .pytest_cache .ruff_cache

@@ -84,6 +84,12 @@ def _add_limit_and_security_args(serve: argparse.ArgumentParser) -> None:
                                                  "(or MOFSERVE_AUTH_TOKEN)")
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from mofserve.benchmarks.soak import main as soak
+
+    return soak(args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mofserve.server.app import serve
     from mofserve.server.config import load_config
@@ -181,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model repository target (default cpu; gpu-trt needs engines built on the serving GPU)")
     _add_limit_and_security_args(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    from mofserve.benchmarks.soak import add_soak_arguments
+
+    soak = sub.add_parser("soak", help="serve a profile on free loopback ports, load it for a long time at a fixed "
+                                       "concurrency; errors and RSS growth of every process (exit 1 on either)",
+                          description="See docs/reliability.md (Load and soak).")
+    add_soak_arguments(soak)
+    soak.set_defaults(func=_cmd_soak)
 
     from mofserve.clients.cli import add_ask_arguments
 

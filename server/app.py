@@ -21,6 +21,7 @@ from .config import ServeConfig
 from .engine import ServingInfo, TritonEngine
 from .launcher import TritonServer
 from .metrics import FrontendMetrics
+from .probe import Readiness, probe_inference
 from .security import GrpcBearerAuth, Security, http_bearer_auth
 
 Log = Callable[[str], None]
@@ -39,15 +40,27 @@ class Endpoints:
 
 
 class TritonSupervisor:
-    """Owns the tritonserver process: starts it, watches it, restarts it on the same ports."""
+    """Owns the tritonserver process and the service's readiness: starts Triton, watches it,
+    restarts it on the same ports, and decides readiness from "running" plus a real probe
+    inference (``server/probe.py``) right after every (re)start and every ``probe_interval_s``.
+
+    Triton stays "ready" while a python-backend stub is dead (model control is off, so a model
+    cannot be reloaded alone): after ``probe_failures_before_restart`` failed probes in a row the
+    supervisor kills Triton and starts it again. Between failures it re-probes every
+    ``health_interval_s``, so a dead stub costs about interval + K probes + a Triton start.
+    """
 
     def __init__(self, repository, config: ServeConfig, on_change: Callable[[bool], None], log: Log) -> None:
         self.repository = repository
         self.config = config
-        self.on_change = on_change
+        self.on_change = on_change  # told when readiness flips (gRPC health)
         self.log = log
         self.restarts = 0
         self.server: TritonServer | None = None
+        self.readiness = Readiness()
+        self.probe_failures = 0  # failed probes in a row while Triton runs
+        self.recoveries_s: list[float] = []  # fault seen -> probe answered again, per recovery
+        self.gave_up = False  # max_restarts spent: serve exits 1
 
     def start(self) -> TritonServer:
         ports = self.server.ports if self.server is not None else None
@@ -59,42 +72,85 @@ class TritonSupervisor:
         )
         return self.server.start(timeout=300)
 
+    def _set_ready(self, ready: bool, reason: str = "") -> None:
+        if self.readiness.set(ready, reason):
+            self.log("ready: probe answered" if ready else f"not ready: {reason}")
+            self.on_change(ready)
+
+    async def check(self, engine: TritonEngine) -> bool:
+        """Probe now and set readiness from the answer; returns whether it answered."""
+        result = await probe_inference(engine, self.config.probe_timeout_s)
+        self.readiness.last_probe = result
+        if result.ok:
+            self.probe_failures = 0
+            self._set_ready(True)
+        else:
+            self.probe_failures += 1
+            self._set_ready(False, f"probe failed ({self.probe_failures}/"
+                                   f"{self.config.probe_failures_before_restart}): {result.reason}")
+        return result.ok
+
     async def watch(self, stopping: asyncio.Event, engine: TritonEngine) -> None:
-        loop = asyncio.get_running_loop()
+        c = self.config
+        next_probe = time.monotonic() + c.probe_interval_s
+        fault_seen: float | None = None  # when the current outage was noticed
         while not stopping.is_set():
             try:
-                await asyncio.wait_for(stopping.wait(), self.config.health_interval_s)
+                await asyncio.wait_for(stopping.wait(), c.health_interval_s)
                 return
             except TimeoutError:
                 pass
-            if self.server is not None and self.server.is_alive():
+            if self.server is None or not self.server.is_alive():
+                code = self.server.returncode if self.server else None
+                fault_seen = fault_seen or time.monotonic()
+                self._set_ready(False, f"triton: not running (exit code {code}); restarting")
+                if not await self._restart(stopping, engine, f"triton is not running (exit code {code})", kill=False):
+                    return
+            elif self.readiness.ready and (c.probe_interval_s <= 0 or time.monotonic() < next_probe):
                 continue
-            self.on_change(False)
-            if self.restarts >= self.config.max_restarts:
-                self.log(f"triton died {self.restarts + 1} times; giving up (max_restarts={self.config.max_restarts})")
-                stopping.set()
-                return
-            self.restarts += 1
-            self.log(f"triton is not running (exit code {self.server.returncode if self.server else None}); "
-                     f"restart {self.restarts}/{self.config.max_restarts}")
-            started = time.perf_counter()
-            try:
-                await loop.run_in_executor(None, self._restart)
-            except Exception as error:  # logged; retried on the next tick
-                self.log(f"triton restart failed: {error}")
-                continue
-            await engine.reconnect()
-            self.log(f"triton is back in {time.perf_counter() - started:.1f} s")
-            self.on_change(True)
+            elif not await self.check(engine):
+                fault_seen = fault_seen or time.monotonic()
+                if self.probe_failures >= c.probe_failures_before_restart:
+                    reason = f"{self.probe_failures} probes failed while triton runs ({self.readiness.reason})"
+                    if not await self._restart(stopping, engine, reason, kill=True):
+                        return
+            next_probe = time.monotonic() + c.probe_interval_s
+            if self.readiness.ready and fault_seen is not None:
+                self.recoveries_s.append(time.monotonic() - fault_seen)
+                self.log(f"recovered {self.recoveries_s[-1]:.1f} s after the fault was seen")
+                fault_seen = None
 
-    def _restart(self) -> None:
+    async def _restart(self, stopping: asyncio.Event, engine: TritonEngine, reason: str, kill: bool) -> bool:
+        """Restart Triton and probe it; False when ``max_restarts`` is spent (``stopping`` is set)."""
+        if self.restarts >= self.config.max_restarts:
+            self.log(f"{reason}; giving up after {self.restarts} restarts (max_restarts={self.config.max_restarts})")
+            self.gave_up = True
+            stopping.set()
+            return False
+        self.restarts += 1
+        self.log(f"{reason}; restart {self.restarts}/{self.config.max_restarts}")
+        started = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._restart_blocking, kill)
+        except Exception as error:  # logged; retried on the next tick
+            self.log(f"triton restart failed: {error}")
+            return True
+        await engine.reconnect()
+        self.probe_failures = 0
+        if await self.check(engine):
+            self.log(f"triton is back in {time.perf_counter() - started:.1f} s")
+        return True
+
+    def _restart_blocking(self, kill: bool) -> None:
         if self.server is not None:
+            if kill:  # a Triton with a dead stub ignores SIGTERM for 20 s (measured): no drain to wait for
+                self.server.kill()
             self.server.stop()
         self.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
         if self.server is not None:
-            self.server.stop()
+            self.server.stop(timeout)
 
 
 class MofServeApp:
@@ -150,24 +206,33 @@ class MofServeApp:
                              max_body_bytes=c.max_body_bytes or None, admission=admission,
                              middlewares=[http_bearer_auth(security.token, self.metrics)] if security.token else ())
         self._http_runner, http_port = await start_http(app, host=c.host, port=c.http_port,
+                                                        shutdown_timeout_s=c.shutdown_grace_s,
                                                         ssl_context=security.http_ssl_context())
-        self._set_serving(True)
+        self.engine.readiness = self.supervisor.readiness  # /healthz and ready() follow the supervisor
+        self._set_serving(await self.supervisor.check(self.engine))  # a real probe, not Triton's word
         scheme = "https" if security.tls else "http"
         self.endpoints = Endpoints(f"{c.host}:{grpc_port}", f"{scheme}://{c.host}:{http_port}", triton.grpc_url,
                                    triton.metrics_url)
         return self.endpoints
 
     async def stop(self) -> None:
+        """Drain, then stop Triton. New gRPC calls get UNAVAILABLE and the HTTP port stops
+        listening at once; requests in flight on both transports get ``shutdown_grace_s``
+        together (not one after the other), then Triton gets as long to stop."""
         self._set_serving(False)
+        if self.supervisor is not None:
+            self.supervisor.readiness.set(False, "stopping")
         grace = self.config.shutdown_grace_s
+        drains = []
         if self._grpc_server is not None:
-            await self._grpc_server.stop(grace)  # in-flight RPCs get `grace` seconds to finish
+            drains.append(self._grpc_server.stop(grace))  # in-flight RPCs get `grace` seconds to finish
         if self._http_runner is not None:
-            await self._http_runner.cleanup()
+            drains.append(self._http_runner.cleanup())  # its shutdown_timeout is `grace` (see start)
+        await asyncio.gather(*drains)
         if self.engine is not None:
             await self.engine.close()
         if self.supervisor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop)
+            await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop, max(grace, 1.0))
 
     async def run(self, install_signals: bool = True) -> int:
         if install_signals:
@@ -185,7 +250,7 @@ class MofServeApp:
             print(f"READY grpc={endpoints.grpc} http={endpoints.http}", flush=True)
             assert self.supervisor is not None and self.engine is not None
             await self.supervisor.watch(self.stopping, self.engine)
-            return 0 if self.supervisor.restarts <= self.config.max_restarts else 1
+            return 1 if self.supervisor.gave_up else 0
         finally:
             self.log("stopping")
             await self.stop()

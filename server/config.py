@@ -31,6 +31,11 @@ class ServeConfig:
     max_restarts: int = 5  # Triton restarts by the supervisor before the server gives up
     health_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
+    # readiness (server/probe.py): a real inference through every python-backend model, because
+    # Triton says ready while a stub process is dead; K failures in a row restart Triton
+    probe_interval_s: float = 10.0  # between probes while ready (0: probe only after a (re)start)
+    probe_timeout_s: float = 30.0
+    probe_failures_before_restart: int = 3
     # limits and backpressure (server/admission.py; docs/reliability.md)
     max_in_flight: int = 8  # requests executing at once, both transports together
     max_queue: int = 32  # requests waiting for a slot; beyond: RESOURCE_EXHAUSTED / 429 with retry advice

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc.aio as triton
@@ -23,6 +24,9 @@ from mofserve.core.conversation import parse_options
 from mofserve.core.fusion import check_alpha
 from mofserve.core.profiles import get_profile
 from mofserve.core.tensors import FusionMode
+
+if TYPE_CHECKING:
+    from .probe import Readiness
 
 # transport-neutral error codes -> (gRPC status name, HTTP status)
 ERROR_CODES = {
@@ -238,6 +242,8 @@ def _engine_error(error: InferenceServerException) -> EngineError:
         code = "too_large"
     if code == "internal" and ("Deadline" in message or "timeout" in message.lower()):
         code = "deadline_exceeded"
+    if code == "internal" and "Stub process" in message and "is not healthy" in message:
+        code = "unavailable"  # a dead python-backend stub: the supervisor restarts Triton (server/probe.py)
     return EngineError(code, message)
 
 
@@ -269,6 +275,8 @@ class TritonEngine:
         self._outputs: dict[str, frozenset[str]] = {}  # model -> output names (see _model_outputs)
         self._logit_scale: tuple[float | None] | None = None  # embed_text's parameter, asked once
         self._detached: set[asyncio.Future] = set()  # Triton calls in flight (see _infer)
+        # the supervisor's verdict (server/probe.py); None: ask Triton (see ready)
+        self.readiness: Readiness | None = None
 
     @property
     def client(self) -> triton.InferenceServerClient:
@@ -288,6 +296,11 @@ class TritonEngine:
         await self.close()
 
     async def ready(self) -> bool:
+        """Whether to take requests. With a supervisor's ``readiness`` attached, its verdict (Triton
+        running and the last real probe inference answered): Triton's own ``is_server_ready`` stays
+        true while a python-backend stub is dead. Without one, Triton's word."""
+        if self.readiness is not None:
+            return self.readiness.ready
         try:
             return bool(await self.client.is_server_ready(client_timeout=2.0))
         except Exception:

@@ -192,7 +192,11 @@ class _Frontend:
             outcome["status"] = "ok" if ready else "unavailable"
             body = {"status": "ok" if ready else "unavailable", "triton": ready, "profile": self.engine.info.profile,
                     "random_weights": self.engine.info.random_weights}
-            return web.json_response(body, status=200 if ready else 503)
+            if not ready:  # why: the supervisor's verdict (a failed probe names the model), else Triton's
+                readiness = self.engine.readiness
+                body["reason"] = readiness.reason if readiness is not None else "triton: not ready"
+            return web.json_response(body, status=200 if ready else 503,
+                                     headers=None if ready else {"Retry-After": "1"})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         with self.metrics.track("http", "metrics"):
@@ -272,10 +276,12 @@ def build_http_app(engine: TritonEngine, metrics: FrontendMetrics, max_body_byte
 
 
 async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 8080,
-                     ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+                     shutdown_timeout_s: float = 60.0, ssl_context: ssl.SSLContext | None = None,
+                     ) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port`` (port 0: a free port); returns the runner (``await
-    runner.cleanup()`` to stop) and the bound port. ``ssl_context`` serves HTTPS."""
-    runner = web.AppRunner(app, access_log=None)
+    runner.cleanup()`` to stop: it stops listening, then gives in-flight requests up to
+    ``shutdown_timeout_s``) and the bound port. ``ssl_context`` serves HTTPS."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
