@@ -7,7 +7,12 @@
 
 Images are encoded file bytes or a path. ``timeout`` is the call's deadline in seconds (the
 server passes what remains of it to Triton). Failures raise ``MofServeError`` with the gRPC
-status ``code`` and the server's message, which names the offending field first.
+status ``code`` and the server's message, which names the offending field first; a busy server's
+RESOURCE_EXHAUSTED carries ``retry_after_s``.
+
+Secured servers: ``token=`` (default: ``$MOFSERVE_AUTH_TOKEN``) is sent as ``authorization:
+Bearer <token>`` on every call; ``root_certificates=`` (PEM bytes or a path) or ``tls=True``
+(the system's roots) dial TLS.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MODE = "interleaved"
 ALL_MODES = ("clip", "dinov2", "additive", "interleaved")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MofServe"].full_name
+TOKEN_ENV = "MOFSERVE_AUTH_TOKEN"  # the bearer token, when not given (the server reads the same variable)
+RETRY_AFTER_TRAILER = "retry-after-ms"
 
 # UNAVAILABLE (Triton restarting, server not up yet) is retried a few times with backoff; every
 # RPC here is a read, so a retry is safe.
@@ -44,18 +51,26 @@ _SERVICE_CONFIG = json.dumps({"methodConfig": [{
 
 
 class MofServeError(Exception):
-    """A call the server (or the channel) refused; ``code`` is a ``grpc.StatusCode``."""
+    """A call the server (or the channel) refused; ``code`` is a ``grpc.StatusCode``;
+    ``retry_after_s`` is the server's advice when it was too busy (trailer ``retry-after-ms``)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> MofServeError:
         code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
         details = error.details() if callable(getattr(error, "details", None)) else str(error)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+        trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+        retry_ms = dict(trailers or ()).get(RETRY_AFTER_TRAILER)
+        try:
+            retry_after_s = int(retry_ms) / 1e3 if retry_ms is not None else None
+        except ValueError:
+            retry_after_s = None
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", retry_after_s)
 
 
 def read_image(image: ImageLike) -> bytes:
@@ -63,6 +78,21 @@ def read_image(image: ImageLike) -> bytes:
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
     return Path(image).read_bytes()
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata carrying ``token`` (default ``$MOFSERVE_AUTH_TOKEN``; "" sends none)."""
+    token = os.environ.get(TOKEN_ENV) if token is None else token
+    return (("authorization", f"Bearer {token.strip()}"),) if token and token.strip() else None
+
+
+def _credentials(tls: bool, root_certificates: bytes | str | os.PathLike | None) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials (roots: PEM bytes, a PEM file, or the system's), or None for plaintext."""
+    if root_certificates is None and not tls:
+        return None
+    if root_certificates is not None and not isinstance(root_certificates, bytes):
+        root_certificates = Path(root_certificates).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
 def _channel_options(max_message_bytes: int, retries: bool) -> list[tuple[str, Any]]:
@@ -152,11 +182,15 @@ class MofServeClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  max_message_bytes: int = 512 << 20, retries: bool = True,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | os.PathLike | None = None) -> None:
         self.target = target
         self.timeout = timeout  # default deadline of every call, seconds (None: none)
-        self._channel = channel or grpc.insecure_channel(target, options=_channel_options(max_message_bytes,
-                                                                                           retries))
+        self._metadata = _auth_metadata(token)
+        options = _channel_options(max_message_bytes, retries)
+        credentials = _credentials(tls, root_certificates)
+        self._channel = channel or (grpc.secure_channel(target, credentials, options=options) if credentials
+                                    else grpc.insecure_channel(target, options=options))
         self._stub = pb_grpc.MofServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -171,7 +205,7 @@ class MofServeClient:
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise MofServeError.from_rpc_error(error) from None
 
@@ -224,11 +258,15 @@ class AsyncMofServeClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  max_message_bytes: int = 512 << 20, retries: bool = True,
-                 channel: grpc.aio.Channel | None = None) -> None:
+                 channel: grpc.aio.Channel | None = None, token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | os.PathLike | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(
-            target, options=_channel_options(max_message_bytes, retries))
+        self._metadata = _auth_metadata(token)
+        options = _channel_options(max_message_bytes, retries)
+        credentials = _credentials(tls, root_certificates)
+        self._channel = channel or (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                                    else grpc.aio.insecure_channel(target, options=options))
         self._stub = pb_grpc.MofServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -243,7 +281,8 @@ class AsyncMofServeClient:
 
     async def _call(self, method, request, timeout: float | None):
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout,
+                                metadata=self._metadata)
         except grpc.RpcError as error:
             raise MofServeError.from_rpc_error(error) from None
 
