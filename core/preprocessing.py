@@ -64,6 +64,7 @@ __all__ = [
     "ImageLimits",
     "ImageTooLargeError",
     "decode_image",
+    "image_error_code",
     "preprocess",
     "preprocess_batch",
     "preprocess_bytes",
@@ -247,6 +248,26 @@ def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:
             f"{FIELD}: {width}x{height} has an aspect ratio of {ratio:.1f}:1, which exceeds the limit "
             f"of {limits.max_aspect_ratio:g}:1 (max_aspect_ratio)"
         )
+
+
+# What every ImageTooLargeError message says, and no other: the limit it exceeds (see the raises).
+_TOO_LARGE_MARKERS = ("(max_bytes)", "(max_pixels)", "; max_pixels is ", f"{FIELD}: out of memory while ")
+
+
+def image_error_code(message: str) -> str:
+    """The ``code`` ("invalid" or "too_large") of the :class:`ImageError` whose text is ``message``.
+
+    Only an error's text crosses Triton (the ``preprocess`` model answers INVALID_ARG for both
+    kinds), so the front-end recovers the status from it here, next to the messages it reads:
+    the too-large ones name ``max_bytes`` or ``max_pixels`` as the limit exceeded or say the
+    decoder ran out of memory. A refusal for any other limit (``max_aspect_ratio``,
+    ``min_side``) or a corrupt file is "invalid", whatever Pillow's detail says.
+    """
+    if message.startswith(f"{FIELD}: cannot decode"):
+        return ImageDecodeError.code
+    if any(marker in message for marker in _TOO_LARGE_MARKERS):
+        return ImageTooLargeError.code
+    return ImageDecodeError.code
 
 
 def _bomb_message(detail: str, limits: ImageLimits) -> str:

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from mofserve.core import tensors as T
 from mofserve.core.conversation import parse_options
 from mofserve.core.fusion import check_alpha
+from mofserve.core.preprocessing import image_error_code
 from mofserve.core.profiles import get_profile
 from mofserve.core.tensors import FusionMode
 
@@ -238,8 +239,9 @@ def _engine_error(error: InferenceServerException) -> EngineError:
         # "in ensemble 'vqa_clip', image: ..." -> "image: ..." (the field first, as everywhere)
         if message.startswith(prefix) and ", " in message:
             message = message.split(", ", 1)[1]
-    if "image:" in message and "exceeds the limit" in message:
-        code = "too_large"
+    image_at = message.find("image:")
+    if image_at >= 0 and image_error_code(message[image_at:]) == "too_large":
+        code = "too_large"  # the model answers INVALID_ARG for every image error; its text tells which
     if code == "internal" and ("Deadline" in message or "timeout" in message.lower()):
         code = "deadline_exceeded"
     if code == "internal" and "Stub process" in message and "is not healthy" in message:
@@ -315,8 +317,21 @@ class TritonEngine:
             raise EngineError("too_large", f"{field_name}: {len(image)} bytes exceeds the limit of "
                                            f"{self.limits.max_image_bytes} bytes (max_image_bytes)")
 
+    @staticmethod
+    def _check_utf8(text: str, field_name: str) -> None:
+        """Strings go to Triton as UTF-8: one holding an unpaired surrogate (JSON's ``"\\ud800"``
+        decodes to one) cannot be sent, and is the caller's error, not the server's."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            where = f"unpaired surrogate U+{ord(text[error.start]):04X} at character {error.start}"
+            raise EngineError("invalid_argument", f"{field_name}: not valid UTF-8 ({where})") from None
+
     def _check_question(self, q: Question) -> None:
         self._check_image(q.image)
+        self._check_utf8(q.question, "question")
+        if q.options is not None:
+            self._check_utf8(q.options, "options")
         if not q.question.strip():
             raise EngineError("invalid_argument", "question: empty; ask something about the image")
         if len(q.question) > self.limits.max_question_chars:
@@ -478,6 +493,7 @@ class TritonEngine:
         for i, text in enumerate(texts):
             if not text.strip():
                 raise EngineError("invalid_argument", f"texts[{i}]: empty; send the text to embed")
+            self._check_utf8(text, f"texts[{i}]")
             if len(text) > self.limits.max_text_chars:
                 raise EngineError("invalid_argument", f"texts[{i}]: {len(text)} characters exceeds the limit of "
                                                       f"{self.limits.max_text_chars} (max_text_chars)")

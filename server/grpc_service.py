@@ -9,7 +9,9 @@ with the HTTP app on one asyncio loop. Every RPC
   deadline ends the Triton call too;
 * maps ``EngineError.code`` to a gRPC status through ``ERROR_CODES`` with the engine's message
   (which names the field first), and fails fast with UNAVAILABLE while Triton is down
-  (``GrpcHealth.set_serving(False)``).
+  (``GrpcHealth.set_serving(False)``);
+* answers a request that does not parse (a string field that is not UTF-8, broken framing) with
+  INVALID_ARGUMENT naming the field, where python grpc would say UNKNOWN (``_tolerant``).
 
 The request size limit is enforced twice: grpc itself rejects a message larger than
 ``max_message_bytes`` (the engine's image limit plus a margin) with RESOURCE_EXHAUSTED before it
@@ -28,6 +30,7 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -154,6 +157,81 @@ def _timings(timings: StageTimings) -> pb.StageTimings:
 def _tensor(array: np.ndarray) -> pb.Tensor:
     data = np.ascontiguousarray(array, dtype="<f4")
     return pb.Tensor(data=data.tobytes(), shape=list(data.shape), dtype="float32")
+
+
+# ---- request parsing ----------------------------------------------------------------------------
+
+
+class _Undecodable:
+    """A request message that did not parse; its handler answers INVALID_ARGUMENT with ``message``."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[pos]  # IndexError past the end: broken framing
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _non_utf8_field(raw: bytes, descriptor, prefix: str = "") -> str | None:
+    """``"question: not valid UTF-8 (...)"`` for the first string field (nested and repeated ones
+    too, e.g. ``modes[1].mode``) whose bytes are not UTF-8; None if there is none or the framing
+    itself is broken. Walks the protobuf wire format, which protobuf's own error does not name."""
+    seen: dict[int, int] = {}
+    pos = 0
+    try:
+        while pos < len(raw):
+            key, pos = _varint(raw, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(raw, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                size, pos = _varint(raw, pos)
+                value, pos = raw[pos:pos + size], pos + size
+                fd = descriptor.fields_by_number.get(number)
+                if fd is None:
+                    continue
+                index = seen[number] = seen.get(number, -1) + 1
+                name = prefix + fd.name + (f"[{index}]" if fd.is_repeated else "")
+                if fd.type == fd.TYPE_STRING:
+                    try:
+                        value.decode("utf-8")
+                    except UnicodeDecodeError as error:
+                        return (f"{name}: not valid UTF-8 (byte 0x{value[error.start]:02x} at offset {error.start}); "
+                                "string fields must be UTF-8 (send bytes as bytes)")
+                elif fd.type == fd.TYPE_MESSAGE:
+                    found = _non_utf8_field(value, fd.message_type, name + ".")
+                    if found:
+                        return found
+            else:
+                return None
+    except IndexError:
+        return None
+    return None
+
+
+def _tolerant(message_class):
+    """A request deserializer that never raises: python grpc answers a deserializer's exception with
+    UNKNOWN and protobuf's "Error parsing message", naming no field; this hands the handler an
+    ``_Undecodable`` with a message that does."""
+
+    def parse(raw: bytes):
+        try:
+            return message_class.FromString(raw)
+        except DecodeError:
+            full_name = message_class.DESCRIPTOR.full_name
+            return _Undecodable(_non_utf8_field(raw, message_class.DESCRIPTOR)
+                                or f"request: not a valid {full_name} message (truncated or corrupt protobuf)")
+
+    return parse
 
 
 class MofServeServicer(pb_grpc.MofServeServicer):
@@ -312,6 +390,30 @@ class MofServeServicer(pb_grpc.MofServeServicer):
 # ---- the server ---------------------------------------------------------------------------------
 
 
+def _add_servicer(servicer: MofServeServicer, server: grpc.aio.Server) -> None:
+    """``add_MofServeServicer_to_server`` with ``_tolerant`` request parsing: every method of the
+    service, its request refused with INVALID_ARGUMENT (counted like any other) if it does not parse."""
+    service = pb.DESCRIPTOR.services_by_name["MofServe"]
+
+    def handler(name: str):
+        behaviour = getattr(servicer, name)
+
+        async def handle(request, context):
+            if isinstance(request, _Undecodable):
+                async def refuse(timeout: float | None):
+                    raise EngineError("invalid_argument", request.message)
+
+                return await servicer._serve(context, name, "invalid", refuse)
+            return await behaviour(request, context)
+
+        return handle
+
+    handlers = {method.name: grpc.unary_unary_rpc_method_handler(
+        handler(method.name), request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+        response_serializer=getattr(pb, method.output_type.name).SerializeToString) for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -338,7 +440,7 @@ def build_grpc_server(engine: TritonEngine, metrics: FrontendMetrics, host: str 
         ("grpc.so_reuseport", 0),  # a port already taken is an error, never silently shared
     ])
     health = GrpcHealth(HealthServicer(), serving=serving)
-    pb_grpc.add_MofServeServicer_to_server(MofServeServicer(engine, metrics, health, limit, admission), server)
+    _add_servicer(MofServeServicer(engine, metrics, health, limit, admission), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = _address(host, port)

@@ -99,7 +99,10 @@ class _Frontend:
             if len(raw) > _OFFLOAD_BYTES:
                 return await asyncio.to_thread(json.loads, raw), len(raw)
             return json.loads(raw), len(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except UnicodeDecodeError as error:
+            raise P.ProtocolError(400, f"body: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset "
+                                       f"{error.start}); send JSON encoded as UTF-8", None, "invalid_json") from None
+        except json.JSONDecodeError as error:
             raise P.ProtocolError(400, f"body: invalid JSON ({error})", None, "invalid_json") from None
 
     # ---- routes ----------------------------------------------------------------------------
