@@ -10,7 +10,7 @@ export MOFSERVE_HOME ?= $(CURDIR)/.mofserve
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load soak clean
+.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load soak fuzz clean
 
 install: $(STAMP)
 
@@ -54,6 +54,14 @@ bench-load: install
 SOAK_ARGS ?=
 soak: install
 	$(VENV)/bin/mofserve soak --profile tiny --duration 600 --concurrency 4 $(SOAK_ARGS)
+
+# Fuzz image decoding (atheris/libFuzzer) for FUZZ_SECONDS; the corpus grows in $(MOFSERVE_HOME)/fuzz/decode,
+# crash inputs land in $(MOFSERVE_HOME)/fuzz/ (make test runs a short seeded run: tests/fuzz).
+FUZZ_SECONDS ?= 600
+fuzz: install
+	mkdir -p $(MOFSERVE_HOME)/fuzz
+	$(PY) tests/fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
+		-max_len=65536 -artifact_prefix=$(MOFSERVE_HOME)/fuzz/
 
 clean:
 	rm -rf $(MOFSERVE_HOME) .pytest_cache .ruff_cache
