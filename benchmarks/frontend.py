@@ -711,6 +711,8 @@ class InProcessPipeline:
     """The served pipeline with no server: the same exported graphs, runtime and precision as the
     cpu repository's encoders, the same projectors and the same language model."""
 
+    label = "exported in-process"
+
     def __init__(self, built) -> None:
         import torch
 
@@ -740,7 +742,15 @@ class InProcessPipeline:
         self._features = {"clip": T.CLIP_FEATURES, "dinov2": T.DINO_FEATURES}
         self._input = T.PIXEL_VALUES
 
-    def answer(self, image: bytes, mode: str) -> tuple[Any, dict[str, float]]:
+    def encode(self, encoder: str, pixels: np.ndarray):
+        """The patch features of ``encoder`` ("clip" or "dinov2") for a [1, 3, S, S] batch, as a tensor."""
+        import torch
+
+        out = self.encoders[encoder].run({self._input: pixels})
+        return torch.from_numpy(out[self._features[encoder]])
+
+    def answer(self, image: bytes, mode: str, question: str = QUESTION, options: str = OPTIONS,
+               max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[Any, dict[str, float]]:
         import torch
 
         from mofserve.core.preprocessing import preprocess_bytes
@@ -752,18 +762,48 @@ class InProcessPipeline:
         features: dict[str, torch.Tensor | None] = {"clip": None, "dinov2": None}
         for encoder in ENCODERS[mode]:
             t = time.perf_counter()
-            out = self.encoders[encoder].run({self._input: pixels})
-            features[encoder] = torch.from_numpy(out[self._features[encoder]])
+            features[encoder] = self.encode(encoder, pixels)
             stages[f"{encoder}_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         alpha = self.profile.default_alpha if mode == "additive" else None
         tokens = self.fuser(mode, features["clip"], features["dinov2"], alpha)
         stages["fusion_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        answer = self.vlm.answer(tokens[0], QUESTION, OPTIONS, max_new_tokens=MAX_NEW_TOKENS)
+        answer = self.vlm.answer(tokens[0], question, options or None, max_new_tokens=max_new_tokens)
         stages["llm_ms"] = (time.perf_counter() - t) * 1e3
         stages["encoders_ms"] = stages["clip_ms"] + stages["dinov2_ms"]
         return answer, stages
+
+
+class EagerPipeline(InProcessPipeline):
+    """The naive baseline a researcher would write from the paper's code: transformers'
+    CLIPVisionModelWithProjection and Dinov2Model in eager PyTorch fp32 (the paper's features, via
+    the export wrappers that define them), the projectors and the LLaMA in fp32, one request at a
+    time, torch's default threads. No exported graph, no bf16, no server."""
+
+    label = "eager PyTorch fp32"
+
+    def __init__(self, profile, paths) -> None:
+        from mofserve.core.checkpoints import load_fuser
+        from mofserve.core.language_model import VisualLanguageModel
+        from mofserve.export.configs import CLIP_VISION_EXPORT, DINOV2_VISION_EXPORT
+
+        self.profile = profile
+        self.precision = "fp32"
+        self.runtime = "pytorch"
+        self.modules = {"clip": CLIP_VISION_EXPORT.build_module(paths, profile),
+                        "dinov2": DINOV2_VISION_EXPORT.build_module(paths, profile)}
+        self.fuser = load_fuser(paths.llava)
+        self.vlm = VisualLanguageModel.from_checkpoint(
+            paths.llava, dtype="float32", default_max_new_tokens=profile.serving.max_new_tokens,
+            max_new_tokens_limit=profile.serving.max_new_tokens_limit)
+
+    def encode(self, encoder: str, pixels: np.ndarray):
+        import torch
+
+        with torch.inference_mode():
+            features, _pooled = self.modules[encoder](torch.from_numpy(pixels))
+        return features
 
 
 def _client_stages(timings) -> dict[str, float]:

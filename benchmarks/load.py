@@ -45,10 +45,12 @@ import numpy as np
 from .stats import (
     DEFAULT_MIX,
     ImagePicker,
+    latency_summary,
     parse_mix,
     parse_prometheus,
     poisson_arrivals,
     sample_modes,
+    stage_means,
     summarise_point,
     triton_delta,
 )
@@ -62,6 +64,11 @@ MAX_POINT_S = 600.0  # a point started with --requests only stops after this lon
 DEFAULT_TIMEOUT_S = 60.0
 MAX_IN_FLIGHT = 256
 FIRST_POOL = 32  # images made before the first point; later points top up from the rate seen
+# In-process baselines run before the sweep (issue 4's targets, `small` profile, ratios of one run):
+BASELINES = ("eager", "exported")
+DEFAULT_BASELINE_REQUESTS = 8
+THROUGHPUT_TARGET = 2.0  # serving throughput at the best concurrency >= 2x the naive eager baseline's
+P50_TARGET = 1.15  # p50 at concurrency 1 (fresh images) <= 1.15x the exported in-process pipeline's p50
 
 
 class RequestFailed(Exception):
@@ -117,6 +124,9 @@ class LoadConfig:
     seed: int = 0
     progress: bool = True
     triton_metrics: str | None = None  # Triton's Prometheus URL: per-model queue / compute per point
+    baselines: list[str] = field(default_factory=list)  # "eager" and/or "exported", run before the sweep
+    baseline_requests: int = DEFAULT_BASELINE_REQUESTS
+    baseline_profile: str | None = None  # None: the profile the server reports
 
     def __post_init__(self) -> None:
         if not self.concurrency and not self.rates:
@@ -140,6 +150,12 @@ class LoadConfig:
             raise ValueError(f"timeout: must be > 0, got {self.timeout_s}")
         if self.triton_metrics is not None and not self.triton_metrics.startswith("http://"):
             raise ValueError(f"triton-metrics: give http://HOST:PORT/metrics, got {self.triton_metrics!r}")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"baseline: unknown {unknown}; expected some of {', '.join(BASELINES)}")
+        self.baselines = list(dict.fromkeys(self.baselines))
+        if not 1 <= self.baseline_requests <= 1000:
+            raise ValueError(f"baseline-requests: must be within [1, 1000], got {self.baseline_requests}")
 
     @property
     def time_cap_s(self) -> float:
@@ -346,13 +362,17 @@ class LoadRunner:
         mode = sample_modes(self.config.mix, 1, self.mode_rng)[0]
         return index, repeated, mode
 
-    async def _one(self, t0: float, scheduled: float | None = None) -> dict:
+    async def _one(self, t0: float, scheduled: float | None = None, reserved: bool = False) -> dict:
+        """One request; ``reserved``: the caller already counted it in ``in_flight`` (the open loop
+        counts a request when it creates its task, so that a loop running behind schedule, creating
+        several tasks before any starts, still sheds beyond ``max_in_flight``)."""
         loop = asyncio.get_running_loop()
         index, repeated, mode = self._choose()
         start = loop.time() if scheduled is None else scheduled
         record = {"t_s": start - t0, "mode": str(mode), "image": index, "repeated": repeated, "ok": False,
                   "code": None, "ms": None, "timings": None}
-        self.in_flight += 1
+        if not reserved:
+            self.in_flight += 1
         try:
             record["timings"] = await self.transport.ask(index, mode)
             record["ok"] = True
@@ -420,7 +440,8 @@ class LoadRunner:
                     records.append({"t_s": arrival, "mode": str(mode), "image": index, "repeated": repeated,
                                     "ok": False, "code": "client_overload", "ms": None, "timings": None})
                     continue
-                tasks.append(asyncio.create_task(self._one(t0, scheduled=t0 + arrival)))
+                self.in_flight += 1
+                tasks.append(asyncio.create_task(self._one(t0, scheduled=t0 + arrival, reserved=True)))
             await asyncio.gather(*tasks)
         finally:
             ticker.cancel()
@@ -500,6 +521,122 @@ class LoadRunner:
 
 
 # --------------------------------------------------------------------------------------------
+# Baselines in the same run: the pipeline with no server, on the same images and questions
+
+
+def baseline_plan(config: LoadConfig, count: int | None = None) -> list[tuple[int, str]]:
+    """(image index, mode) of each baseline request: the pool's first images, which the sweep then
+    sends as its first fresh images, and modes drawn from the sweep's mix (own seeded stream)."""
+    n = config.baseline_requests if count is None else count
+    modes = sample_modes(config.mix, n, np.random.default_rng([config.seed, 2]))
+    return [(i, str(mode)) for i, mode in enumerate(modes)]
+
+
+def _load_pipeline(name: str, profile_name: str):
+    from mofserve.core.checkpoints import resolve_profile
+    from mofserve.core.profiles import get_profile
+    from mofserve.export.pipeline import export_profile
+
+    from .frontend import EagerPipeline, InProcessPipeline
+
+    profile = get_profile(profile_name)
+    if name == "eager":
+        return EagerPipeline(profile, resolve_profile(profile))
+    return InProcessPipeline(export_profile(profile, target="cpu", log=lambda m: None))
+
+
+def run_baseline(name: str, config: LoadConfig, images: ImagePool, profile_name: str,
+                 progress: Progress | None = None) -> dict:
+    """One baseline: load it, answer one untimed request per mode, then the plan's requests one at a
+    time (wall time per request; throughput = requests / total time). torch's thread count is put
+    back afterwards (the exported pipeline sets the LM's, as the served model does)."""
+    import gc
+
+    import torch
+
+    progress = progress or Progress(config.progress)
+    plan = baseline_plan(config)
+    images.ensure(len(plan) + 1)
+    threads = torch.get_num_threads()
+    try:
+        t0 = time.perf_counter()
+        pipeline = _load_pipeline(name, profile_name)
+        load_s = time.perf_counter() - t0
+        warm_image = images[len(plan)]  # not among the timed ones
+        for mode in dict.fromkeys(m for _, m in plan):
+            pipeline.answer(warm_image, mode, config.question, config.options, config.max_new_tokens)
+        records = []
+        t0 = time.perf_counter()
+        for index, mode in plan:
+            started = time.perf_counter()
+            answer, stages = pipeline.answer(images[index], mode, config.question, config.options,
+                                             config.max_new_tokens)
+            records.append({"image": index, "mode": mode, "ms": (time.perf_counter() - started) * 1e3,
+                            "stages": stages, "chosen": answer.chosen_option, "answer": answer.text})
+            progress.show(f"baseline {name}: {len(records)}/{len(plan)} requests")
+        elapsed = time.perf_counter() - t0
+        label, runtime, precision = pipeline.label, pipeline.runtime, pipeline.precision
+        del pipeline
+        gc.collect()
+    finally:
+        torch.set_num_threads(threads)
+    latency = latency_summary([r["ms"] for r in records])
+    progress.show(f"baseline {name} ({label}): {len(records) / elapsed:.2f} req/s, p50 {latency['p50']:.1f} ms",
+                  final=True)
+    return {"name": name, "label": label, "runtime": runtime, "precision": precision, "profile": profile_name,
+            "load_s": load_s, "requests": len(records), "elapsed_s": elapsed,
+            "throughput_rps": len(records) / elapsed if elapsed > 0 else math.nan, "latency_ms": latency,
+            "stages_ms": stage_means(r["stages"] for r in records), "records": records}
+
+
+def run_baselines(config: LoadConfig, images: ImagePool, profile_name: str) -> dict[str, dict]:
+    return {name: run_baseline(name, config, images, profile_name) for name in config.baselines}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float:
+    if numerator is None or denominator is None or not denominator > 0 or not math.isfinite(numerator):
+        return math.nan
+    return numerator / denominator
+
+
+def baseline_ratios(baselines: Mapping[str, Mapping], points: Sequence[Mapping]) -> dict:
+    """The issue's two same-run ratios with MET / MISSED (None where a side is missing):
+
+    * ``throughput``: serving throughput at the best concurrency / the eager baseline's (>= 2x);
+    * ``p50_c1``: p50 at concurrency 1 of the FRESH images (a repeated image skips the encoders, the
+      in-process pipeline has no cache) / the exported in-process pipeline's p50 (<= 1.15x).
+    Plus, for reading them, the serving / exported throughput and the all-request p50 ratio."""
+    closed = [p for p in points if p["kind"] == "concurrency" and p["ok"] > 0]
+    best = max(closed, key=lambda p: p["throughput_rps"], default=None)
+    c1 = next((p for p in closed if p["value"] == 1), None)
+    fresh_c1 = [r["ms"] for r in (c1 or {}).get("records", ()) if r["ok"] and not r["repeated"]]
+    eager, exported = baselines.get("eager"), baselines.get("exported")
+
+    def verdict(value: float, target: float, at_least: bool) -> str | None:
+        if not math.isfinite(value):
+            return None
+        return "MET" if (value >= target if at_least else value <= target) else "MISSED"
+
+    throughput = _ratio(best["throughput_rps"] if best else None, eager["throughput_rps"] if eager else None)
+    p50_fresh = latency_summary(fresh_c1)["p50"] if fresh_c1 else math.nan
+    p50 = _ratio(p50_fresh, exported["latency_ms"]["p50"] if exported else None)
+    return {
+        "throughput": {"value": throughput, "target": THROUGHPUT_TARGET, "at_least": True,
+                       "verdict": verdict(throughput, THROUGHPUT_TARGET, True),
+                       "serving_rps": best["throughput_rps"] if best else None,
+                       "best_concurrency": best["value"] if best else None,
+                       "eager_rps": eager["throughput_rps"] if eager else None},
+        "p50_c1": {"value": p50, "target": P50_TARGET, "at_least": False, "verdict": verdict(p50, P50_TARGET, False),
+                   "serving_p50_ms": p50_fresh, "fresh_requests": len(fresh_c1),
+                   "exported_p50_ms": exported["latency_ms"]["p50"] if exported else None},
+        "throughput_vs_exported": _ratio(best["throughput_rps"] if best else None,
+                                         exported["throughput_rps"] if exported else None),
+        "p50_c1_all_vs_exported": _ratio(c1["latency_ms"]["p50"] if c1 else None,
+                                         exported["latency_ms"]["p50"] if exported else None),
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -508,17 +645,24 @@ async def run_load(config: LoadConfig, images: ImagePool | None = None) -> dict:
     from .report import build_report
 
     images = images or ImagePool()
-    images.ensure(FIRST_POOL)
+    images.ensure(max(FIRST_POOL, config.baseline_requests + 1 if config.baselines else 0))
     transport = make_transport(config.target, config, images)
     await transport.open()
+    baselines: dict[str, dict] = {}
     try:
         server = await transport.info()
-        runner = LoadRunner(config, transport, images)
         began = time.time()
+        if config.baselines:
+            profile = config.baseline_profile or server.get("profile")
+            if not profile:
+                raise RuntimeError("baseline: the server did not say its profile; give --baseline-profile")
+            # CPU-bound and blocking: off the loop, which may also serve the front-end (tests)
+            baselines = await asyncio.to_thread(run_baselines, config, images, profile)
+        runner = LoadRunner(config, transport, images)
         points = await runner.run()
     finally:
         await transport.close()
-    return build_report(config, server, points, began=began, images=len(images))
+    return build_report(config, server, points, began=began, images=len(images), baselines=baselines or None)
 
 
 def parse_ready(line: str) -> dict[str, str] | None:
@@ -540,6 +684,14 @@ def triton_metrics_url(log: str) -> str | None:
     return found[-1] if found else None
 
 
+def triton_grpc_address(log: str) -> str | None:
+    """Triton's gRPC HOST:PORT that ``mofserve serve`` logs at start-up (``Triton gRPC HOST:PORT,``)."""
+    import re
+
+    found = re.findall(r"Triton gRPC ([^\s,]+)", log)
+    return found[-1] if found else None
+
+
 class ServeProcess:
     """``mofserve serve --profile P`` on free loopback ports in a child process: started, waited for
     until its ``READY`` line, stopped with SIGTERM (then SIGKILL after ``stop_timeout_s``). Its
@@ -552,6 +704,7 @@ class ServeProcess:
         self.process = None
         self.endpoints: dict[str, str] | None = None
         self.triton_metrics: str | None = None
+        self.triton_grpc: str | None = None
 
     def __enter__(self) -> ServeProcess:
         import subprocess
@@ -582,7 +735,9 @@ class ServeProcess:
             self.__exit__(None, None, None)
             raise RuntimeError(f"mofserve serve --profile {self.profile} did not get ready "
                                f"(exit code {self.process.returncode}); see {self.log_path}")
-        self.triton_metrics = triton_metrics_url(self.log_path.read_text(errors="replace"))
+        log_text = self.log_path.read_text(errors="replace")
+        self.triton_metrics = triton_metrics_url(log_text)
+        self.triton_grpc = triton_grpc_address(log_text)
         print(f"[load] server ready: {self.endpoints['grpc']} {self.endpoints['http']} (Triton metrics "
               f"{self.triton_metrics})", file=sys.stderr, flush=True)
         return self
@@ -639,6 +794,23 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve", metavar="PROFILE", choices=("tiny", "small", "paper"),
                         help="start `mofserve serve --profile PROFILE` on free loopback ports for the run and stop "
                              "it afterwards (its log: OUT/serve.log); --target's scheme picks gRPC or HTTP")
+    parser.add_argument("--baseline", nargs="+", choices=BASELINES, default=[], metavar="NAME",
+                        help="before the sweep, in this process, answer the same images and questions with no "
+                             "server: eager (transformers + PyTorch fp32, one at a time) and/or exported (the "
+                             "served graphs in-process); reports the throughput and p50 ratios against the targets")
+    parser.add_argument("--baseline-requests", type=int, default=DEFAULT_BASELINE_REQUESTS, metavar="N",
+                        help=f"timed requests per baseline (default {DEFAULT_BASELINE_REQUESTS})")
+    parser.add_argument("--baseline-profile", choices=("tiny", "small"),
+                        help="profile of the baselines (default: the one the server reports)")
+    parser.add_argument("--perf-analyzer", nargs="+", metavar="MODEL",
+                        help="after the sweep, NVIDIA perf_analyzer on these Triton ensembles (tokens_<mode>, "
+                             "vqa_<mode>, embed) at the same concurrencies, beside the front-end's points "
+                             "(installs it into $MOFSERVE_HOME/tools on first use; needs --serve or --triton-url)")
+    parser.add_argument("--triton-url", metavar="HOST:PORT",
+                        help="Triton's gRPC address for --perf-analyzer without --serve")
+    from .perf_analyzer import add_perf_analyzer_arguments
+
+    add_perf_analyzer_arguments(parser, standalone=False)
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -647,25 +819,51 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
                       warmup_s=args.warmup, mix=parse_mix(args.mix), repeat_ratio=args.repeat_ratio,
                       question=args.question, options=args.options, max_new_tokens=args.max_new_tokens,
                       timeout_s=args.timeout, max_in_flight=args.max_in_flight, seed=args.seed,
-                      progress=not args.quiet, triton_metrics=args.triton_metrics)
+                      progress=not args.quiet, triton_metrics=args.triton_metrics,
+                      baselines=list(getattr(args, "baseline", None) or []),
+                      baseline_requests=getattr(args, "baseline_requests", DEFAULT_BASELINE_REQUESTS),
+                      baseline_profile=getattr(args, "baseline_profile", None))
+
+
+def _perf_analyzer_section(args: argparse.Namespace, config: LoadConfig, triton_grpc: str | None) -> dict | None:
+    """perf_analyzer on ``args.perf_analyzer``'s models at the sweep's concurrencies (None when not asked)."""
+    from .perf_analyzer import ToolUnavailable, config_from_args, run_sweep
+
+    models = getattr(args, "perf_analyzer", None)
+    if not models:
+        return None
+    if not triton_grpc:
+        raise RuntimeError("perf-analyzer: give --serve PROFILE or --triton-url HOST:PORT (Triton's gRPC address)")
+    pa_config = config_from_args(args, triton_grpc, models, config.concurrency or DEFAULT_CONCURRENCY,
+                                 config.triton_metrics)
+    out = args.out or default_out_dir()
+    try:
+        return run_sweep(pa_config, work=out / "perf_analyzer")
+    except ToolUnavailable as error:  # the front-end's report is kept; the section says why
+        print(f"mofserve bench load: perf_analyzer: {error}", file=sys.stderr)
+        return {"error": str(error), "points": []}
 
 
 def main(args: argparse.Namespace) -> int:
     from .report import format_markdown, write_report
 
     config = config_from_args(args)
-    out = args.out or default_out_dir()
+    args.out = out = args.out or default_out_dir()
     try:
         if getattr(args, "serve", None):
             with ServeProcess(args.serve, out / "serve.log") as served:
                 config.target = parse_target(served.endpoints[config.target.scheme])
                 config.triton_metrics = config.triton_metrics or served.triton_metrics
                 report = asyncio.run(run_load(config))
+                section = _perf_analyzer_section(args, config, served.triton_grpc)
         else:
             report = asyncio.run(run_load(config))
+            section = _perf_analyzer_section(args, config, getattr(args, "triton_url", None))
     except RuntimeError as error:
         print(f"mofserve bench load: {error}", file=sys.stderr)
         return 1
+    if section is not None:
+        report["perf_analyzer"] = section
     written = write_report(report, out, plots=not args.no_plots)
     print(format_markdown(report))
     print(f"\nwritten: {', '.join(str(p) for p in written)}")

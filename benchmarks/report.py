@@ -36,11 +36,11 @@ def machine_info() -> dict:
 
 
 def build_report(config, server: Mapping, points: Sequence[Mapping], began: float | None = None,
-                 images: int | None = None) -> dict:
+                 images: int | None = None, baselines: Mapping[str, Mapping] | None = None) -> dict:
     from .encoders import git_commit
     from .frontend import load_average, versions
 
-    return {
+    report = {
         "benchmark": "load",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "began": _dt.datetime.fromtimestamp(began, _dt.UTC).isoformat(timespec="seconds") if began else None,
@@ -58,6 +58,11 @@ def build_report(config, server: Mapping, points: Sequence[Mapping], began: floa
         "repeat_stages_ms": stages_by_repeat(points),
         "points": list(points),
     }
+    if baselines:
+        from .load import baseline_ratios
+
+        report["baselines"] = {"runs": dict(baselines), "ratios": baseline_ratios(baselines, points)}
+    return report
 
 
 def _extra_versions() -> dict:
@@ -164,7 +169,89 @@ def format_triton_table(points: Sequence[Mapping]) -> str | None:
                       "cache hit / miss |", "|---|---|---:|---:|---:|---:|---:|---|", *rows])
 
 
+def _x(value, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}x"
+
+
+def format_baseline_table(baselines: Mapping) -> str:
+    """The in-process baselines (same images and questions as the sweep, one request at a time) and
+    the issue's two same-run ratios with their verdicts."""
+    lines = ["| baseline | runtime, precision | requests | req/s | p50 ms | p90 ms | p99 ms | mean ms | "
+             "encoders ms | LLM ms | load s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, b in baselines["runs"].items():
+        lat, st = b["latency_ms"], b.get("stages_ms") or {}
+        lines.append(f"| {name} ({b['label']}) | {b['runtime']}, {b['precision']} | {b['requests']} | "
+                     f"{_f(b['throughput_rps'], 2)} | {_f(lat['p50'])} | {_f(lat['p90'])} | {_f(lat['p99'])} | "
+                     f"{_f(lat['mean'])} | {_f(st.get('encoders_ms'))} | {_f(st.get('llm_ms'))} | "
+                     f"{_f(b['load_s'])} |")
+    r = baselines["ratios"]
+    t, p = r["throughput"], r["p50_c1"]
+    lines += ["", "| ratio (same run) | value | target | verdict |", "|---|---:|---:|---|",
+              f"| serving throughput at the best concurrency (c={_f(t['best_concurrency'], 0)}: "
+              f"{_f(t['serving_rps'], 2)} req/s) / eager ({_f(t['eager_rps'], 2)} req/s) | {_x(t['value'])} | "
+              f">= {t['target']:g}x | {t['verdict'] or 'n/a'} |",
+              f"| p50 at c=1, fresh images ({_f(p['serving_p50_ms'])} ms, n={p['fresh_requests']}) / exported "
+              f"in-process p50 ({_f(p['exported_p50_ms'])} ms) | {_x(p['value'])} | <= {p['target']:g}x | "
+              f"{p['verdict'] or 'n/a'} |",
+              f"| serving throughput (best) / exported in-process throughput | {_x(r['throughput_vs_exported'])} | | |",
+              f"| p50 at c=1, all requests / exported in-process p50 | {_x(r['p50_c1_all_vs_exported'])} | | |"]
+    return "\n".join(lines)
+
+
+def _cache_hits(point: Mapping) -> str:
+    cache = (point.get("triton") or {}).get("feature_cache", {})
+    if not cache:
+        return ""
+    hit = sum(v.get("hit", 0) for v in cache.values())
+    miss = sum(v.get("miss", 0) for v in cache.values())
+    return f"{hit} / {miss}"
+
+
+def format_perf_analyzer_table(section: Mapping) -> str:
+    """perf_analyzer's points: per model and concurrency, its throughput, latency percentiles and
+    its split of the average latency (server queue, server compute, network + server I/O)."""
+    lines = ["| model | point | infer/s | " + " | ".join(f"p{q} ms" for q in PERCENTILES) + " | mean ms | "
+             "server queue ms | server compute ms | network + server I/O ms | encoder cache hit / miss | error |",
+             "|---|---|---:|" + "---:|" * len(PERCENTILES) + "---:|---:|---:|---:|---|---|"]
+    for p in section.get("points", ()):
+        if p.get("error"):
+            lines.append(f"| {p['model']} | {_label(p)} |" + " - |" * (len(PERCENTILES) + 5)
+                         + f" {_cache_hits(p)} | {p['error'].replace('|', '/')} |")
+            continue
+        lat, st = p["latency_ms"], p.get("stages_ms") or {}
+        compute = sum(st.get(k) or 0.0 for k in ("server_compute_input", "server_compute_infer",
+                                                 "server_compute_output"))
+        lines.append(f"| {p['model']} | {_label(p)} | {_f(p['throughput_rps'], 2)} | "
+                     + " | ".join(_f(lat.get(f"p{q}")) for q in PERCENTILES)
+                     + f" | {_f(lat.get('mean'))} | {_f(st.get('server_queue'))} | {_f(compute)} | "
+                     f"{_f(st.get('network_server_send_recv'))} | {_cache_hits(p)} | |")
+    return "\n".join(lines)
+
+
+def _perf_analyzer_intro(section: Mapping) -> str:
+    if section.get("error"):
+        return f"perf_analyzer did not run: {section['error']}"
+    c, tool, images = section["config"], section.get("tool", {}), section.get("images", {})
+    return (f"NVIDIA perf_analyzer ({tool.get('version', '?')}, from the tritonclient {tool.get('tritonclient', '?')} "
+            f"wheel) straight to Triton's gRPC {c['triton_grpc']}, no front-end: count windows of "
+            f"{c['request_count']} requests, stability {c['stability_percent']}%, at most {c['max_trials']} trials; "
+            f"input data: {images.get('count')} real-image JPEGs cycled (after the first pass the encoders answer "
+            f"from their feature cache: hits / misses per point below).")
+
+
 def format_markdown(report: Mapping) -> str:
+    if report.get("benchmark") == "perf_analyzer":
+        section, machine = report["perf_analyzer"], report["machine"]
+        return "\n".join([
+            f"# mofserve bench perf-analyzer: {report['target']} ({report['created']})", "",
+            f"Server profile `{report['server'].get('profile')}`; machine {machine['cpu_model']}, "
+            f"{machine['usable_cpus']} usable CPUs; git {report['git_commit']}; load average at the end "
+            f"{report['load_average_end']}.", "", _perf_analyzer_intro(section), "",
+            format_perf_analyzer_table(section)])
+    return _format_load_markdown(report)
+
+
+def _format_load_markdown(report: Mapping) -> str:
     server, machine, config = report["server"], report["machine"], report["config"]
     mix = ", ".join(f"{m} {w:.0%}" for m, w in config["mix"].items())
     bound = (f"{config['duration_s']:g} s" if config["duration_s"] is not None else "") + (
@@ -195,6 +282,14 @@ def format_markdown(report: Mapping) -> str:
     if triton:
         lines += ["", "Triton's own metrics over each timed phase (mean ms per request of that model; an "
                   "ensemble's request time includes its steps):", "", triton]
+    if report.get("baselines"):
+        lines += ["", "## Baselines in the same run", "",
+                  "Before the sweep, in the benchmark's own process, the same question on the sweep's first "
+                  "images (its first fresh requests) with modes drawn from the same mix, one request at a time, "
+                  "after one untimed request per mode:", "", format_baseline_table(report["baselines"])]
+    if report.get("perf_analyzer"):
+        lines += ["", "## perf_analyzer on the Triton ensembles", "", _perf_analyzer_intro(report["perf_analyzer"]),
+                  "", format_perf_analyzer_table(report["perf_analyzer"])]
     return "\n".join(lines)
 
 
@@ -217,6 +312,37 @@ def _plots(report: Mapping, out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+
+    pa_points = [p for p in (report.get("perf_analyzer") or {}).get("points", ()) if not p.get("error")]
+    if pa_points:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        series: dict[str, list[Mapping]] = {}
+        for p in pa_points:
+            series.setdefault(f"perf_analyzer {p['model']}", []).append(p)
+        closed = [p for p in points if p["kind"] == "concurrency" and p["ok"] > 0]
+        if closed:
+            series[f"front-end ({report.get('transport')}, mode mix)"] = closed
+        for name, pts in series.items():
+            pts = sorted(pts, key=lambda p: p["value"])
+            xs = [p["value"] for p in pts]
+            left.plot(xs, [p["throughput_rps"] for p in pts], marker="o", label=name)
+            line, = right.plot(xs, [p["latency_ms"]["p50"] for p in pts], marker="o", label=f"{name} p50")
+            right.plot(xs, [p["latency_ms"]["p99"] for p in pts], marker="x", linestyle="--", color=line.get_color(),
+                       label=f"{name} p99")
+        left.set_xlabel("concurrency")
+        left.set_ylabel("throughput, req/s")
+        left.set_ylim(bottom=0)
+        left.set_title("Throughput: perf_analyzer (Triton direct) vs front-end")
+        right.set_xlabel("concurrency")
+        right.set_ylabel("latency, ms")
+        right.set_title("p50 (solid) and p99 (dashed)")
+        for ax in (left, right):
+            ax.set_xticks(sorted({p["value"] for pts in series.values() for p in pts}))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "perf_analyzer.png")
+    if not points:
+        return written
 
     for kind, xlabel in (("concurrency", "concurrency (closed loop)"), ("rate", "offered rate, req/s (open loop)")):
         pts = [p for p in points if p["kind"] == kind]

@@ -61,6 +61,12 @@ def _cmd_bench_load(args: argparse.Namespace) -> int:
     return bench_load(args)
 
 
+def _cmd_bench_perf_analyzer(args: argparse.Namespace) -> int:
+    from mofserve.benchmarks.perf_analyzer import main as bench_perf_analyzer
+
+    return bench_perf_analyzer(args)
+
+
 # `mofserve serve` flags of admission control and security (docs/reliability.md); the token itself
 # has no flag (a command line is visible to every user of the machine): MOFSERVE_AUTH_TOKEN, TOML or a file
 SERVE_LIMIT_AND_SECURITY_FLAGS = ("max_in_flight", "max_queue", "default_deadline_s", "max_deadline_s",
@@ -169,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="See docs/benchmarks.md (Load).")
     add_load_arguments(load)
     load.set_defaults(func=_cmd_bench_load)
+    from mofserve.benchmarks.perf_analyzer import add_perf_analyzer_arguments
+
+    pa = bench_sub.add_parser("perf-analyzer", help="NVIDIA perf_analyzer on the Triton ensembles with real-image "
+                                                    "input data (installed into $MOFSERVE_HOME/tools on first use); "
+                                                    "JSON + Markdown + PNG report",
+                              description="See docs/benchmarks.md (perf_analyzer).")
+    add_perf_analyzer_arguments(pa)
+    pa.set_defaults(func=_cmd_bench_perf_analyzer)
 
     serve = sub.add_parser(
         "serve", help="export if needed, start Triton and the gRPC + HTTP front-ends, supervise, stop on SIGTERM",

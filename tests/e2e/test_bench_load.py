@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from mofserve.benchmarks.load import ImagePool, LoadConfig, parse_target, run_load
-from mofserve.benchmarks.report import write_report
+from mofserve.benchmarks.report import format_markdown, write_report
 from mofserve.server.grpc_service import build_grpc_server
 from mofserve.server.http_api import build_http_app, start_http
 
@@ -103,3 +103,38 @@ def test_http_open_loop_point(servers, images, loop_thread):
     assert point["requests"] >= 2 and point["errors"] == 0, point["errors_by_code"]
     assert point["modes"] == {"clip": point["requests"]} and point["stages_ms"]["llm_ms"] > 0
     assert point["stages_ms"]["dinov2_ms"] == 0  # clip mode runs CLIP's encoder only
+
+
+def test_baselines_run_before_the_sweep_on_the_same_images_with_ratios(servers, images, loop_thread, tiny_triton):
+    config = LoadConfig(parse_target(servers.grpc), concurrency=[1, 2], duration_s=2.0, warmup_s=0,
+                        mix={"interleaved": 0.5, "clip": 0.5}, repeat_ratio=0.0, max_new_tokens=4, timeout_s=30,
+                        seed=11, progress=False, baselines=["eager", "exported"], baseline_requests=3)
+    report = loop_thread.run(run_load(config, images=images), timeout=180)
+
+    runs = report["baselines"]["runs"]
+    assert list(runs) == ["eager", "exported"]
+    assert (runs["eager"]["runtime"], runs["eager"]["precision"]) == ("pytorch", "fp32")
+    assert runs["exported"]["runtime"] == "onnxruntime" and runs["exported"]["profile"] == "tiny"
+    plan = [(r["image"], r["mode"]) for r in runs["eager"]["records"]]
+    assert plan == [(r["image"], r["mode"]) for r in runs["exported"]["records"]] and len(plan) == 3
+    assert [i for i, _ in plan] == [0, 1, 2]
+    for run in runs.values():
+        assert run["requests"] == 3 and run["throughput_rps"] > 0 and run["load_s"] > 0
+        lat = run["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["max"]
+        assert run["stages_ms"]["llm_ms"] > 0 and run["stages_ms"]["clip_ms"] > 0
+        assert all(r["chosen"] in ("a", "b") for r in run["records"])
+    # tiny serves fp32 everywhere: the eager and exported pipelines choose the same options
+    assert [r["chosen"] for r in runs["eager"]["records"]] == [r["chosen"] for r in runs["exported"]["records"]]
+    # the sweep then sends the same images first (fresh: the server never saw them)
+    c1 = report["points"][0]
+    assert [r["image"] for r in c1["records"][:3]] == [0, 1, 2] and not any(r["repeated"] for r in c1["records"])
+
+    ratios = report["baselines"]["ratios"]
+    best = max(p["throughput_rps"] for p in report["points"])
+    assert ratios["throughput"]["value"] == pytest.approx(best / runs["eager"]["throughput_rps"])
+    assert ratios["throughput"]["verdict"] in ("MET", "MISSED") and ratios["p50_c1"]["verdict"] in ("MET", "MISSED")
+    assert ratios["p50_c1"]["fresh_requests"] == c1["ok"]
+    assert ratios["p50_c1"]["value"] == pytest.approx(c1["latency_ms"]["p50"] / runs["exported"]["latency_ms"]["p50"])
+    markdown = format_markdown(report)
+    assert "## Baselines in the same run" in markdown and "eager (eager PyTorch fp32)" in markdown

@@ -353,3 +353,91 @@ def test_triton_metrics_url_from_the_serve_log_and_the_ready_line():
     assert L.parse_ready("READY soon") is None and L.parse_ready("hello") is None
     with pytest.raises(ValueError, match="triton-metrics"):
         L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), triton_metrics="127.0.0.1:4")
+
+
+def test_triton_grpc_address_from_the_serve_log():
+    log = ("[serve] serving profile small: gRPC 127.0.0.1:1, HTTP http://127.0.0.1:2 (...); "
+           "Triton gRPC 127.0.0.1:3, Triton metrics http://127.0.0.1:4/metrics\n")
+    assert L.triton_grpc_address(log) == "127.0.0.1:3"
+    assert L.triton_grpc_address("nothing") is None
+
+
+# ---- baselines in the same run -------------------------------------------------------------------
+
+
+def test_baseline_config_is_validated_and_deduplicated():
+    target = L.parse_target("grpc://127.0.0.1:1")
+    config = L.LoadConfig(target, baselines=["eager", "exported", "eager"], baseline_requests=3)
+    assert config.baselines == ["eager", "exported"] and config.baseline_requests == 3
+    with pytest.raises(ValueError, match="baseline"):
+        L.LoadConfig(target, baselines=["notebook"])
+    with pytest.raises(ValueError, match="baseline-requests"):
+        L.LoadConfig(target, baselines=["eager"], baseline_requests=0)
+
+
+def test_cli_baseline_and_perf_analyzer_options():
+    from mofserve.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "load", "--baseline", "eager", "exported", "--baseline-requests", "4",
+                                      "--perf-analyzer", "vqa_clip", "--pa-requests", "5"])
+    config = L.config_from_args(args)
+    assert config.baselines == ["eager", "exported"] and config.baseline_requests == 4
+    assert args.perf_analyzer == ["vqa_clip"] and args.pa_requests == 5
+    pa = build_parser().parse_args(["bench", "perf-analyzer", "--triton-url", "127.0.0.1:8001", "--models",
+                                    "tokens_clip", "--concurrency", "1", "3"])
+    assert pa.func.__name__ == "_cmd_bench_perf_analyzer" and pa.concurrency == [1, 3]
+
+
+def test_baseline_plan_takes_the_first_images_and_modes_from_the_mix():
+    config = L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), mix=S.parse_mix("clip=1,interleaved=1"),
+                          baseline_requests=200, seed=4)
+    plan = L.baseline_plan(config)
+    assert [i for i, _ in plan] == list(range(200))  # the sweep's first fresh images
+    counts = Counter(m for _, m in plan)
+    assert set(counts) == {"clip", "interleaved"} and 70 < counts["clip"] < 130
+    assert plan == L.baseline_plan(config)  # seeded
+
+
+def _point(value, rps, ms_fresh, ms_repeated=()):
+    records = [_record(ms) for ms in ms_fresh] + [_record(ms, repeated=True) for ms in ms_repeated]
+    point = S.summarise_point(records, elapsed_s=1.0)
+    point.update(kind="concurrency", value=value, throughput_rps=rps, records=records)
+    return point
+
+
+def _baseline(rps, p50):
+    return {"throughput_rps": rps, "latency_ms": S.latency_summary([p50]), "label": "x", "runtime": "r",
+            "precision": "fp32", "requests": 1, "load_s": 1.0, "stages_ms": {}}
+
+
+def test_baseline_ratios_use_the_best_concurrency_and_fresh_images_at_c1():
+    points = [_point(1, 2.0, [100.0, 110.0, 120.0], ms_repeated=[5.0, 5.0, 5.0, 5.0]), _point(2, 3.5, [150.0]),
+              _point(4, 3.0, [300.0])]
+    ratios = L.baseline_ratios({"eager": _baseline(1.5, 600.0), "exported": _baseline(2.5, 100.0)}, points)
+    t, p = ratios["throughput"], ratios["p50_c1"]
+    assert t["best_concurrency"] == 2 and t["value"] == pytest.approx(3.5 / 1.5) and t["verdict"] == "MET"
+    # repeated images (cache hits at 5 ms) are left out of the c=1 p50: 110 / 100
+    assert p["serving_p50_ms"] == 110.0 and p["fresh_requests"] == 3
+    assert p["value"] == pytest.approx(1.10) and p["verdict"] == "MET"
+    assert ratios["throughput_vs_exported"] == pytest.approx(3.5 / 2.5)
+    assert ratios["p50_c1_all_vs_exported"] < 1.0  # what the cache would hide
+    missed = L.baseline_ratios({"eager": _baseline(2.0, 600.0), "exported": _baseline(2.5, 90.0)}, points)
+    assert missed["throughput"]["verdict"] == "MISSED" and missed["p50_c1"]["verdict"] == "MISSED"
+    only_eager = L.baseline_ratios({"eager": _baseline(1.0, 600.0)}, points)
+    assert only_eager["p50_c1"]["verdict"] is None and math.isnan(only_eager["p50_c1"]["value"])
+
+
+def test_report_has_the_baseline_section_with_verdicts(tmp_path):
+    from mofserve.benchmarks.report import build_report
+
+    config = L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), concurrency=[1, 2], baselines=["eager", "exported"])
+    points = [_point(1, 2.0, [100.0, 110.0, 120.0]), _point(2, 3.5, [150.0])]
+    baselines = {"eager": _baseline(1.5, 600.0), "exported": _baseline(2.5, 100.0)}
+    report = build_report(config, {"profile": "small"}, points, began=1.0, images=8, baselines=baselines)
+    assert report["baselines"]["ratios"]["throughput"]["verdict"] == "MET"
+    md = format_markdown(report)
+    assert "## Baselines in the same run" in md and "| 2.33x | >= 2x | MET |" in md
+    assert "| 1.10x | <= 1.15x | MET |" in md
+    write_report(report, tmp_path / "out", plots=False)
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["baselines"]["ratios"]["p50_c1"]["value"] == pytest.approx(1.1)

