@@ -13,7 +13,7 @@ No A-MoF weights were released, so ``additive`` uses a checkpoint's
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,17 @@ def check_alpha(alpha: float) -> float:
     if math.isnan(a) or not 0.0 <= a <= 1.0:
         raise ValueError(f"alpha: must be within [0, 1] (the DINOv2 proportion of A-MoF), got {alpha!r}")
     return a
+
+
+def alpha_column(values: Sequence[float] | None, rows: int, default: float) -> list[float]:
+    """One checked alpha per batch row of a request: its ``ALPHA`` values (one per row, or one for
+    every row), or the profile's default when the request has none."""
+    if values is None or len(values) == 0:
+        return [check_alpha(default)] * rows
+    checked = [check_alpha(v) for v in values]
+    if len(checked) not in (1, rows):
+        raise ValueError(f"alpha: expected one value per batch row ({rows}) or one for all, got {len(checked)}")
+    return checked if len(checked) == rows else checked * rows
 
 
 class Fuser(nn.Module):

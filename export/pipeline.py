@@ -43,6 +43,9 @@ def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
     for step, config in enumerate(EXPORTS, start=1):
         log(f"[{step}/{len(EXPORTS) + 1}] {config.model_name}")
         skip = config.skip_reason(paths)
+        if target == "gpu-torch":  # no ONNX: the encoders load the checkpoints (export/torch_runtime.py)
+            log(f"{config.model_name}: no ONNX export for gpu-torch ({skip or 'served from the checkpoint'})")
+            continue
         if skip:
             log(f"{config.model_name}: skipped: {skip}")
             continue

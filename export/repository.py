@@ -10,6 +10,9 @@ python-backend models emit:
 - ``gpu-onnx``: the encoders use Triton's native ``onnxruntime_onnx`` platform with the
   TensorRT execution provider in FP16, ``KIND_GPU``; python models run on the GPU.
 - ``gpu-trt``: the encoders are ``tensorrt_plan`` engines built on the serving GPU.
+- ``gpu-torch``: no ONNX; the encoders (``model_repository/torch_encoder``) and the fusion
+  (``torch_fuse``) are PyTorch modules on the GPU in bf16, loaded from the checkpoints
+  (``export.torch_runtime``), tensors handed over by DLPack; a machine with only PyTorch serves it.
 
 Configs are protobuf ``ModelConfig`` messages (Triton's own schema, from tritonclient) printed
 as text, so that a typo in a field name is an error here rather than at server start.
@@ -28,7 +31,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from mofserve.core import tensors as T
-from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_logit_scale
+from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_config, read_logit_scale
 from mofserve.core.preprocessing import DEFAULT_LIMITS
 from mofserve.core.profiles import Profile
 from mofserve.core.tensors import FusionMode
@@ -36,7 +39,7 @@ from mofserve.core.tensors import FusionMode
 from .fingerprint import settings_digest
 from .onnx_export import ExportedGraph
 
-TARGETS = ("cpu", "gpu-onnx", "gpu-trt")
+TARGETS = ("cpu", "gpu-onnx", "gpu-trt", "gpu-torch")
 REPOSITORY_FORMAT = 1
 _FP32, _STRING = mc.TYPE_FP32, mc.TYPE_STRING
 
@@ -111,9 +114,24 @@ def tokenize_text_spec(profile: Profile, shapes: ModelShapes, paths: CheckpointP
     return ModelSpec(c, source="tokenize_text")
 
 
-def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, target: str) -> ModelSpec:
-    name = graph.model_name
+def torch_encoder_spec(name: str, shapes: ModelShapes, profile: Profile, paths: CheckpointPaths) -> ModelSpec:
+    """gpu-torch: the encoder as a PyTorch module on the GPU (``model_repository/torch_encoder``),
+    loaded from the checkpoint, gated against fp32 at start-up, padded to batch buckets. No
+    timing output, like the other gpu targets' encoders (Triton's statistics time it)."""
+    from .torch_runtime import encoder_parameters
+
     c = mc.ModelConfig(name=name)
+    _encoder_io(c, name, shapes)
+    kind = _python_on(c, gpu=True)
+    serving = profile.serving
+    buckets = sorted({1, *serving.preferred_batch_sizes, serving.max_batch_size})
+    _params(c, **encoder_parameters(name, profile, paths, buckets=buckets), threads=serving.intra_op_threads)
+    _batched(c, profile, kind, serving.encoder_instances)
+    return ModelSpec(c, source="torch_encoder")
+
+
+def _encoder_io(c: mc.ModelConfig, name: str, shapes: ModelShapes) -> None:
+    """An encoder's inputs and outputs (the tensor contract), the same on every target."""
     size = shapes.image_size
     if name == T.CLIP_TEXT:  # CLIP's text tower: token ids -> text embedding (same space as CLIP_EMBEDS)
         _io(c.input, T.INPUT_IDS, mc.TYPE_INT64, [shapes.text_context_length])
@@ -126,6 +144,12 @@ def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, ta
         _io(c.input, T.PIXEL_VALUES, _FP32, [3, size, size])
         _io(c.output, T.DINO_FEATURES, _FP32, [shapes.num_patches, shapes.dino_width])
         _io(c.output, T.DINO_CLS, _FP32, [shapes.dino_width])
+
+
+def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, target: str) -> ModelSpec:
+    name = graph.model_name
+    c = mc.ModelConfig(name=name)
+    _encoder_io(c, name, shapes)
     serving = profile.serving
     if target == "cpu":
         _io(c.output, T.ENCODER_TIMINGS[name], _FP32, [1])  # native backends (gpu targets) have none
@@ -167,7 +191,8 @@ def fuse_spec(mode: FusionMode, shapes: ModelShapes, profile: Profile, paths: Ch
     _io(c.output, T.TIMING_FUSION, _FP32, [1])
     _params(c, mode=mode.value, llava=paths.llava, default_alpha=profile.default_alpha,
             threads=profile.serving.intra_op_threads)
-    return ModelSpec(c, source="fuse")
+    # gpu-torch: the projectors run on the GPU on the encoders' device tensors (DLPack in and out)
+    return ModelSpec(c, source="torch_fuse" if target == "gpu-torch" else "fuse")
 
 
 def llm_spec(shapes: ModelShapes, profile: Profile, paths: CheckpointPaths, target: str) -> ModelSpec:
@@ -279,17 +304,23 @@ def repository_specs(profile: Profile, target: str, paths: CheckpointPaths, shap
                      graphs: dict[str, ExportedGraph]) -> list[ModelSpec]:
     if target not in TARGETS:
         raise ValueError(f"target: unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    def encoder(name: str) -> ModelSpec:  # gpu-torch loads checkpoints: no ONNX graphs
+        if target == "gpu-torch":
+            return torch_encoder_spec(name, shapes, profile, paths)
+        return encoder_spec(graphs[name], shapes, profile, target)
+
     specs = [preprocess_spec(profile, target)]
-    specs += [encoder_spec(graphs[name], shapes, profile, target) for name in (T.CLIP_VISION, T.DINOV2_VISION)]
+    specs += [encoder(name) for name in (T.CLIP_VISION, T.DINOV2_VISION)]
     specs += [fuse_spec(mode, shapes, profile, paths, target) for mode in FusionMode]
     specs.append(llm_spec(shapes, profile, paths, target))
     models = {s.name: s.config for s in specs}
     specs += [tokens_spec(mode, models, profile) for mode in FusionMode]
     specs += [vqa_spec(mode, models, profile) for mode in FusionMode]
     specs.append(embed_spec(models, profile))
-    if T.CLIP_TEXT in graphs:  # absent for a vision-only CLIP checkpoint (export.configs.TextExportConfig)
-        text = [tokenize_text_spec(profile, shapes, paths, target), encoder_spec(graphs[T.CLIP_TEXT], shapes,
-                                                                                 profile, target)]
+    # absent for a vision-only CLIP checkpoint (export.configs.TextExportConfig)
+    has_text = "text_config" in read_config(paths.clip) if target == "gpu-torch" else T.CLIP_TEXT in graphs
+    if has_text:
+        text = [tokenize_text_spec(profile, shapes, paths, target), encoder(T.CLIP_TEXT)]
         models.update((s.name, s.config) for s in text)
         specs += [*text, embed_text_spec(models, profile, read_logit_scale(paths.clip))]
     return specs
