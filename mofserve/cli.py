@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="checkpoints -> ONNX (parity-checked) -> Triton model repository")
     _add_profile_args(export)
-    export.add_argument("--target", default="cpu", choices=("cpu", "gpu-onnx", "gpu-trt"))
+    export.add_argument("--target", default="cpu", choices=("cpu", "gpu-onnx", "gpu-trt", "gpu-torch"))
     export.add_argument("--force", action="store_true", help="re-export even when a cached export matches")
     export.add_argument("--output", type=Path,
                         help="folder for the repository (default: $MOFSERVE_HOME/repositories/...)")
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dinov2", help="DINOv2 checkpoint folder or HF id in the HF cache (paper profile)")
     serve.add_argument("--llava", help="LLaVA-format checkpoint with mm_projector and dino_mm_projector")
     serve.add_argument("--max-restarts", type=int, help="Triton restarts before giving up (default 5)")
-    serve.add_argument("--target", choices=("cpu", "gpu-onnx", "gpu-trt"),
+    serve.add_argument("--target", choices=("cpu", "gpu-onnx", "gpu-trt", "gpu-torch"),
                        help="model repository target (default cpu; gpu-trt needs engines built on the serving GPU)")
     _add_limit_and_security_args(serve)
     serve.set_defaults(func=_cmd_serve)
