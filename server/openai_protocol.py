@@ -342,7 +342,9 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     options = body.get("options")
     if options is not None:
         if isinstance(options, list) and all(isinstance(o, str) for o in options):
-            options = json.dumps(options)  # ["Left", "Right"]: lettered a, b, ... by the model
+            # ["Left", "Right"]: lettered a, b, ... by the model; characters kept as sent (not \u-escaped),
+            # so that max_options_chars counts what the client wrote
+            options = json.dumps(options, ensure_ascii=False)
         if not isinstance(options, str):
             raise ProtocolError(400, "options: must be a string like '(a) Left (b) Right' or a list of strings, "
                                      f"got {type(options).__name__}", "options")
