@@ -103,7 +103,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in ("profile", "host", "grpc_port", "http_port", "clip", "dinov2",
                                                      "llava", "max_restarts", "target")}
     flags.update({name: getattr(args, name) for name in SERVE_LIMIT_AND_SECURITY_FLAGS})
+    flags.update({name: getattr(args, name) for name in ("triton_url", "triton_metrics_url")})
     return serve(load_config(args.config, flags))
+
+
+def _cmd_triton(args: argparse.Namespace) -> int:
+    from mofserve.server.triton_command import run_triton
+
+    return run_triton(_profile(args), target=args.target, host=args.host, http_port=args.http_port,
+                      grpc_port=args.grpc_port, metrics_port=args.metrics_port)
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
@@ -199,8 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-restarts", type=int, help="Triton restarts before giving up (default 5)")
     serve.add_argument("--target", choices=("cpu", "gpu-onnx", "gpu-trt", "gpu-torch"),
                        help="model repository target (default cpu; gpu-trt needs engines built on the serving GPU)")
+    serve.add_argument("--triton-url", metavar="grpc://HOST:PORT",
+                       help="front-end only: use this running Triton (e.g. `mofserve triton` in another pod); "
+                            "no export, no Triton child")
+    serve.add_argument("--triton-metrics-url", metavar="http://HOST:PORT/metrics",
+                       help="with --triton-url: that Triton's metrics page, relayed at /metrics/triton")
     _add_limit_and_security_args(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    triton = sub.add_parser("triton", help="export if needed and run Triton alone in the foreground (the Triton "
+                                           "pod of a split deployment; front-ends: serve --triton-url)",
+                            description="Model control none; exits with Triton's code when it dies. See "
+                                        "docs/deployment.md (Split deployment).")
+    _add_profile_args(triton)
+    triton.add_argument("--target", default="cpu", choices=("cpu", "gpu-onnx", "gpu-trt", "gpu-torch"))
+    triton.add_argument("--host", default="127.0.0.1",
+                        help="address Triton binds (default 127.0.0.1; 0.0.0.0 in a pod, behind a NetworkPolicy)")
+    triton.add_argument("--http-port", type=int, default=8000, help="Triton HTTP (default 8000; 0: a free port)")
+    triton.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC (default 8001; 0: a free port)")
+    triton.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics (default 8002; 0: free)")
+    triton.set_defaults(func=_cmd_triton)
 
     from mofserve.benchmarks.soak import add_soak_arguments
 

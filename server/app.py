@@ -167,6 +167,8 @@ class MofServeApp:
         self.stopping = asyncio.Event()
 
     def _triton_metrics_url(self) -> str | None:
+        if getattr(self.supervisor, "remote", False):  # --triton-url: --triton-metrics-url, or no relay
+            return self.supervisor.metrics_url
         server = self.supervisor.server if self.supervisor is not None else None
         return server.metrics_url if server is not None else None
 
@@ -190,11 +192,17 @@ class MofServeApp:
         for warning in security.warnings(c.host):
             self.log(warning)
         profile = get_profile(c.profile).with_sources(clip=c.clip, dinov2=c.dinov2, llava=c.llava)
-        built = await loop.run_in_executor(None, lambda: export_profile(profile, target=c.target))
-        self.supervisor = TritonSupervisor(built.path, c, self._set_serving, self.log)
-        triton = await loop.run_in_executor(None, self.supervisor.start)
-        versions = {name: graph.digest for name, graph in built.graphs.items()}
-        versions["llava"] = built.checkpoints.llava.name
+        if c.triton_url:  # the front-end alone, before a Triton it does not own (server/remote_triton.py)
+            from .remote_triton import RemoteTriton
+
+            self.supervisor = RemoteTriton(c.triton_url, c.triton_metrics_url, c, self._set_serving, self.log)
+            triton, versions = self.supervisor.start(), {}  # nothing exported here: no digests to report
+        else:
+            built = await loop.run_in_executor(None, lambda: export_profile(profile, target=c.target))
+            self.supervisor = TritonSupervisor(built.path, c, self._set_serving, self.log)
+            triton = await loop.run_in_executor(None, self.supervisor.start)
+            versions = {name: graph.digest for name, graph in built.graphs.items()}
+            versions["llava"] = built.checkpoints.llava.name
         info = ServingInfo(profile=profile.name, random_weights=profile.random_weights, versions=versions)
         self.engine = TritonEngine(triton.grpc_url, info, c.limits, max_batch_size=profile.serving.max_batch_size)
         self._grpc_server, grpc_port, self._health = build_grpc_server(

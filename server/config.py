@@ -24,6 +24,9 @@ class ServeConfig:
     triton_http_port: int = 0  # 0: a free loopback port
     triton_grpc_port: int = 0
     triton_metrics_port: int = 0
+    # split deployment (server/remote_triton.py): the front-end alone, before a Triton it does not own
+    triton_url: str | None = None  # grpc://HOST:PORT; set: no export, no Triton child, no restarts
+    triton_metrics_url: str | None = None  # http://HOST:PORT/metrics of that Triton, relayed at /metrics/triton
     target: str = "cpu"
     clip: str | None = None  # checkpoint overrides (paper profile)
     dinov2: str | None = None

@@ -410,3 +410,274 @@ def test_triton_metrics_relay_says_503_while_triton_is_down() -> None:
     assert 'method="triton_metrics",mode="",status="unavailable",transport="http"' in own
     status, _, _ = _relay(lambda: "http://127.0.0.1:9/metrics")  # nothing listens on the discard port
     assert status == 503
+
+
+# ---- Split layout: Triton Deployment + front-end Deployment (deploy/kubernetes/overlays/split) ---------
+
+SPLIT = KUBE / "overlays" / "split"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
+# strategic-merge keys of the lists these manifests patch (as in the Kubernetes API's patchMergeKey)
+MERGE_KEYS = {"containers": "name", "volumes": "name", "env": "name", "ports": "containerPort",
+              "volumeMounts": "mountPath"}
+
+
+def _merge(base, patch, key: str | None = None):
+    """Strategic merge patch, the subset kustomize applies to these files: maps merge (null deletes a
+    key), lists named in MERGE_KEYS merge by their key (``$patch: delete`` drops an item), other lists
+    are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            elif k in out:
+                out[k] = _merge(out[k], v, k)
+            else:
+                out[k] = v
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
+        merge_key = MERGE_KEYS[key]
+        out = [dict(item) for item in base]
+        for item in patch:
+            index = next((i for i, b in enumerate(out) if b.get(merge_key) == item.get(merge_key)), None)
+            if item.get("$patch") == "delete":
+                assert index is not None, f"$patch: delete of a missing {key} item {item}"
+                out.pop(index)
+            elif index is None:
+                out.append(item)
+            else:
+                out[index] = _merge(out[index], item)
+        return out
+    return patch
+
+
+def _kustomize(folder: Path) -> list[dict]:
+    """``kustomize build`` for what these kustomizations use: resources (files and folders), patches
+    by path (strategic merge, matched by kind and name) and labels without selectors."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    docs: list[dict] = []
+    for resource in kustomization["resources"]:
+        path = (folder / resource).resolve()
+        if path.is_dir():
+            docs += _kustomize(path)
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for entry in kustomization.get("patches", []):
+        patch = yaml.safe_load((folder / entry["path"]).read_text())
+        matches = [i for i, d in enumerate(docs)
+                   if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])]
+        assert len(matches) == 1, f"{entry['path']} patches {len(matches)} resources"
+        docs[matches[0]] = _merge(docs[matches[0]], patch)
+    for label in kustomization.get("labels", []):
+        assert label.get("includeSelectors") is False
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {}).update(label["pairs"])
+    return docs
+
+
+def _split(kind: str, name: str) -> dict:
+    (doc,) = [d for d in _kustomize(SPLIT) if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_the_overlay_resolver_applies_deletes_nulls_and_merges():
+    base = {"spec": {"containers": [{"name": "a", "args": [1], "resources": {"limits": {"gpu": 1, "mem": 2}},
+                                     "volumeMounts": [{"mountPath": "/x"}, {"mountPath": "/y"}]}]}}
+    patch = {"spec": {"containers": [{"name": "a", "args": [2, 3], "resources": {"limits": {"gpu": None}},
+                                      "volumeMounts": [{"mountPath": "/x", "$patch": "delete"}]}]}}
+    assert _merge(base, patch) == {"spec": {"containers": [
+        {"name": "a", "args": [2, 3], "resources": {"limits": {"mem": 2}}, "volumeMounts": [{"mountPath": "/y"}]}]}}
+
+
+def test_kustomize_build_agrees_with_the_resolver_when_kustomize_is_installed():
+    binary = shutil.which("kustomize")
+    if binary is None:
+        pytest.skip("no kustomize binary on PATH (the registries have none to pip install); the resolver above "
+                    "stands in for it")
+    built = subprocess.run([binary, "build", str(SPLIT)], capture_output=True, text=True, timeout=60, check=True)
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout) if d}
+    ours = {(d["kind"], d["metadata"]["name"]): d for d in _kustomize(SPLIT)}
+    assert set(theirs) == set(ours)
+    for key in ours:
+        assert theirs[key]["spec"] == ours[key]["spec"], key
+
+
+def test_split_overlay_lists_every_file_and_builtin_kinds_pass_the_schema():
+    kustomization = yaml.safe_load((SPLIT / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"]) | {p["path"] for p in kustomization["patches"]}
+    assert listed - {"../.."} == {p.name for p in SPLIT.glob("*.yaml")} - {"kustomization.yaml"}
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = _kustomize(SPLIT)
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(kinds) == len(set(kinds))
+    builtin = [doc for doc in docs if "monitoring.coreos.com" not in doc["apiVersion"]]
+    assert {d["kind"] for d in builtin} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "NetworkPolicy"}
+    for doc in builtin:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def _container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_front_end_deployment_has_no_gpu_and_points_at_the_triton_service():
+    from mofserve.cli import build_parser
+    from mofserve.server.remote_triton import check_metrics_url, parse_triton_url
+
+    frontend, service = _split("Deployment", "mofserve"), _split("Service", "mofserve-triton")
+    container = _container(frontend)
+    for section in ("requests", "limits"):
+        assert "nvidia.com/gpu" not in container["resources"][section]
+    entrypoint = json.loads(_one("ENTRYPOINT"))
+    args = build_parser().parse_args(entrypoint[entrypoint.index("mofserve") + 1:] + container["args"])
+    assert args.command == "serve" and args.host == "0.0.0.0"
+    host, port = parse_triton_url(args.triton_url).split(":")
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert (host, int(port)) == (service["metadata"]["name"], ports["grpc"])
+    assert check_metrics_url(args.triton_metrics_url) == f"http://{host}:{ports['metrics']}/metrics"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert not mounts & {"/models", "/engine-cache", "/dev/shm"}, "the front-end loads no model"
+    volumes = {v["name"] for v in frontend["spec"]["template"]["spec"]["volumes"]}
+    assert {m["name"] for m in container["volumeMounts"]} <= volumes
+    # alive = listening, whatever Triton does; ready = the real probe through Triton (/healthz)
+    assert set(container["livenessProbe"]) >= {"tcpSocket"} and "grpc" not in container["livenessProbe"]
+    assert "httpGet" not in container["startupProbe"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_triton_deployment_runs_triton_alone_on_a_gpu_with_shm_and_health_probes():
+    from mofserve.cli import build_parser
+
+    triton = _split("Deployment", "mofserve-triton")
+    spec = triton["spec"]["template"]["spec"]
+    container = _container(triton)
+    command = container["command"]
+    args = build_parser().parse_args(command[command.index("mofserve") + 1:] + container["args"])
+    assert (args.command, args.target, args.host, args.profile) == ("triton", "gpu-trt", "0.0.0.0", "paper")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1 == resources["requests"]["nvidia.com/gpu"]
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert next(v for v in spec["volumes"] if v["name"] == shm["name"])["emptyDir"]["medium"] == "Memory"
+    assert "/engine-cache" in {m["mountPath"] for m in container["volumeMounts"]}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_services_and_budgets_select_their_own_pods_only():
+    frontend_labels = _split("Deployment", "mofserve")["spec"]["template"]["metadata"]["labels"]
+    triton_labels = _split("Deployment", "mofserve-triton")["spec"]["template"]["metadata"]["labels"]
+    frontend_service, triton_service = _split("Service", "mofserve"), _split("Service", "mofserve-triton")
+    assert _selects(frontend_service["spec"]["selector"], frontend_labels)
+    assert not _selects(frontend_service["spec"]["selector"], triton_labels)
+    assert _selects(triton_service["spec"]["selector"], triton_labels)
+    assert not _selects(triton_service["spec"]["selector"], frontend_labels)
+    assert not _selects(_split("PodDisruptionBudget", "mofserve")["spec"]["selector"]["matchLabels"], triton_labels)
+    container_ports = {p["name"] for p in _container(_split("Deployment", "mofserve-triton"))["ports"]}
+    assert {p["targetPort"] for p in triton_service["spec"]["ports"]} == container_ports
+
+
+def test_network_policy_lets_only_front_ends_reach_triton_and_prometheus_its_metrics():
+    policy = _split("NetworkPolicy", "mofserve-triton")
+    frontend_labels = _split("Deployment", "mofserve")["spec"]["template"]["metadata"]["labels"]
+    triton_labels = _split("Deployment", "mofserve-triton")["spec"]["template"]["metadata"]["labels"]
+    assert _selects(policy["spec"]["podSelector"]["matchLabels"], triton_labels)
+    assert not _selects(policy["spec"]["podSelector"]["matchLabels"], frontend_labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    container_ports = {p["name"] for p in _container(_split("Deployment", "mofserve-triton"))["ports"]}
+    pods, namespaces = [], []
+    for rule in policy["spec"]["ingress"]:
+        (peer,) = rule["from"]
+        ports = {p["port"] for p in rule["ports"]}
+        assert ports <= container_ports
+        (pods if "podSelector" in peer else namespaces).append((peer, ports))
+    ((peer, ports),) = pods
+    assert _selects(peer["podSelector"]["matchLabels"], frontend_labels)
+    assert not _selects(peer["podSelector"]["matchLabels"], triton_labels)
+    assert "grpc" in ports
+    assert all(ports == {"metrics"} for _, ports in namespaces), "other namespaces see the metrics port only"
+
+
+def test_split_monitoring_scrapes_triton_once_not_once_per_front_end():
+    frontend_monitor, triton_monitor = _split("ServiceMonitor", "mofserve"), _split("ServiceMonitor", "mofserve-triton")
+    assert [e["path"] for e in frontend_monitor["spec"]["endpoints"]] == ["/metrics"]
+    triton_service = _split("Service", "mofserve-triton")
+    assert _selects(triton_monitor["spec"]["selector"]["matchLabels"], triton_service["metadata"]["labels"])
+    assert not _selects(frontend_monitor["spec"]["selector"]["matchLabels"], triton_service["metadata"]["labels"])
+    (endpoint,) = triton_monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in triton_service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+
+
+def _adapter_rules() -> list[dict]:
+    """The prometheus-adapter rules docs/deployment.md gives (```yaml blocks holding `rules:`)."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DEPLOYMENT_DOC.read_text(), flags=re.S)
+    return [rule for block in blocks if block.lstrip().startswith("rules:") for rule in yaml.safe_load(block)["rules"]]
+
+
+def test_triton_hpa_scales_on_a_queue_metric_the_documented_adapter_rule_serves():
+    hpa = _split("HorizontalPodAutoscaler", "mofserve-triton")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "mofserve-triton"
+    (metric,) = hpa["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    rules = {rule["name"]["as"]: rule for rule in _adapter_rules()}
+    assert name in rules, f"docs/deployment.md has no prometheus-adapter rule serving {name}"
+    rule = rules[name]
+    query = rule["metricsQuery"].replace("<<.LabelMatchers>>", "").replace("<<.GroupBy>>", "pod")
+    names = metric_names_in(query) - {"clamp_min"}
+    assert "nv_inference_queue_duration_us" in names and names <= TRITON_METRICS
+    assert metric_names_in(rule["seriesQuery"]) <= TRITON_METRICS
+    frontend_hpa = _split("HorizontalPodAutoscaler", "mofserve")
+    assert frontend_hpa["spec"]["scaleTargetRef"]["name"] == "mofserve"
+    frontend_metrics = {m["pods"]["metric"]["name"] for m in frontend_hpa["spec"]["metrics"]}
+    assert frontend_metrics <= set(rules) & _frontend_metric_names()
+
+
+# ---- the commands the split layout runs ---------------------------------------------------------
+
+
+def test_triton_url_must_be_grpc_host_port_and_the_error_names_the_setting():
+    from mofserve.server.remote_triton import check_metrics_url, parse_triton_url
+
+    assert parse_triton_url("grpc://mofserve-triton:8001") == "mofserve-triton:8001"
+    assert parse_triton_url("grpc://[::1]:8001/") == "[::1]:8001"
+    for bad in ("mofserve-triton:8001", "http://triton:8001", "grpc://triton", "grpc://triton:70000", ""):
+        with pytest.raises(ValueError, match=r"triton_url: expected grpc://HOST:PORT"):
+            parse_triton_url(bad)
+    assert check_metrics_url(None) is None
+    with pytest.raises(ValueError, match="triton_metrics_url: expected http"):
+        check_metrics_url("triton:8002/metrics")
+
+
+def test_serve_takes_the_triton_url_from_flags_environment_or_file(tmp_path):
+    from mofserve.cli import build_parser
+    from mofserve.server.config import load_config
+
+    args = build_parser().parse_args(["serve", "--triton-url", "grpc://t:8001", "--triton-metrics-url",
+                                      "http://t:8002/metrics"])
+    assert (args.triton_url, args.triton_metrics_url) == ("grpc://t:8001", "http://t:8002/metrics")
+    assert load_config(environ={"MOFSERVE_TRITON_URL": "grpc://env:8001"}).triton_url == "grpc://env:8001"
+    file = tmp_path / "serve.toml"
+    file.write_text('[serve]\ntriton_url = "grpc://file:8001"\n')
+    assert load_config(file, {"triton_url": None}, environ={}).triton_url == "grpc://file:8001"
+    assert load_config(environ={}).triton_url is None
+
+
+def test_triton_command_defaults_to_loopback_and_tritons_usual_ports():
+    from mofserve.cli import build_parser
+    from mofserve.server.triton_command import run_triton
+
+    args = build_parser().parse_args(["triton"])
+    assert (args.host, args.http_port, args.grpc_port, args.metrics_port, args.target) == (
+        "127.0.0.1", 8000, 8001, 8002, "cpu")
+    from mofserve.core.profiles import get_profile
+
+    with pytest.raises(ValueError, match=r"grpc_port: expected 0\.\.65535"):
+        run_triton(get_profile("tiny"), grpc_port=70000)

@@ -1,0 +1,121 @@
+"""The split deployment as its two pods run it: `mofserve triton` (Triton alone, foreground) and
+`mofserve serve --triton-url` (the front-end alone: no export, no Triton child), as subprocesses
+on free loopback ports; readiness follows the remote Triton, which the front-end never restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _start(args: list[str], ready_prefix: str, env: dict[str, str] | None = None, timeout: float = 240) -> dict:
+    process = subprocess.Popen([sys.executable, "-m", "mofserve", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(ready_prefix):
+            ready = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+            threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True).start()
+            return {"process": process, "lines": lines, **ready}
+    process.kill()
+    pytest.fail(f"mofserve {args[0]} did not become ready:\n" + "".join(lines[-40:]))
+
+
+def _stop(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(10)
+    return process.returncode
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _children(pid: int, name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.fixture(scope="module")
+def split(tiny_repository) -> Iterator[dict]:
+    """Triton alone, then a front-end pointed at it (the tiny export is cached by the session fixture)."""
+    triton = _start(["triton", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], "READY triton")
+    frontend = _start(["serve", "--grpc-port", "0", "--http-port", "0", "--triton-url", triton["grpc"],
+                       "--triton-metrics-url", triton["metrics"]], "READY ",
+                      env={"MOFSERVE_PROBE_INTERVAL_S": "1", "MOFSERVE_PROBE_TIMEOUT_S": "10"})
+    yield {"triton": triton, "frontend": frontend}
+    _stop(frontend["process"])
+    _stop(triton["process"])
+
+
+def test_triton_command_serves_on_loopback_with_model_control_none(split):
+    triton = split["triton"]
+    assert triton["grpc"].startswith("grpc://127.0.0.1:") and triton["metrics"].startswith("http://127.0.0.1:")
+    status, _ = _get(f"{triton['http']}/v2/health/ready")
+    assert status == 200
+    status, body = _get(f"{triton['http']}/v2/repository/index")  # model control none: no repository API
+    assert status != 200 or "vqa_interleaved" in body
+
+
+def test_front_end_alone_answers_through_the_remote_triton(split):
+    from mofserve.clients import MofServeClient
+
+    frontend = split["frontend"]
+    assert _children(frontend["process"].pid, "tritonserver") == [], "the front-end must not start a Triton"
+    status, body = _get(f"{frontend['http']}/healthz")
+    assert status == 200, body
+    from mofserve.core.samples import sample_photos
+
+    with MofServeClient(frontend["grpc"]) as client:
+        answer = client.ask(sample_photos()[0], "Is the dog facing left or right?", options="(a) Left (b) Right",
+                            mode="clip")
+    assert answer.chosen_option in ("a", "b")
+    assert not any("exporting" in line.lower() or "[export]" in line for line in frontend["lines"])
+
+
+def test_front_end_relays_the_remote_tritons_metrics(split):
+    status, body = _get(f"{split['frontend']['http']}/metrics/triton")
+    assert status == 200 and "nv_inference_count" in body
+
+
+def test_front_end_goes_unready_when_the_remote_triton_stops_and_exits_cleanly(split):
+    frontend, triton = split["frontend"], split["triton"]
+    assert _stop(triton["process"]) == 0, "".join(triton["lines"][-20:])
+    deadline = time.monotonic() + 60
+    status = 200
+    while time.monotonic() < deadline and status == 200:
+        status, body = _get(f"{frontend['http']}/healthz")
+        time.sleep(0.5)
+    assert status == 503, body
+    assert frontend["process"].poll() is None, "a front-end outlives its Triton; it never restarts it"
+    assert json.loads(body).get("status") != "ok"
+    assert _stop(frontend["process"]) == 0
