@@ -35,6 +35,10 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--server", default=DEFAULT_TARGET, help=f"gRPC address (default {DEFAULT_TARGET})")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
+    parser.add_argument("--token", help="bearer token of a server with auth on (default: $MOFSERVE_AUTH_TOKEN; "
+                                        "prefer the variable: a command line is visible to other users)")
+    parser.add_argument("--ca-cert", help="PEM CA certificate to verify a TLS server with (implies --tls)")
+    parser.add_argument("--tls", action="store_true", help="dial TLS, verifying with the system's roots")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -65,7 +69,8 @@ def run_ask(args: argparse.Namespace) -> int:
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                   "seed": args.seed}
     try:
-        with MofServeClient(args.server, timeout=args.timeout) as client:
+        with MofServeClient(args.server, timeout=args.timeout, token=args.token, tls=args.tls,
+                            root_certificates=args.ca_cert) as client:
             if args.compare:
                 results = client.compare(args.image, args.question, args.options, modes=args.compare,
                                          alpha=args.alpha, **generation)
