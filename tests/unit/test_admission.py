@@ -270,3 +270,27 @@ def test_metrics_show_queue_depth_executing_and_rejections():
     for name in ("mofserve_admission_queue_depth", "mofserve_admission_executing",
                  "mofserve_admission_rejected_total", "mofserve_admission_wait_seconds_bucket"):
         assert name in text
+
+
+def test_serve_flags_environment_and_file_set_the_admission_and_security_settings(tmp_path):
+    from mofserve.cli import SERVE_LIMIT_AND_SECURITY_FLAGS, build_parser
+    from mofserve.server.config import ServeConfig, load_config
+
+    args = build_parser().parse_args(["serve", "--max-in-flight", "3", "--max-queue", "0", "--default-deadline-s",
+                                      "20", "--max-deadline-s", "40", "--max-message-bytes", "1000",
+                                      "--max-body-bytes", "2000", "--tls-cert-file", "c.pem", "--tls-key-file",
+                                      "k.pem", "--tls-client-ca-file", "ca.pem", "--auth-token-file", "t"])
+    flags = {name: getattr(args, name) for name in SERVE_LIMIT_AND_SECURITY_FLAGS}
+    config = load_config(None, flags, environ={})
+    assert (config.max_in_flight, config.max_queue, config.default_deadline_s, config.max_deadline_s) == (3, 0, 20, 40)
+    assert (config.max_message_bytes, config.max_body_bytes) == (1000, 2000)
+    assert (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file, config.auth_token_file) == \
+        ("c.pem", "k.pem", "ca.pem", "t")
+    toml = tmp_path / "serve.toml"
+    toml.write_text("[serve]\nmax_in_flight = 4\nmax_queue = 9\n")
+    config = load_config(toml, {}, environ={"MOFSERVE_MAX_QUEUE": "5", "MOFSERVE_DEFAULT_DEADLINE_S": "7.5"})
+    assert (config.max_in_flight, config.max_queue, config.default_deadline_s) == (4, 5, 7.5)
+    defaults = ServeConfig()
+    assert AdmissionLimits(defaults.max_in_flight, defaults.max_queue, defaults.default_deadline_s,
+                           defaults.max_deadline_s) == AdmissionLimits()  # one set of defaults
+    assert not hasattr(args, "auth_token")  # no flag for the secret itself: a command line is public
