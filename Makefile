@@ -10,7 +10,7 @@ export MOFSERVE_HOME ?= $(CURDIR)/.mofserve
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load soak fuzz clean
+.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load bench-perf-analyzer soak fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -43,11 +43,21 @@ lint: install
 bench-encoders: install
 	$(VENV)/bin/mofserve bench encoders --profile small
 
-# Load sweep: serves the small profile on free loopback ports, sweeps concurrency 1 2 4 8 (~5 min), stops it.
+# Load sweep: serves the small profile on free loopback ports, runs the eager and exported in-process
+# baselines on the same images first, sweeps concurrency 1 2 4 8 (~7 min), stops it. Every image is fresh
+# (--repeat-ratio 0: a like-for-like throughput ratio; BENCH_LOAD_ARGS="--repeat-ratio 0.3" shows the cache).
 # Report (JSON, Markdown, PNGs, serve.log) in results/load-<timestamp>/; BENCH_LOAD_ARGS adds options.
 BENCH_LOAD_ARGS ?=
 bench-load: install
-	$(VENV)/bin/mofserve bench load --serve small --concurrency 1 2 4 8 --duration 60 --warmup 10 $(BENCH_LOAD_ARGS)
+	$(VENV)/bin/mofserve bench load --serve small --concurrency 1 2 4 8 --duration 60 --warmup 10 \
+		--baseline eager exported --repeat-ratio 0 $(BENCH_LOAD_ARGS)
+
+# NVIDIA perf_analyzer straight on the small profile's Triton ensembles (installs perf_analyzer 2.51.0
+# into $(MOFSERVE_HOME)/tools on first use). Report in results/perf-analyzer-<timestamp>/.
+BENCH_PA_ARGS ?=
+bench-perf-analyzer: install
+	$(VENV)/bin/mofserve bench perf-analyzer --serve small --models tokens_interleaved vqa_interleaved \
+		--concurrency 1 2 4 --pa-requests 10 $(BENCH_PA_ARGS)
 
 # Soak: serves the tiny profile on free loopback ports, Ask at concurrency 4 for 10 min (mode mix),
 # errors by code and RSS of every process; exits 1 on an error or growth. Report in results/soak-<timestamp>/.
@@ -62,6 +72,13 @@ fuzz: install
 	mkdir -p $(MOFSERVE_HOME)/fuzz
 	$(PY) tests/fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
 		-max_len=65536 -artifact_prefix=$(MOFSERVE_HOME)/fuzz/
+
+# Optional, on a GPU machine only: the prepared gpu-torch check (< 8 min; docs/benchmarks.md "GPU check").
+# Needs PyTorch with CUDA, nothing installed; the serving stage needs .whl/ (see the doc). GPU_CHECK_ARGS adds options.
+GPU_CHECK_OUT ?= results/gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHON=$${PYTHON:-python3} benchmarks/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(MOFSERVE_HOME) .pytest_cache .ruff_cache

@@ -49,7 +49,7 @@ import time
 import urllib.request
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 TRITONCLIENT_VERSION = "2.51.0"  # the last wheel whose perf_analyzer runs on glibc 2.36 (Debian 12)
@@ -403,33 +403,55 @@ def _scrape(url: str | None) -> dict | None:
         return None
 
 
-def run_point(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, concurrency: int, data_path: Path,
-              work: Path) -> dict:
-    """One perf_analyzer run; a failed run gives a point with ``error`` (and no figures) instead of raising."""
-    from .stats import triton_delta
+UNSTABLE = "Failed to obtain stable measurement"
 
+
+def _run_once(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, concurrency: int, data_path: Path,
+              work: Path, stability: int) -> tuple[str | None, str]:
+    """One perf_analyzer process -> (error or None, its output); its command and output go to a log."""
     csv_path = work / f"{model}-c{concurrency}.csv"
-    command = command_line(tool, config, model, concurrency, data_path, csv_path)
-    before = _scrape(config.metrics_url)
-    started = time.time()
-    t0 = time.perf_counter()
-    point: dict = {"tool": "perf_analyzer", "model": model, "kind": "concurrency", "value": concurrency,
-                   "started": _dt.datetime.fromtimestamp(started, _dt.UTC).isoformat(timespec="seconds"),
-                   "error": None}
+    csv_path.unlink(missing_ok=True)
+    command = command_line(tool, replace(config, stability_percent=stability), model, concurrency, data_path,
+                           csv_path)
+    error = None
     try:
         done = subprocess.run(command, env=tool.environment(), capture_output=True, text=True,
                               timeout=config.run_timeout_s)
         output = done.stdout + done.stderr
         if done.returncode != 0 or not csv_path.exists():
-            point["error"] = f"exit code {done.returncode}: " + " | ".join(
-                line.strip() for line in output.splitlines()[-6:] if line.strip())
-    except subprocess.TimeoutExpired as error:
-        output = (error.stdout or b"").decode(errors="replace") if isinstance(error.stdout, bytes) else (
-            error.stdout or "")
-        point["error"] = f"timed out after {config.run_timeout_s:g} s"
+            error = f"exit code {done.returncode}: " + " | ".join(
+                line.strip() for line in output.splitlines()[-6:] if line.strip() and "WARNING" not in line)
+    except subprocess.TimeoutExpired as expired:
+        output = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else (
+            expired.stdout or "")
+        error = f"timed out after {config.run_timeout_s:g} s"
+    with (work / f"{model}-c{concurrency}.log").open("a") as log_file:
+        log_file.write(" ".join(command) + "\n\n" + output + "\n")
+    return error, output
+
+
+def run_point(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, concurrency: int, data_path: Path,
+              work: Path) -> dict:
+    """One model at one concurrency; a failed run gives a point with ``error`` (and no figures)
+    instead of raising. When perf_analyzer finds no ``stability_percent`` window-to-window agreement
+    (a CPU shared with other work), it is run once more accepting any windows (100%), and the point
+    says so in ``unstable``: figures, but read them as noisy."""
+    from .stats import triton_delta
+
+    csv_path = work / f"{model}-c{concurrency}.csv"
+    before = _scrape(config.metrics_url)
+    started = time.time()
+    t0 = time.perf_counter()
+    point: dict = {"tool": "perf_analyzer", "model": model, "kind": "concurrency", "value": concurrency,
+                   "started": _dt.datetime.fromtimestamp(started, _dt.UTC).isoformat(timespec="seconds"),
+                   "error": None, "unstable": None}
+    error, _ = _run_once(tool, config, model, concurrency, data_path, work, config.stability_percent)
+    if error and UNSTABLE in error and config.stability_percent < 100:
+        point["unstable"] = f"no stable windows at {config.stability_percent}%: rerun accepting any (100%)"
+        error, _ = _run_once(tool, config, model, concurrency, data_path, work, 100)
+    point["error"] = error
     point["wall_s"] = time.perf_counter() - t0
-    (work / f"{model}-c{concurrency}.log").write_text(" ".join(command) + "\n\n" + output)
-    if point["error"] is None:
+    if error is None:
         csv_text = csv_path.read_text()
         point["csv"] = csv_text
         (row,) = [r for r in parse_csv(csv_text) if r["value"] == concurrency] or [None]
@@ -470,9 +492,10 @@ def run_sweep(config: PerfAnalyzerConfig, tool: PerfAnalyzerTool | None = None, 
                 if point["error"]:
                     progress(f"{model} c={concurrency}: FAILED {point['error']}")
                 else:
+                    note = f" UNSTABLE: {point['unstable']}" if point["unstable"] else ""
                     progress(f"{model} c={concurrency}: {point['throughput_rps']:.2f} infer/s, p50 "
                              f"{point['latency_ms']['p50']:.1f} ms, p99 {point['latency_ms']['p99']:.1f} ms "
-                             f"({point['wall_s']:.0f} s)")
+                             f"({point['wall_s']:.0f} s){note}")
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)

@@ -211,7 +211,8 @@ def format_perf_analyzer_table(section: Mapping) -> str:
     """perf_analyzer's points: per model and concurrency, its throughput, latency percentiles and
     its split of the average latency (server queue, server compute, network + server I/O)."""
     lines = ["| model | point | infer/s | " + " | ".join(f"p{q} ms" for q in PERCENTILES) + " | mean ms | "
-             "server queue ms | server compute ms | network + server I/O ms | encoder cache hit / miss | error |",
+             "server queue ms | server compute ms | network + server I/O ms | encoder cache hit / miss | "
+             "error / note |",
              "|---|---|---:|" + "---:|" * len(PERCENTILES) + "---:|---:|---:|---:|---|---|"]
     for p in section.get("points", ()):
         if p.get("error"):
@@ -224,7 +225,8 @@ def format_perf_analyzer_table(section: Mapping) -> str:
         lines.append(f"| {p['model']} | {_label(p)} | {_f(p['throughput_rps'], 2)} | "
                      + " | ".join(_f(lat.get(f"p{q}")) for q in PERCENTILES)
                      + f" | {_f(lat.get('mean'))} | {_f(st.get('server_queue'))} | {_f(compute)} | "
-                     f"{_f(st.get('network_server_send_recv'))} | {_cache_hits(p)} | |")
+                     f"{_f(st.get('network_server_send_recv'))} | {_cache_hits(p)} | "
+                     f"{'UNSTABLE: ' + p['unstable'] if p.get('unstable') else ''} |")
     return "\n".join(lines)
 
 

@@ -124,6 +124,7 @@ def _section(tmp_path):
     points = [{"tool": "perf_analyzer", "model": "tokens_clip", "error": None,
                "triton": {"models": {}, "feature_cache": {"clip_vision": {"hit": 9, "miss": 3}}},
                **row} for row in rows]
+    points[1]["unstable"] = "no stable windows at 25%: rerun accepting any (100%)"
     points.append({"tool": "perf_analyzer", "model": "vqa_clip", "kind": "concurrency", "value": 4,
                    "error": "exit code 1: Failed to obtain stable measurement | try again"})
     config = PA.PerfAnalyzerConfig("127.0.0.1:9", models=["tokens_clip", "vqa_clip"])
@@ -137,6 +138,7 @@ def test_table_shows_figures_cache_hits_and_failed_runs(tmp_path):
     assert len(lines) == 2 + 3
     assert lines[2].startswith("| tokens_clip | c=1 | 52.27 | 19.1 | 21.5 | 21.8 | 22.7 | 19.1 | 0.0 | 12.0 | 7.1 "
                                "| 9 / 3 |")
+    assert lines[3].endswith("| UNSTABLE: no stable windows at 25%: rerun accepting any (100%) |")
     assert "| vqa_clip | c=4 |" in lines[4] and "Failed to obtain stable measurement / try again" in lines[4]
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
