@@ -19,7 +19,7 @@ from PIL import Image
 DATA = Path(skimage.data_dir)
 
 
-def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
@@ -44,25 +44,25 @@ def seed_images() -> dict[str, bytes]:
             gif.seek(index)
             frames.append(gif.convert("RGB").resize((32, 24)).convert("P", palette=Image.Palette.ADAPTIVE))
     return {
-        "jpeg": _encode(cat, "JPEG", quality=85),
-        "jpeg-progressive": _encode(rocket, "JPEG", quality=85, progressive=True),
-        "jpeg-exif-rotated": _encode(cat, "JPEG", quality=85, exif=exif.tobytes()),
-        "jpeg-cmyk": _encode(cat.convert("CMYK"), "JPEG", quality=85),
-        "jpeg-grey": _encode(cat.convert("L"), "JPEG", quality=85),
-        "png": _encode(cat, "PNG"),
-        "png-rgba": _encode(rocket.convert("RGBA"), "PNG"),
-        "png-16bit": _encode(Image.fromarray(wide), "PNG"),
-        "png-palette-transparency": _encode(palette, "PNG", transparency=3),
-        "png-1bit": _encode(cat.convert("1"), "PNG"),
-        "gif-animated": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0),
-        "webp": _encode(cat, "WEBP", quality=80),
-        "webp-lossless": _encode(rocket, "WEBP", lossless=True),
-        "bmp": _encode(cat, "BMP"),
-        "bmp-palette": _encode(palette, "BMP"),
-        "tiff": _encode(cat, "TIFF"),
-        "tiff-lzw": _encode(rocket, "TIFF", compression="tiff_lzw"),
-        "tiff-16bit": _encode(Image.fromarray(wide), "TIFF"),
-        "ico-refused": _encode(cat, "ICO"),
+        "jpeg": encode(cat, "JPEG", quality=85),
+        "jpeg-progressive": encode(rocket, "JPEG", quality=85, progressive=True),
+        "jpeg-exif-rotated": encode(cat, "JPEG", quality=85, exif=exif.tobytes()),
+        "jpeg-cmyk": encode(cat.convert("CMYK"), "JPEG", quality=85),
+        "jpeg-grey": encode(cat.convert("L"), "JPEG", quality=85),
+        "png": encode(cat, "PNG"),
+        "png-rgba": encode(rocket.convert("RGBA"), "PNG"),
+        "png-16bit": encode(Image.fromarray(wide), "PNG"),
+        "png-palette-transparency": encode(palette, "PNG", transparency=3),
+        "png-1bit": encode(cat.convert("1"), "PNG"),
+        "gif-animated": encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0),
+        "webp": encode(cat, "WEBP", quality=80),
+        "webp-lossless": encode(rocket, "WEBP", lossless=True),
+        "bmp": encode(cat, "BMP"),
+        "bmp-palette": encode(palette, "BMP"),
+        "tiff": encode(cat, "TIFF"),
+        "tiff-lzw": encode(rocket, "TIFF", compression="tiff_lzw"),
+        "tiff-16bit": encode(Image.fromarray(wide), "TIFF"),
+        "ico-refused": encode(cat, "ICO"),
     }
 
 

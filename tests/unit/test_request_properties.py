@@ -27,15 +27,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
-from mofserve.core.preprocessing import ImageError, ImageLimits, preprocess_bytes
+from mofserve.core.preprocessing import ImageError, ImageLimits, image_error_code, preprocess_bytes
 from mofserve.core.tensors import FusionMode
 from mofserve.server import openai_protocol as P
 from mofserve.server.engine import ERROR_CODES, EngineError, Limits, ServingInfo, TritonEngine
 from mofserve.server.grpc_service import _tolerant, _Undecodable
 from mofserve.v1 import mofserve_pb2 as pb
-from tests.fuzz.seeds import seed_images
+from tests.fuzz.seeds import encode, seed_images
 
 LIMITS = Limits(max_image_bytes=4096, max_question_chars=200, max_options_chars=200, max_new_tokens=64)
 ENGINE = TritonEngine("127.0.0.1:1", ServingInfo(profile="tiny", random_weights=True), limits=LIMITS)  # never dials
@@ -298,6 +298,7 @@ def test_arbitrary_and_mutated_images_give_pixels_or_an_image_error_within_the_p
             pixels = preprocess_bytes(data, 16, limits=IMAGE_LIMITS)
         except ImageError as error:
             assert str(error).startswith("image: ") and error.code in ("invalid", "too_large")
+            assert image_error_code(str(error)) == error.code  # what the front-end reads back from Triton
         else:
             assert pixels.shape == (3, 16, 16) and np.isfinite(pixels).all()
     assert all(w * h <= IMAGE_LIMITS.max_pixels for w, h in sizes), sizes
@@ -311,3 +312,24 @@ def test_the_pixel_limit_is_observed_before_decoding():
     with pixel_decodes() as sizes, pytest.raises(ImageError, match="max_pixels"):
         preprocess_bytes(SEEDS["png"], 16, limits=ImageLimits(max_pixels=40 * 28 - 1))
     assert sizes == []
+
+
+def test_image_error_code_reads_each_refusal_back_from_its_text():
+    """Triton passes only the text of the preprocess model's error: the status must survive it."""
+    png = SEEDS["png"]
+    refusals = {
+        "max_bytes": (png, ImageLimits(max_bytes=len(png) - 1)),
+        "max_pixels": (png, ImageLimits(max_pixels=100)),
+        "max_aspect_ratio": (encode(Image.new("L", (1, 100)), "PNG"), ImageLimits()),
+        "min_side": (png, ImageLimits(min_side=30)),
+        "truncated": (png[: len(png) // 2], ImageLimits()),
+        "not an image": (b"hello, world" * 4, ImageLimits()),
+    }
+    codes = {}
+    for name, (data, limits) in refusals.items():
+        with pytest.raises(ImageError) as info:
+            preprocess_bytes(data, 16, limits=limits)
+        codes[name] = info.value.code
+        assert image_error_code(str(info.value)) == info.value.code, (name, str(info.value))
+    assert codes == {"max_bytes": "too_large", "max_pixels": "too_large", "max_aspect_ratio": "invalid",
+                     "min_side": "invalid", "truncated": "invalid", "not an image": "invalid"}
