@@ -133,6 +133,11 @@ def test_dry_run_serves_the_gpu_torch_repository_on_cpu_instances(tmp_path: Path
                             sweep_s=1.0, modes=("interleaved",), budget_s=400)
     report = gc.run_all(settings, runner=in_process)
     assert report["stages"]["serving"]["status"] == "ok", report["stages"]["serving"]
+    parity = report["serving"]["parity"]  # fp32 on CPU instances: the served tokens are the in-process ones
+    interleaved = parity["tokens_interleaved"]
+    assert interleaved["min_cosine"] >= 0.9999 and interleaved["shape"] == [2, 512, 64]
+    assert parity["tokens_additive"]["min_cosine"] >= 0.9999 and parity["tokens_additive"]["alpha"] == 0.3
+    assert "alpha: must be within [0, 1]" in parity["alpha_1.5"]
     (point,) = report["serving"]["points"]
     assert point["model"] == "tokens_interleaved" and point["errors"] == 0 and point["requests_per_s"] > 0
     models = report["serving"]["triton_models"]
