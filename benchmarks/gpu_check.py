@@ -28,6 +28,8 @@ short table last.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime as _dt
 import io
 import json
@@ -641,7 +643,8 @@ def run_all(settings: Settings, runner: Callable[[list[str], float], tuple[int, 
         if left < MIN_STAGE_S:
             report["stages"][stage] = {"status": "skipped", "reason": f"time budget spent ({left:.0f} s left)"}
             continue
-        timeout = left if stage == "serving" else min(cap, left)
+        # the last stage takes what is left; a stage stopped at its cap gets STOP_GRACE_S more to stop
+        timeout = left - STOP_GRACE_S if stage == "serving" else min(cap, left - STOP_GRACE_S)
         part_path = parts / f"{stage.replace(':', '_')}.json"
         part_path.unlink(missing_ok=True)
         log(f"stage {stage}: up to {timeout:.0f} s")
@@ -666,22 +669,49 @@ def run_all(settings: Settings, runner: Callable[[list[str], float], tuple[int, 
     return report
 
 
-def _subprocess_runner(command: list[str], timeout: float) -> tuple[int, str]:
-    """Run one stage; the process group is killed at ``timeout`` (a compile cannot be interrupted)."""
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            import signal
+STOP_GRACE_S = 10.0  # SIGTERM first (a serving stage stops its tritonserver), SIGKILL after this
 
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            rc = 124
-        output.seek(0)
-        text = output.read().decode(errors="replace")
-    sys.stderr.write(text)
-    return rc, "\n".join(text.splitlines()[-25:])
+
+def _stop_group(process: subprocess.Popen, grace: float) -> None:
+    """Stop a stage's process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    import signal
+
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _subprocess_runner(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run one stage in its own process group, its output streamed to stderr as it comes; at
+    ``timeout`` the group is stopped (a compile cannot be interrupted from inside), rc 124."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    tail: collections.deque[str] = collections.deque(maxlen=25)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode(errors="replace")
+            tail.append(line.rstrip("\n"))
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(process, STOP_GRACE_S)
+        rc = 124
+    except BaseException:  # the check itself is being stopped: take the stage down with it
+        _stop_group(process, 2.0)
+        raise
+    reader.join(5.0)
+    return rc, "\n".join(tail)
 
 
 def merge_part(report: dict, stage: str, data: Mapping) -> None:
@@ -852,9 +882,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     stages=tuple(args.stages))
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (the time cap, or ``timeout`` around the script) raises SystemExit, so that a serving
+    stage stops its tritonserver and the orchestrator stops the running stage."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
+    _exit_on_sigterm()
     if args.stage:
         return run_stage(args.stage, settings, args.part, args.deadline or time.time() + settings.budget_s)
     report = run_all(settings)
