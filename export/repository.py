@@ -191,8 +191,9 @@ def fuse_spec(mode: FusionMode, shapes: ModelShapes, profile: Profile, paths: Ch
     _io(c.output, T.TIMING_FUSION, _FP32, [1])
     _params(c, mode=mode.value, llava=paths.llava, default_alpha=profile.default_alpha,
             threads=profile.serving.intra_op_threads)
-    # gpu-torch: the projectors run on the GPU on the encoders' device tensors (DLPack in and out)
-    return ModelSpec(c, source="torch_fuse" if target == "gpu-torch" else "fuse")
+    # gpu targets: the projectors run on the GPU on the encoders' device tensors (DLPack in and out);
+    # `fuse` reads numpy, which a GPU tensor handed over with FORCE_CPU_ONLY_INPUT_TENSORS off is not
+    return ModelSpec(c, source="fuse" if target == "cpu" else "torch_fuse")
 
 
 def llm_spec(shapes: ModelShapes, profile: Profile, paths: CheckpointPaths, target: str) -> ModelSpec:

@@ -78,6 +78,19 @@ def test_gpu_torch_configs_parse_with_tritons_schema_and_keep_tensors_on_the_gpu
         assert gpu_torch_specs[name].config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
 
+@pytest.mark.parametrize("target", ["gpu-onnx", "gpu-trt", "gpu-torch"])
+def test_every_gpu_target_fuses_with_the_torch_model_that_reads_device_tensors(target, tiny_profile, tiny_paths,
+                                                                                cpu_specs):
+    graphs = {}
+    for name in (T.CLIP_VISION, T.DINOV2_VISION, T.CLIP_TEXT):
+        folder = Path(cpu_specs[name].files[0]).parent
+        graphs[name] = ExportedGraph(name, folder, "digest", {}, cached=True)
+    shapes = read_shapes(tiny_paths, tiny_profile)
+    specs = {s.name: s for s in repository_specs(tiny_profile, target, tiny_paths, shapes, graphs)}
+    assert {specs[T.fuse_model(m)].source for m in T.FusionMode} == {"torch_fuse"}
+    assert {cpu_specs[T.fuse_model(m)].source for m in T.FusionMode} == {"fuse"}
+
+
 def _contract(config: mc.ModelConfig) -> tuple[list, list]:
     return ([(i.name, i.data_type, tuple(i.dims), i.optional) for i in config.input if not T.is_timing(i.name)],
             [(o.name, o.data_type, tuple(o.dims)) for o in config.output if not T.is_timing(o.name)])
