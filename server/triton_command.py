@@ -1,9 +1,14 @@
-"""``mofserve triton``: export if needed, then run Triton alone in the foreground.
+"""``mofserve triton``: export if needed, then run Triton alone in the foreground, supervised.
 
 The Triton Deployment of the split Kubernetes layout (``deploy/kubernetes/overlays/split``) runs
-this; its front-ends run ``mofserve serve --triton-url``. Unlike ``serve``, nothing supervises
-Triton here: when it exits, this command exits with its code and the kubelet restarts the pod.
-Model control stays ``none`` (the repository is fixed at start, as in ``serve``).
+this; its front-ends run ``mofserve serve --triton-url``. Triton is watched exactly as ``serve``
+watches its child (``TritonSupervisor``): restarted on the same ports when it dies, and when a real
+probe inference fails ``probe_failures_before_restart`` times in a row while Triton still says
+ready (a dead python-backend stub, which Triton's ``/v2/health/ready`` never reports). Without
+this, a Triton pod with a dead stub would stay "ready" and every front-end before it unready. After
+``max_restarts`` the command exits 1 and the kubelet restarts the pod. Model control stays
+``none`` (the repository is fixed at start, as in ``serve``); settings such as ``max_restarts``
+and ``probe_interval_s`` come from ``MOFSERVE_*`` as for ``serve``.
 
 Triton has no authentication of its own. The default address is loopback; binding the pod IP
 (``--host 0.0.0.0``) is what the split layout needs, and it is only safe behind the NetworkPolicy
@@ -12,16 +17,20 @@ that lets the front-end pods alone reach these ports (docs/deployment.md).
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
-import threading
 from collections.abc import Callable
 
 from mofserve.core.profiles import Profile
 
+from .app import TritonSupervisor
+from .config import ServeConfig, load_config
+from .engine import ServingInfo, TritonEngine
 from .launcher import TritonServer
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # bound everywhere: probe it over loopback
 Log = Callable[[str], None]
 
 
@@ -29,35 +38,69 @@ def stderr_log(message: str) -> None:
     print(f"[triton] {message}", file=sys.stderr, flush=True)
 
 
-def run_triton(profile: Profile, target: str = "cpu", host: str = "127.0.0.1", http_port: int = 8000,
-               grpc_port: int = 8001, metrics_port: int = 8002, start_timeout_s: float = 600.0,
-               stop: threading.Event | None = None, log: Log = stderr_log) -> int:
-    """Serve ``profile`` for ``target`` until SIGTERM/SIGINT (or ``stop``); Triton's exit code if it died."""
+class PodTriton(TritonSupervisor):
+    """The supervisor, with Triton bound to ``host`` (the pod IP in the split layout) on fixed ports."""
+
+    def __init__(self, repository, config: ServeConfig, host: str, log: Log, start_timeout_s: float) -> None:
+        super().__init__(repository, config, lambda ready: None, log)
+        self.host, self.start_timeout_s = host, start_timeout_s
+
+    def start(self) -> TritonServer:
+        ports = self.server.ports if self.server is not None else None
+        c = self.config
+        self.server = TritonServer(
+            self.repository, host=self.host,
+            http_port=ports.http if ports else (c.triton_http_port or None),
+            grpc_port=ports.grpc if ports else (c.triton_grpc_port or None),
+            metrics_port=ports.metrics if ports else (c.triton_metrics_port or None))
+        return self.server.start(timeout=self.start_timeout_s)
+
+    def local_grpc_url(self) -> str:
+        """Where this process reaches the gRPC endpoint (loopback when Triton binds every address)."""
+        host = WILDCARD.get(self.host, self.host)
+        return f"[{host}]:{self.server.ports.grpc}" if ":" in host else f"{host}:{self.server.ports.grpc}"
+
+
+async def _serve(profile: Profile, target: str, host: str, config: ServeConfig, start_timeout_s: float,
+                 log: Log) -> int:
     from mofserve.export.pipeline import export_profile
 
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    built = await loop.run_in_executor(None, lambda: export_profile(profile, target=target, log=log))
+    supervisor = PodTriton(built.path, config, host, log, start_timeout_s)
+    try:
+        server = await loop.run_in_executor(None, supervisor.start)
+        info = ServingInfo(profile=profile.name, random_weights=profile.random_weights)
+        engine = TritonEngine(supervisor.local_grpc_url(), info, config.limits,
+                              max_batch_size=profile.serving.max_batch_size)
+        try:
+            answered = await supervisor.check(engine)
+            log(f"Triton up ({profile.name}, {target}); probe inference {'answered' if answered else 'FAILED'}; "
+                f"log {server.log_path}")
+            print(f"READY triton grpc=grpc://{server.grpc_url} http=http://{server.http_url} "
+                  f"metrics={server.metrics_url}", flush=True)
+            await supervisor.watch(stopping, engine)
+            return 1 if supervisor.gave_up else 0
+        finally:
+            log("stopping")
+            await engine.close()
+    finally:
+        await loop.run_in_executor(None, supervisor.stop, max(config.shutdown_grace_s, 1.0))
+
+
+def run_triton(profile: Profile, target: str = "cpu", host: str = "127.0.0.1", http_port: int = 8000,
+               grpc_port: int = 8001, metrics_port: int = 8002, start_timeout_s: float = 600.0,
+               log: Log = stderr_log) -> int:
+    """Serve ``profile`` for ``target`` until SIGTERM/SIGINT; 1 when Triton could not be kept alive."""
     for name, port in (("http_port", http_port), ("grpc_port", grpc_port), ("metrics_port", metrics_port)):
         if not 0 <= port < 65536:
             raise ValueError(f"{name}: expected 0..65535 (0: a free port), got {port}")
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
     if host not in LOOPBACK:
         log(f"binding {host}: Triton has no authentication; expose it only to the front-ends "
             "(the split layout's NetworkPolicy)")
-    built = export_profile(profile, target=target, log=log)
-    server = TritonServer(built.path, host=host, http_port=http_port or None, grpc_port=grpc_port or None,
-                          metrics_port=metrics_port or None)
-    server.start(timeout=start_timeout_s)
-    try:
-        log(f"Triton ready ({profile.name}, {target}); log {server.log_path}")
-        print(f"READY triton grpc=grpc://{server.grpc_url} http=http://{server.http_url} "
-              f"metrics={server.metrics_url}", flush=True)
-        while not stop.wait(1.0):
-            if not server.is_alive():
-                log(f"tritonserver exited with code {server.returncode}; see {server.log_path}")
-                return server.returncode or 1
-        log("stopping")
-        return 0
-    finally:
-        server.stop()
+    config = load_config(flags={"triton_http_port": http_port, "triton_grpc_port": grpc_port,
+                                "triton_metrics_port": metrics_port})
+    return asyncio.run(_serve(profile, target, host, config, start_timeout_s, log))

@@ -1,6 +1,7 @@
-"""The split deployment as its two pods run it: `mofserve triton` (Triton alone, foreground) and
-`mofserve serve --triton-url` (the front-end alone: no export, no Triton child), as subprocesses
-on free loopback ports; readiness follows the remote Triton, which the front-end never restarts."""
+"""The split deployment as its two pods run it: `mofserve triton` (Triton alone, foreground,
+supervised) and `mofserve serve --triton-url` (the front-end alone: no export, no Triton child), as
+subprocesses on free loopback ports; the front-end's readiness follows the remote Triton, which only
+its own pod restarts."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def split(tiny_repository) -> Iterator[dict]:
     triton = _start(["triton", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], "READY triton")
     frontend = _start(["serve", "--grpc-port", "0", "--http-port", "0", "--triton-url", triton["grpc"],
                        "--triton-metrics-url", triton["metrics"]], "READY ",
-                      env={"MOFSERVE_PROBE_INTERVAL_S": "1", "MOFSERVE_PROBE_TIMEOUT_S": "10"})
+                      env={"MOFSERVE_PROBE_INTERVAL_S": "1", "MOFSERVE_PROBE_TIMEOUT_S": "10",
+                           "MOFSERVE_PROBE_FAILURES_BEFORE_RESTART": "1"})
     yield {"triton": triton, "frontend": frontend}
     _stop(frontend["process"])
     _stop(triton["process"])
@@ -82,8 +84,14 @@ def test_triton_command_serves_on_loopback_with_model_control_none(split):
     assert triton["grpc"].startswith("grpc://127.0.0.1:") and triton["metrics"].startswith("http://127.0.0.1:")
     status, _ = _get(f"{triton['http']}/v2/health/ready")
     assert status == 200
-    status, body = _get(f"{triton['http']}/v2/repository/index")  # model control none: no repository API
-    assert status != 200 or "vqa_interleaved" in body
+    # model control none: the repository is fixed, a load request is refused
+    load = urllib.request.Request(f"{triton['http']}/v2/repository/models/llm/load", data=b"{}", method="POST")
+    try:
+        with urllib.request.urlopen(load, timeout=10) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    assert status >= 400
 
 
 def test_front_end_alone_answers_through_the_remote_triton(split):
@@ -107,15 +115,33 @@ def test_front_end_relays_the_remote_tritons_metrics(split):
     assert status == 200 and "nv_inference_count" in body
 
 
-def test_front_end_goes_unready_when_the_remote_triton_stops_and_exits_cleanly(split):
+def _wait_health(http: str, want: int, seconds: float) -> tuple[int, str]:
+    deadline = time.monotonic() + seconds
+    status, body = _get(f"{http}/healthz")
+    while time.monotonic() < deadline and status != want:
+        time.sleep(0.5)
+        status, body = _get(f"{http}/healthz")
+    return status, body
+
+
+def test_triton_pod_restarts_a_killed_triton_and_the_front_end_follows_without_restarting(split):
+    frontend, triton = split["frontend"], split["triton"]
+    (child,) = _children(triton["process"].pid, "tritonserver")
+    os.kill(child, signal.SIGKILL)
+    status, _ = _wait_health(frontend["http"], 503, 30)
+    assert status == 503, "a front-end whose Triton is gone must leave its Service"
+    status, body = _wait_health(frontend["http"], 200, 180)
+    assert status == 200, body
+    assert triton["process"].poll() is None and frontend["process"].poll() is None
+    assert _children(triton["process"].pid, "tritonserver") not in ([], [child])
+    assert any("restart 1/" in line for line in triton["lines"]), "".join(triton["lines"][-20:])
+
+
+def test_sigterm_stops_the_triton_pod_cleanly_and_the_front_end_outlives_it(split):
     frontend, triton = split["frontend"], split["triton"]
     assert _stop(triton["process"]) == 0, "".join(triton["lines"][-20:])
-    deadline = time.monotonic() + 60
-    status = 200
-    while time.monotonic() < deadline and status == 200:
-        status, body = _get(f"{frontend['http']}/healthz")
-        time.sleep(0.5)
-    assert status == 503, body
+    assert _children(triton["process"].pid, "tritonserver") == []
+    status, body = _wait_health(frontend["http"], 503, 30)
+    assert status == 503 and json.loads(body).get("status") != "ok", body
     assert frontend["process"].poll() is None, "a front-end outlives its Triton; it never restarts it"
-    assert json.loads(body).get("status") != "ok"
     assert _stop(frontend["process"]) == 0
