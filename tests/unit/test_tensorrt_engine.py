@@ -10,6 +10,7 @@ import io
 import shutil
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -340,3 +341,16 @@ def test_tiny_engines_build_pass_the_gate_and_are_cached(tiny_graphs, tiny_profi
     assert any("accuracy gate passed, min cosine" in line for line in logged)
     again = te.build_engines(tiny_graphs, tiny_profile, tiny_paths, log=logged.append)
     assert all(e.cached and e.key == built[n].key for n, e in again.items())
+
+
+@pytest.mark.skipif(_tensorrt_ready(), reason="tensorrt and a CUDA device are present: the check would run")
+def test_gpu_check_trt_script_stops_at_once_naming_what_is_missing(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([str(root / "benchmarks" / "gpu_check_trt.sh"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "cannot run the TensorRT check; missing:" in result.stderr
+    assert "`tensorrt`" in result.stderr or "CUDA GPU" in result.stderr
+    assert not list((tmp_path / "out").glob("gpu_check_trt.*")), "nothing measured, nothing written"
