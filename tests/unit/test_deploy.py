@@ -472,6 +472,10 @@ def _kustomize(folder: Path) -> list[dict]:
         assert label.get("includeSelectors") is False
         for doc in docs:
             doc["metadata"].setdefault("labels", {}).update(label["pairs"])
+    images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in kustomization.get("images", [])}
+    for doc in docs:
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            container["image"] = images.get(container["image"], container["image"])
     return docs
 
 
@@ -506,10 +510,23 @@ def test_kustomize_build_agrees_with_the_resolver_when_kustomize_is_installed():
         assert theirs[key]["spec"] == ours[key]["spec"], key
 
 
+def test_every_split_pod_runs_the_pinned_image_and_carries_the_part_of_label():
+    docs = _kustomize(SPLIT)
+    images = {c["image"] for d in docs if d["kind"] == "Deployment" for c in _container_list(d)}
+    assert images == {"registry.example.com/mofserve:0.1.0"}, "an image name left unmapped is pulled as is"
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mofserve" for d in docs)
+
+
+def _container_list(deployment: dict) -> list[dict]:
+    return deployment["spec"]["template"]["spec"]["containers"]
+
+
 def test_split_overlay_lists_every_file_and_builtin_kinds_pass_the_schema():
     kustomization = yaml.safe_load((SPLIT / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"]) | {p["path"] for p in kustomization["patches"]}
     assert listed - {"../.."} == {p.name for p in SPLIT.glob("*.yaml")} - {"kustomization.yaml"}
+    base_images = yaml.safe_load((KUBE / "kustomization.yaml").read_text())["images"]
+    assert kustomization["images"] == base_images, "the overlay pins the same image as the base"
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     docs = _kustomize(SPLIT)
     kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
