@@ -20,9 +20,10 @@ Input data (:func:`input_data`) is a perf_analyzer ``--input-data`` JSON built f
 JPEG variants of the scikit-image photos (``benchmarks.load.ImagePool``): ``IMAGE`` as a BYTES
 element (perf_analyzer reads a ``b64`` BYTES value as Triton's serialised string tensor, so each
 image is prefixed with its little-endian uint32 length), and for ``vqa_<mode>`` the question,
-options and ``MAX_NEW_TOKENS`` of the load benchmark. perf_analyzer cycles through the images, so
-after the first pass the encoders answer from their feature cache: the report carries the cache's
-hits and misses per point (Triton's metrics before and after, ``stats.triton_delta``).
+options and ``MAX_NEW_TOKENS`` of the load benchmark. Every point gets its own images, never sent before;
+perf_analyzer cycles through them, so once a point has sent them all the encoders answer from their
+feature cache: the report carries the cache's hits and misses per point (Triton's metrics before
+and after, ``stats.triton_delta``).
 
 One perf_analyzer run per model and concurrency (``--concurrency-range C:C``; count windows for
 slow models), its CSV (``-f``, ``--verbose-csv``) parsed by :func:`parse_csv` into points of the
@@ -63,7 +64,7 @@ SYSTEM_LIB_DIRS = (Path("/usr/lib/x86_64-linux-gnu"), Path("/lib/x86_64-linux-gn
 
 DEFAULT_MODELS = ("vqa_interleaved",)
 DEFAULT_CONCURRENCY = (1, 2, 4)
-DEFAULT_IMAGES = 16
+DEFAULT_IMAGES = 64  # per point: a slow model's whole point stays cold; a fast one cycles through them
 IMAGE_SEED = 20261127  # not the load sweep's variants: in a `bench load --perf-analyzer` run they start cold
 DEFAULT_REQUEST_COUNT = 20  # requests per measurement window (count_windows)
 DEFAULT_STABILITY = 25  # percent; a CPU shared with other work rarely settles within 10
@@ -447,8 +448,10 @@ def run_point(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, co
                    "error": None, "unstable": None}
     error, _ = _run_once(tool, config, model, concurrency, data_path, work, config.stability_percent)
     if error and UNSTABLE in error and config.stability_percent < 100:
-        point["unstable"] = f"no stable windows at {config.stability_percent}%: rerun accepting any (100%)"
-        error, _ = _run_once(tool, config, model, concurrency, data_path, work, 100)
+        point["unstable"] = (f"no stable windows at {config.stability_percent}%: rerun at 100% with "
+                             f"{2 * config.max_trials} trials")
+        error, _ = _run_once(tool, replace(config, max_trials=2 * config.max_trials), model, concurrency, data_path,
+                             work, 100)
     point["error"] = error
     point["wall_s"] = time.perf_counter() - t0
     if error is None:
@@ -467,27 +470,38 @@ def run_point(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, co
 
 def run_sweep(config: PerfAnalyzerConfig, tool: PerfAnalyzerTool | None = None, work: Path | None = None,
               images: Sequence[bytes] | None = None, progress: Callable[[str], None] = log) -> dict:
-    """Every model at every concurrency; returns the report's ``perf_analyzer`` section."""
+    """Every model at every concurrency; returns the report's ``perf_analyzer`` section.
+
+    Each point gets its own ``config.images`` images never sent before (a slice of one seeded
+    pool), so a point starts cold and only its own later passes hit the encoders' feature cache;
+    ``images`` instead gives every point the same ones."""
     from .load import ImagePool
 
     tool = tool or install_perf_analyzer()
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix="mofserve-perf-analyzer-")) if own_work else Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    if images is None:
-        pool = ImagePool(seed=IMAGE_SEED)
-        pool.ensure(config.images)
-        images = [pool[i] for i in range(config.images)]
-    images = list(images)[:config.images]
+    pool = ImagePool(seed=IMAGE_SEED)
+    n = config.images
     points = []
+    sizes: list[int] = []
     try:
         for model in config.models:
-            data_path = work / f"{model}.input.json"
-            data_path.write_text(json.dumps(input_data(model, images, config.question, config.options,
-                                                       config.max_new_tokens)))
             for concurrency in config.concurrency:
+                if images is None:
+                    first = len(points) * n
+                    pool.ensure(first + n)
+                    batch = [pool[i] for i in range(first, first + n)]
+                else:
+                    batch = list(images)[:n]
+                sizes += [len(b) for b in batch]
+                data_path = work / f"{model}-c{concurrency}.input.json"
+                data_path.write_text(json.dumps(input_data(model, batch, config.question, config.options,
+                                                           config.max_new_tokens)))
                 progress(f"{model} c={concurrency}: running")
                 point = run_point(tool, config, model, concurrency, data_path, work)
+                point["images"] = len(batch)
+                data_path.unlink()  # megabytes of base64; the images are reproducible from the seed
                 points.append(point)
                 if point["error"]:
                     progress(f"{model} c={concurrency}: FAILED {point['error']}")
@@ -501,8 +515,9 @@ def run_sweep(config: PerfAnalyzerConfig, tool: PerfAnalyzerTool | None = None, 
             shutil.rmtree(work, ignore_errors=True)
     settings = {k: v for k, v in vars(config).items()}
     return {"tool": dict(tool.manifest), "binary": str(tool.binary), "config": settings,
-            "images": {"count": len(images), "kind": "JPEG q90 variants of the scikit-image photos (ImagePool)",
-                       "bytes": [len(i) for i in images]},
+            "images": {"per_point": n, "fresh_per_point": images is None, "seed": IMAGE_SEED,
+                       "kind": "JPEG q90 variants of the scikit-image photos (ImagePool)",
+                       "mean_bytes": sum(sizes) / len(sizes) if sizes else None},
             "points": points}
 
 
@@ -530,8 +545,8 @@ def add_perf_analyzer_arguments(parser: argparse.ArgumentParser, standalone: boo
         parser.add_argument("--out", type=Path, help="results folder (default results/perf-analyzer-<timestamp>/)")
         parser.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only")
     parser.add_argument("--pa-images", type=int, default=DEFAULT_IMAGES, metavar="N",
-                        help=f"distinct images in the input data (default {DEFAULT_IMAGES}); perf_analyzer cycles "
-                             "through them, so later passes hit the encoders' feature cache")
+                        help=f"distinct images per point, never sent before (default {DEFAULT_IMAGES}); "
+                             "perf_analyzer cycles through them, so later passes hit the encoders' feature cache")
     parser.add_argument("--pa-requests", type=int, default=DEFAULT_REQUEST_COUNT, metavar="N",
                         help=f"requests per measurement window (count_windows; default {DEFAULT_REQUEST_COUNT})")
     parser.add_argument("--pa-stability", type=int, default=DEFAULT_STABILITY, metavar="PERCENT",

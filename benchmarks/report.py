@@ -237,8 +237,10 @@ def _perf_analyzer_intro(section: Mapping) -> str:
     return (f"NVIDIA perf_analyzer ({tool.get('version', '?')}, from the tritonclient {tool.get('tritonclient', '?')} "
             f"wheel) straight to Triton's gRPC {c['triton_grpc']}, no front-end: count windows of "
             f"{c['request_count']} requests, stability {c['stability_percent']}%, at most {c['max_trials']} trials; "
-            f"input data: {images.get('count')} real-image JPEGs cycled (after the first pass the encoders answer "
-            f"from their feature cache: hits / misses per point below).")
+            f"input data: {images.get('per_point')} real-image JPEGs per point"
+            + (", never sent before" if images.get("fresh_per_point") else "")
+            + ", cycled (once a point has sent them all, the encoders answer from their feature cache: hits / "
+            "misses per point below).")
 
 
 def format_markdown(report: Mapping) -> str:

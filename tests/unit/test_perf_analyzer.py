@@ -129,7 +129,7 @@ def _section(tmp_path):
                    "error": "exit code 1: Failed to obtain stable measurement | try again"})
     config = PA.PerfAnalyzerConfig("127.0.0.1:9", models=["tokens_clip", "vqa_clip"])
     return {"tool": {"version": "Perf Analyzer Version 2.51.0", "tritonclient": "2.51.0"}, "config": vars(config),
-            "images": {"count": 16}, "points": points}
+            "images": {"per_point": 16, "fresh_per_point": True}, "points": points}
 
 
 def test_table_shows_figures_cache_hits_and_failed_runs(tmp_path):
@@ -152,4 +152,5 @@ def test_standalone_report_writes_markdown_json_and_plot(tmp_path):
     assert data["benchmark"] == "perf_analyzer" and len(data["perf_analyzer"]["points"]) == 3
     md = format_markdown(report)
     assert "perf_analyzer" in md and "| tokens_clip | c=2 | 100.38 |" in md and "tiny" in md
+    assert "16 real-image JPEGs per point, never sent before" in md
     assert np.isfinite(data["perf_analyzer"]["points"][0]["throughput_rps"])
