@@ -133,6 +133,7 @@ def test_dry_run_serves_the_gpu_torch_repository_on_cpu_instances(tmp_path: Path
                             sweep_s=1.0, modes=("interleaved",), budget_s=400)
     report = gc.run_all(settings, runner=in_process)
     assert report["stages"]["serving"]["status"] == "ok", report["stages"]["serving"]
+    assert report["checkpoints"]["rc"] == 0  # built in the background while the other stages ran
     parity = report["serving"]["parity"]  # fp32 on CPU instances: the served tokens are the in-process ones
     interleaved = parity["tokens_interleaved"]
     assert interleaved["min_cosine"] >= 0.9999 and interleaved["shape"] == [2, 512, 64]
