@@ -559,7 +559,10 @@ def stage_serving(settings: Settings, part: Part, deadline: float) -> None:
     part.update(serving={"checkpoints_s": round(time.perf_counter() - started, 1)})
     # the sweep drives tokens_<mode> only: the LM, vqa_<mode> and the text models are left out so
     # that the server starts sooner (their configs are the gpu-torch target's all the same)
-    unused = {T.LLM, T.TOKENIZE_TEXT, T.CLIP_TEXT, T.EMBED_TEXT, *(T.vqa_model(m) for m in T.FusionMode)}
+    # and so are the fusion modes neither swept nor checked (served_parity checks interleaved and additive)
+    kept = {*settings.modes, T.FusionMode.INTERLEAVED, T.FusionMode.ADDITIVE}
+    unused = {T.LLM, T.TOKENIZE_TEXT, T.CLIP_TEXT, T.EMBED_TEXT, *(T.vqa_model(m) for m in T.FusionMode),
+              *(name for m in T.FusionMode if m not in kept for name in (T.fuse_model(m), T.tokens_model(m)))}
     specs = [s for s in repository_specs(profile, "gpu-torch", paths, shapes, {}) if s.name not in unused]
     for spec in specs:
         if settings.instance_kind == "cpu":  # the dry run: the same repository on CPU instances
