@@ -201,6 +201,19 @@ async def _make_event() -> asyncio.Event:
     return asyncio.Event()
 
 
+def test_callers_that_give_up_free_their_slots(busy):
+    """A client deadline that expires mid-request (the server's handler is cancelled or answers
+    DEADLINE_EXCEEDED itself) gives the slot back: one slot, yet every later request gets in."""
+    with MofServeClient(busy.grpc, retries=False) as client:
+        for _ in range(4):
+            with pytest.raises(MofServeError) as caught:
+                client.ask(IMAGE, QUESTION, options=OPTIONS, mode="clip", max_new_tokens=SLOW_TOKENS, timeout=0.05)
+            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        _wait_idle(busy.admission)
+        assert client.ask(IMAGE, QUESTION, options=OPTIONS, mode="clip", max_new_tokens=2,
+                          timeout=60).chosen_option in {"a", "b"}
+
+
 def test_health_and_server_info_bypass_admission(busy, loop_thread):
     async def hold(release: asyncio.Event):
         async with busy.admission.admit(None, "grpc"):
