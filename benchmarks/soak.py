@@ -120,18 +120,22 @@ class RssTolerance:
 
 
 def rss_growth(before: Mapping[str, int | None], after: Mapping[str, int | None],
-               tolerance: RssTolerance) -> list[dict]:
-    """One row per process: before, after, growth (MiB) and whether it is within ``tolerance``."""
+               tolerance: RssTolerance, middle: Mapping[str, int | None] | None = None) -> list[dict]:
+    """One row per process: before, after, growth (MiB) and whether it is within ``tolerance``;
+    with ``middle`` (a sample half-way), the growth over the second half too: caches that fill up
+    stop growing, a leak does not."""
     rows = []
     for name in sorted(before):
         b, a = before[name], after.get(name)
+        m = (middle or {}).get(name)
+        late = _mib(a - m) if a is not None and m is not None else None
         if b is None or a is None:
             rows.append({"process": name, "before_mib": _mib(b), "after_mib": _mib(a), "growth_mib": None,
-                         "allowed_mib": None, "ok": False, "note": "process gone"})
+                         "late_growth_mib": late, "allowed_mib": None, "ok": False, "note": "process gone"})
             continue
         allowed = tolerance.allowed_bytes(b)
         rows.append({"process": name, "before_mib": _mib(b), "after_mib": _mib(a), "growth_mib": _mib(a - b),
-                     "allowed_mib": _mib(allowed), "ok": a - b <= allowed, "note": ""})
+                     "late_growth_mib": late, "allowed_mib": _mib(allowed), "ok": a - b <= allowed, "note": ""})
     return rows
 
 
@@ -194,6 +198,7 @@ async def soak(target: str, frontend_pid: int, config: SoakConfig, log=None) -> 
         processes = service_processes(frontend_pid)
         before = rss_sample(processes)
         samples = [{"t_s": 0.0, "rss_mib": {k: _mib(v) for k, v in before.items()}}]
+        middle: dict[str, int | None] = {}
         log(f"processes: {len(processes)} ({', '.join(sorted(processes))}); soak {config.duration_s:g} s")
         started = time.monotonic()
 
@@ -201,6 +206,8 @@ async def soak(target: str, frontend_pid: int, config: SoakConfig, log=None) -> 
             while True:
                 await asyncio.sleep(config.sample_every_s)
                 now = rss_sample(processes)
+                if not middle and time.monotonic() - started >= config.duration_s / 2:
+                    middle.update(now)
                 samples.append({"t_s": round(time.monotonic() - started, 1),
                                 "rss_mib": {k: _mib(v) for k, v in now.items()}})
                 total = sum(v for v in now.values() if v is not None)
@@ -225,7 +232,7 @@ async def soak(target: str, frontend_pid: int, config: SoakConfig, log=None) -> 
         "load": point,
         "processes": processes,
         "replaced": replaced,
-        "rss": rss_growth(before, after, config.tolerance),
+        "rss": rss_growth(before, after, config.tolerance, middle or None),
         "rss_samples": samples,
     }
 
@@ -260,15 +267,16 @@ def format_markdown(report: Mapping) -> str:
         f"- modes {load['modes']}, repeated images {load['repeated_share']:.2f}",
         f"- RSS tolerance per process: max({c['tolerance']['mib']:g} MiB, {c['tolerance']['ratio']:.0%} of before)",
         "",
-        "| process | RSS before (MiB) | after (MiB) | growth (MiB) | allowed (MiB) | ok |",
-        "|---|---|---|---|---|---|",
+        "| process | RSS before (MiB) | after (MiB) | growth (MiB) | second half (MiB) | allowed (MiB) | ok |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["rss"]:
+        late = "" if row.get("late_growth_mib") is None else row["late_growth_mib"]
         lines.append(f"| {row['process']} | {row['before_mib']} | {row['after_mib']} | {row['growth_mib']} | "
-                     f"{row['allowed_mib']} | {'yes' if row['ok'] else 'NO ' + row['note']} |")
+                     f"{late} | {row['allowed_mib']} | {'yes' if row['ok'] else 'NO ' + row['note']} |")
     total_before = sum(r["before_mib"] or 0 for r in report["rss"])
     total_after = sum(r["after_mib"] or 0 for r in report["rss"])
-    lines += [f"| total | {total_before:.1f} | {total_after:.1f} | {total_after - total_before:.1f} | | |", ""]
+    lines += [f"| total | {total_before:.1f} | {total_after:.1f} | {total_after - total_before:.1f} | | | |", ""]
     problems = verdict(report)
     lines.append("**Verdict: " + ("pass**" if not problems else "FAIL**: " + "; ".join(problems)))
     return "\n".join(lines) + "\n"

@@ -67,6 +67,12 @@ def _cmd_bench_perf_analyzer(args: argparse.Namespace) -> int:
     return bench_perf_analyzer(args)
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from mofserve.benchmarks.soak import main as soak
+
+    return soak(args)
+
+
 # `mofserve serve` flags of admission control and security (docs/reliability.md); the token itself
 # has no flag (a command line is visible to every user of the machine): MOFSERVE_AUTH_TOKEN, TOML or a file
 SERVE_LIMIT_AND_SECURITY_FLAGS = ("max_in_flight", "max_queue", "default_deadline_s", "max_deadline_s",
@@ -88,12 +94,6 @@ def _add_limit_and_security_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--tls-client-ca-file", help="PEM CA: mutual TLS, clients must present a certificate it signed")
     serve.add_argument("--auth-token-file", help="file holding the bearer token every request but health must send "
                                                  "(or MOFSERVE_AUTH_TOKEN)")
-
-
-def _cmd_soak(args: argparse.Namespace) -> int:
-    from mofserve.benchmarks.soak import main as soak
-
-    return soak(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -224,9 +224,14 @@ class MofServeApp:
         return self.endpoints
 
     async def stop(self) -> None:
-        """Drain, then stop Triton. New gRPC calls get UNAVAILABLE and the HTTP port stops
-        listening at once; requests in flight on both transports get ``shutdown_grace_s``
-        together (not one after the other), then Triton gets as long to stop."""
+        """Drain, then stop Triton, all within ``shutdown_grace_s`` (plus Triton's SIGKILL).
+
+        New gRPC calls get UNAVAILABLE and the HTTP port stops listening at once; requests in
+        flight on both transports get the grace together (not one after the other). Triton then
+        has what is left of it, at least 2 s, to stop: nothing of ours is in flight there any more,
+        and under load its python models can take longer than that to unload (seen: 10 s+), so
+        it is killed rather than waited for."""
+        ends = time.monotonic() + self.config.shutdown_grace_s
         self._set_serving(False)
         if self.supervisor is not None:
             self.supervisor.readiness.set(False, "stopping")
@@ -240,7 +245,8 @@ class MofServeApp:
         if self.engine is not None:
             await self.engine.close()
         if self.supervisor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop, max(grace, 1.0))
+            left = max(ends - time.monotonic(), 2.0)
+            await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop, left)
 
     async def run(self, install_signals: bool = True) -> int:
         if install_signals:

@@ -264,6 +264,26 @@ def _covering_wave(selections: Sequence[Selection]) -> list[int]:
     return [next(i for i, s in enumerate(selections) if _encoders(s.mode) == frozenset({e})) for e in sorted(needed)]
 
 
+def _triton_channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel options, plus two that make a restarted Triton reachable at once.
+
+    gRPC shares subchannels between channels to the same address; one that failed to connect while
+    Triton was down stays in reconnect backoff (growing to 120 s), so a fresh channel (``reconnect``)
+    inherited it and failed fast with "failed to connect to all addresses" long after Triton was back
+    (seen here under load). A private subchannel pool makes ``reconnect`` dial afresh, and the backoff
+    is capped at 1 s for the channel in use."""
+    keepalive = triton.KeepAliveOptions()
+    return [("grpc.max_send_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 class TritonEngine:
     """Async calls to the Triton ensembles over gRPC (loopback)."""
 
@@ -283,7 +303,7 @@ class TritonEngine:
     @property
     def client(self) -> triton.InferenceServerClient:
         if self._client is None:
-            self._client = triton.InferenceServerClient(self.triton_url)
+            self._client = triton.InferenceServerClient(self.triton_url, channel_args=_triton_channel_args())
         return self._client
 
     async def close(self) -> None:
@@ -390,7 +410,12 @@ class TritonEngine:
         except InferenceServerException as error:
             raise _engine_error(error) from None
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller went away (or its deadline passed)
+            # not the caller: ``reconnect`` closed the channel under the call after a Triton restart
+            raise EngineError("unavailable", f"triton: connection to {self.triton_url} closed (Triton "
+                                             "restarted); retry") from None
         except Exception as error:  # connection refused, channel closed while Triton restarts
             raise EngineError("unavailable", f"triton: not reachable at {self.triton_url} ({error})") from None
 
