@@ -38,6 +38,10 @@ pytestmark = pytest.mark.integration
 
 DEADLINE_S = 30.0  # every client call's deadline: a call that reaches it counts as hung
 FAST_FAIL_S = 5.0  # a refused request must come back within this (generous for 2 shared CPUs)
+# A request already queued in Triton for a model whose stub is dead waits its turn: Triton takes ~1 s
+# per request to find the stub unhealthy (measured) and answers them one by one, so with the 4
+# workers and the probe queued together the last refusal comes after ~4-5 s (seen: 3.0, 4.0 s).
+STUB_FAIL_S = 10.0
 RECOVERY_S = 240.0  # give up waiting for the service to come back (a Triton start took 90 s on a busy machine)
 GRACE_S = 10.0  # shutdown_grace_s of the served app
 EXIT_MARGIN_S = 10.0  # beyond the grace: Triton's SIGKILL after its share, interpreter exit
@@ -234,7 +238,7 @@ def test_killed_stub_leaves_triton_ready_but_probe_fails_and_supervisor_restarts
     assert after["stub:llm"] != before["stub:llm"]
     _assert_none_lost(outcomes, killed_at)
     refused = [o for o in outcomes if o.code != "OK"]
-    assert refused and max(o.seconds for o in refused) < FAST_FAIL_S
+    assert refused and max(o.seconds for o in refused) < STUB_FAIL_S
     _report("SIGKILL stub llm", outcomes, 0, recovery_s=f"{recovered_at - killed_at:.1f}")
 
 
