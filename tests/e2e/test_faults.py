@@ -186,6 +186,31 @@ def _report(name: str, outcomes: list[Outcome], lost: int, **figures: object) ->
           f"{max(failures, default=0.0):.2f} s; " + "; ".join(f"{k} {v}" for k, v in figures.items()))
 
 
+def test_probe_answers_through_every_python_backend_model(engine, loop_thread):
+    from mofserve.server.probe import probe_inference
+
+    result = loop_thread.run(probe_inference(engine, timeout=60))
+    assert result.ok, result.reason
+    assert set(result.calls) == {"vqa_interleaved", "tokens_clip", "tokens_dinov2", "tokens_additive", "embed_text"}
+
+
+def test_probe_names_every_failed_call_when_triton_is_unreachable(loop_thread):
+    from mofserve.server.engine import ServingInfo, TritonEngine
+    from mofserve.server.launcher import free_ports
+    from mofserve.server.probe import probe_inference
+
+    nobody = TritonEngine(f"127.0.0.1:{free_ports(1)[0]}", ServingInfo("tiny", True))
+    started = time.monotonic()
+    try:
+        result = loop_thread.run(probe_inference(nobody, timeout=5))
+    finally:
+        loop_thread.run(nobody.close())
+    assert not result.ok and time.monotonic() - started < FAST_FAIL_S
+    for call in ("vqa_interleaved", "tokens_clip", "tokens_dinov2", "tokens_additive", "embed_text"):
+        assert f"{call}: " in result.reason, result.reason
+    assert "unavailable" in result.reason
+
+
 def test_killed_triton_fails_fast_restarts_and_service_recovers_without_losing_requests(served):
     http = served.endpoints["http"]
     frontend = served.process.pid
