@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
+
+from .processes import children, kill_process, start_mofserve
 
 pytestmark = pytest.mark.integration
 
@@ -28,38 +28,12 @@ def _healthz(http: str) -> tuple[int, dict]:
         return 0, {}
 
 
-def _children(pid: int, name: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid), "-f", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_repository) -> Iterator[dict]:
     """`mofserve serve` on free ports (the tiny export is already cached by the session fixture)."""
-    cmd = [sys.executable, "-m", "mofserve", "serve", "--grpc-port", "0", "--http-port", "0"]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    deadline = time.monotonic() + 240
-    ready = None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("READY "):
-            ready = dict(part.split("=", 1) for part in line.split()[1:])
-            break
-    if ready is None:
-        process.kill()
-        pytest.fail("mofserve serve did not become ready:\n" + "".join(lines[-40:]))
-    import threading
-
-    threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True).start()
-    yield {"process": process, "lines": lines, **ready}
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
+    server = start_mofserve(["serve", "--grpc-port", "0", "--http-port", "0"])
+    yield server
+    kill_process(server["process"])
 
 
 def test_serve_prints_endpoints_and_reports_healthy(served):
@@ -71,7 +45,7 @@ def test_serve_prints_endpoints_and_reports_healthy(served):
 
 def test_supervisor_restarts_a_killed_triton_and_service_recovers(served):
     process = served["process"]
-    tritons = _children(process.pid, "tritonserver")
+    tritons = children(process.pid, "tritonserver")
     assert len(tritons) == 1
     os.kill(tritons[0], signal.SIGKILL)
     went_down = False
@@ -79,7 +53,7 @@ def test_supervisor_restarts_a_killed_triton_and_service_recovers(served):
     while time.monotonic() < deadline:
         status, _ = _healthz(served["http"])
         went_down = went_down or status == 503
-        new = _children(process.pid, "tritonserver")
+        new = children(process.pid, "tritonserver")
         if went_down and status == 200 and new and new != tritons:
             break
         time.sleep(0.2)
@@ -91,7 +65,7 @@ def test_supervisor_restarts_a_killed_triton_and_service_recovers(served):
 
 def test_sigterm_stops_the_front_end_and_triton(served):
     process = served["process"]
-    tritons = _children(process.pid, "tritonserver")
+    tritons = children(process.pid, "tritonserver")
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
     time.sleep(0.5)

@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,37 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from .processes import children, start_mofserve, stop_process
+
 pytestmark = pytest.mark.integration
-
-
-def _start(args: list[str], ready_prefix: str, env: dict[str, str] | None = None, timeout: float = 240) -> dict:
-    process = subprocess.Popen([sys.executable, "-m", "mofserve", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith(ready_prefix):
-            ready = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
-            threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True).start()
-            return {"process": process, "lines": lines, **ready}
-    process.kill()
-    pytest.fail(f"mofserve {args[0]} did not become ready:\n" + "".join(lines[-40:]))
-
-
-def _stop(process: subprocess.Popen) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait(10)
-    return process.returncode
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -61,22 +30,17 @@ def _get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _children(pid: int, name: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid), "-f", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @pytest.fixture(scope="module")
 def split(tiny_repository) -> Iterator[dict]:
     """Triton alone, then a front-end pointed at it (the tiny export is cached by the session fixture)."""
-    triton = _start(["triton", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], "READY triton")
-    frontend = _start(["serve", "--grpc-port", "0", "--http-port", "0", "--triton-url", triton["grpc"],
+    triton = start_mofserve(["triton", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], "READY triton")
+    frontend = start_mofserve(["serve", "--grpc-port", "0", "--http-port", "0", "--triton-url", triton["grpc"],
                        "--triton-metrics-url", triton["metrics"]], "READY ",
                       env={"MOFSERVE_PROBE_INTERVAL_S": "1", "MOFSERVE_PROBE_TIMEOUT_S": "10",
                            "MOFSERVE_PROBE_FAILURES_BEFORE_RESTART": "1"})
     yield {"triton": triton, "frontend": frontend}
-    _stop(frontend["process"])
-    _stop(triton["process"])
+    stop_process(frontend["process"])
+    stop_process(triton["process"])
 
 
 def test_triton_command_serves_on_loopback_with_model_control_none(split):
@@ -98,7 +62,7 @@ def test_front_end_alone_answers_through_the_remote_triton(split):
     from mofserve.clients import MofServeClient
 
     frontend = split["frontend"]
-    assert _children(frontend["process"].pid, "tritonserver") == [], "the front-end must not start a Triton"
+    assert children(frontend["process"].pid, "tritonserver") == [], "the front-end must not start a Triton"
     status, body = _get(f"{frontend['http']}/healthz")
     assert status == 200, body
     from mofserve.core.samples import sample_photos
@@ -126,22 +90,22 @@ def _wait_health(http: str, want: int, seconds: float) -> tuple[int, str]:
 
 def test_triton_pod_restarts_a_killed_triton_and_the_front_end_follows_without_restarting(split):
     frontend, triton = split["frontend"], split["triton"]
-    (child,) = _children(triton["process"].pid, "tritonserver")
+    (child,) = children(triton["process"].pid, "tritonserver")
     os.kill(child, signal.SIGKILL)
     status, _ = _wait_health(frontend["http"], 503, 30)
     assert status == 503, "a front-end whose Triton is gone must leave its Service"
     status, body = _wait_health(frontend["http"], 200, 180)
     assert status == 200, body
     assert triton["process"].poll() is None and frontend["process"].poll() is None
-    assert _children(triton["process"].pid, "tritonserver") not in ([], [child])
+    assert children(triton["process"].pid, "tritonserver") not in ([], [child])
     assert any("restart 1/" in line for line in triton["lines"]), "".join(triton["lines"][-20:])
 
 
 def test_sigterm_stops_the_triton_pod_cleanly_and_the_front_end_outlives_it(split):
     frontend, triton = split["frontend"], split["triton"]
-    assert _stop(triton["process"]) == 0, "".join(triton["lines"][-20:])
-    assert _children(triton["process"].pid, "tritonserver") == []
+    assert stop_process(triton["process"]) == 0, "".join(triton["lines"][-20:])
+    assert children(triton["process"].pid, "tritonserver") == []
     status, body = _wait_health(frontend["http"], 503, 30)
     assert status == 503 and json.loads(body).get("status") != "ok", body
     assert frontend["process"].poll() is None, "a front-end outlives its Triton; it never restarts it"
-    assert _stop(frontend["process"]) == 0
+    assert stop_process(frontend["process"]) == 0

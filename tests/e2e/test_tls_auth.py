@@ -8,16 +8,12 @@ on loopback with its model-control API off.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
 import signal
 import ssl
 import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -36,6 +32,7 @@ from mofserve.server.metrics import FrontendMetrics
 from mofserve.server.security import GrpcBearerAuth, Security, http_bearer_auth
 from mofserve.v1 import mofserve_pb2 as pb
 
+from .processes import children, kill_process, start_mofserve
 from .test_backpressure import IMAGE, OPTIONS, QUESTION, chat_body
 
 pytestmark = [pytest.mark.integration,
@@ -340,35 +337,15 @@ def test_exposed_addresses_start_with_a_loud_warning(pki):
 def shipped(tiny_repository, pki) -> Iterator[dict]:
     """``mofserve serve --host 0.0.0.0`` (the container's entrypoint) with TLS and the token from
     the environment, on free ports."""
-    cmd = [sys.executable, "-m", "mofserve", "serve", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "0",
-           "--tls-cert-file", pki.server_pem, "--tls-key-file", pki.server_key]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", "MOFSERVE_AUTH_TOKEN": TOKEN})
-    lines: list[str] = []
-    ready = None
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("READY "):
-            ready = dict(part.split("=", 1) for part in line.split()[1:])
-            break
-    if ready is None:
-        process.kill()
-        pytest.fail("mofserve serve did not become ready:\n" + "".join(lines[-40:]))
-    reader = threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True)
-    reader.start()
-    yield {"process": process, "lines": lines, "reader": reader, **ready}
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
+    server = start_mofserve(["serve", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "0",
+                             "--tls-cert-file", pki.server_pem, "--tls-key-file", pki.server_key],
+                            env={"MOFSERVE_AUTH_TOKEN": TOKEN})
+    yield server
+    kill_process(server["process"])
 
 
 def _triton_command(serve_pid: int) -> list[str]:
-    out = subprocess.run(["pgrep", "-P", str(serve_pid), "-f", "tritonserver"], capture_output=True, text=True).stdout
-    pids = [int(p) for p in out.split()]
+    pids = children(serve_pid, "tritonserver")
     assert len(pids) == 1, pids
     return Path(f"/proc/{pids[0]}/cmdline").read_bytes().decode().split("\0")
 
