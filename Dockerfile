@@ -72,8 +72,10 @@ EXPOSE 50051 8080
 
 # /healthz answers 200 only while Triton is ready (503 while the supervisor restarts it). The
 # start period covers the first export and, for gpu-trt, engine loading.
+# With TLS on (MOFSERVE_TLS_CERT_FILE) the check speaks HTTPS to loopback without verifying the
+# certificate: it asks whether this container serves, not who it is. /healthz needs no token.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MOFSERVE_HTTP_PORT', '8080'), timeout=4)"]
+    CMD ["python3", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('MOFSERVE_TLS_CERT_FILE')); urllib.request.urlopen(('https' if tls else 'http') + '://127.0.0.1:%s/healthz' % os.environ.get('MOFSERVE_HTTP_PORT', '8080'), timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 
 # nvidia_entrypoint.sh (the base image's entrypoint) sets up CUDA forward compatibility, then
 # execs the command. Inside a container the front-end must bind 0.0.0.0 to be reachable;
