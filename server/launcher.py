@@ -353,10 +353,16 @@ def triton_environment(install: TritonInstall, env: Mapping[str, str] | None = N
       shared object file``) and the interpreter's ``LIBDIR`` (so the stub loads the same
       ``libpython`` as this venv's interpreter).
 
+    * ``OMP_WAIT_POLICY=PASSIVE`` unless set: every python-backend model is its own process with
+      its own OpenMP pool (PyTorch), and spinning pools steal the few cores from each other. On
+      the 2-vCPU machines, ``small`` at concurrency 2 served 1.51-1.82 req/s with OpenMP's
+      default (spin, then sleep), 0.33 with ACTIVE and 2.43-2.58 with PASSIVE (docs/benchmarks.md).
+
     ``env`` entries override the inherited ``os.environ``; ``PATH`` and ``LD_LIBRARY_PATH`` given
     there are kept, with the required entries put in front.
     """
     result = dict(os.environ)
+    result.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if env:
         result.update(env)
     venv_bin = str(Path(sys.executable).parent)

@@ -259,6 +259,15 @@ def test_environment_puts_venv_bin_first_and_adds_triton_libs(fake_install: Trit
     assert env["FOO"] == "1"
 
 
+def test_environment_makes_openmp_pools_wait_passively_unless_the_user_chose(
+        fake_install: TritonInstall, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert triton_environment(fake_install)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert triton_environment(fake_install)["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert triton_environment(fake_install, {"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_shm_prefixes_are_unique_and_carry_the_pid() -> None:
     prefixes = {new_shm_prefix() for _ in range(50)}
     assert len(prefixes) == 50
