@@ -352,17 +352,20 @@ def triton_environment(install: TritonInstall, env: Mapping[str, str] | None = N
     * ``LD_LIBRARY_PATH`` gets the wheel's vendored libraries (else ``libcudart-*.so: cannot open
       shared object file``) and the interpreter's ``LIBDIR`` (so the stub loads the same
       ``libpython`` as this venv's interpreter).
-
-    * ``OMP_WAIT_POLICY=PASSIVE`` unless set: every python-backend model is its own process with
-      its own OpenMP pool (PyTorch), and spinning pools steal the few cores from each other. On
-      the 2-vCPU machines, ``small`` at concurrency 2 served 1.51-1.82 req/s with OpenMP's
-      default (spin, then sleep), 0.33 with ACTIVE and 2.43-2.58 with PASSIVE (docs/benchmarks.md).
+    * OpenMP threads spin only briefly (``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=20000``,
+      each unless set): every python-backend model is its own process with its own OpenMP pool
+      (PyTorch), and pools that spin long steal the few cores from each other, while pools that
+      never spin pay a wake-up between every two operations. ``small`` on the 2-vCPU machines
+      (docs/benchmarks.md): OpenMP's default 2.19 req/s at c=1 and 1.5-1.8 at c=2; ACTIVE 0.3;
+      PASSIVE alone 2.0 at c=1 (p50 +5-10%) and 2.4-2.6 at c=2; PASSIVE + 20000 spins 2.35 at
+      c=1 (p50 = the in-process pipeline's) and 2.2 at c=2.
 
     ``env`` entries override the inherited ``os.environ``; ``PATH`` and ``LD_LIBRARY_PATH`` given
     there are kept, with the required entries put in front.
     """
     result = dict(os.environ)
     result.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    result.setdefault("GOMP_SPINCOUNT", "20000")
     if env:
         result.update(env)
     venv_bin = str(Path(sys.executable).parent)

@@ -259,10 +259,14 @@ def test_environment_puts_venv_bin_first_and_adds_triton_libs(fake_install: Trit
     assert env["FOO"] == "1"
 
 
-def test_environment_makes_openmp_pools_wait_passively_unless_the_user_chose(
+def test_environment_makes_openmp_pools_spin_briefly_unless_the_user_chose(
         fake_install: TritonInstall, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert triton_environment(fake_install)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    env = triton_environment(fake_install)
+    assert (env["OMP_WAIT_POLICY"], env["GOMP_SPINCOUNT"]) == ("PASSIVE", "20000")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert triton_environment(fake_install)["GOMP_SPINCOUNT"] == "0"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert triton_environment(fake_install)["OMP_WAIT_POLICY"] == "ACTIVE"
     assert triton_environment(fake_install, {"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
