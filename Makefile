@@ -50,7 +50,7 @@ bench-encoders: install
 BENCH_LOAD_ARGS ?=
 bench-load: install
 	$(VENV)/bin/mofserve bench load --serve small --concurrency 1 2 4 8 --duration 60 --warmup 10 \
-		--baseline eager exported --repeat-ratio 0 $(BENCH_LOAD_ARGS)
+		--baseline eager exported --baseline-requests 20 --repeat-ratio 0 $(BENCH_LOAD_ARGS)
 
 # NVIDIA perf_analyzer straight on the small profile's Triton ensembles (installs perf_analyzer 2.51.0
 # into $(MOFSERVE_HOME)/tools on first use). Report in results/perf-analyzer-<timestamp>/.
