@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import aiohttp
@@ -71,7 +73,8 @@ def _servers(loop_thread, engine, metrics, limits: AdmissionLimits, **sizes) -> 
     return loop_thread.run(start())
 
 
-def _stop(loop_thread, servers: SimpleNamespace) -> None:
+def stop_front_ends(loop_thread, servers: SimpleNamespace) -> None:
+    """Stops the gRPC server and HTTP runner that a fixture of these tests started."""
     async def stop():
         await servers.server.stop(None)
         await servers.runner.cleanup()
@@ -84,7 +87,7 @@ def busy(loop_thread, engine, metrics):
     """Front-ends with one slot and a queue of two, sharing one admission."""
     servers = _servers(loop_thread, engine, metrics, AdmissionLimits(max_in_flight=MAX_IN_FLIGHT, max_queue=MAX_QUEUE))
     yield servers
-    _stop(loop_thread, servers)
+    stop_front_ends(loop_thread, servers)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,7 @@ def strict(loop_thread, engine, metrics):
     servers = _servers(loop_thread, engine, metrics, AdmissionLimits(default_deadline_s=0.005, max_deadline_s=0.005),
                        max_message_bytes=SIZE_LIMIT, max_body_bytes=SIZE_LIMIT)
     yield servers
-    _stop(loop_thread, servers)
+    stop_front_ends(loop_thread, servers)
 
 
 def _ask(tokens: int) -> pb.AskRequest:
@@ -175,8 +178,19 @@ def test_http_flood_beyond_the_queue_gets_429_with_retry_after_then_service_goes
 
 def test_both_transports_share_one_queue(busy, loop_thread):
     """While HTTP holds the slot and fills the queue, gRPC is refused, and the reverse holds too."""
+    with _admission_full(busy, loop_thread, "http"):
+        with MofServeClient(busy.grpc, retries=False) as client, pytest.raises(MofServeError) as caught:
+            client.ask(IMAGE, QUESTION, options=OPTIONS, mode="clip", max_new_tokens=2, timeout=30)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
+    _wait_idle(busy.admission)
+
+
+@contextlib.contextmanager
+def _admission_full(busy, loop_thread, transport: str) -> Iterator[None]:
+    """Every slot and queue place of ``busy.admission`` taken (by holders on ``transport``) until exit."""
     async def hold(release: asyncio.Event):
-        async with busy.admission.admit(None, "http"):
+        async with busy.admission.admit(None, transport):
             await release.wait()
 
     release = loop_thread.run(_make_event())
@@ -186,15 +200,11 @@ def test_both_transports_share_one_queue(busy, loop_thread):
         deadline = time.monotonic() + 10
         while busy.admission.queued < MAX_QUEUE and time.monotonic() < deadline:
             time.sleep(0.01)
-        with MofServeClient(busy.grpc, retries=False) as client, pytest.raises(MofServeError) as caught:
-            client.ask(IMAGE, QUESTION, options=OPTIONS, mode="clip", max_new_tokens=2, timeout=30)
-        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
+        yield
     finally:
         loop_thread.loop.call_soon_threadsafe(release.set)
         for holder in holders:
             holder.result(10)
-    _wait_idle(busy.admission)
 
 
 async def _make_event() -> asyncio.Event:
@@ -215,32 +225,18 @@ def test_callers_that_give_up_free_their_slots(busy):
 
 
 def test_health_and_server_info_bypass_admission(busy, loop_thread):
-    async def hold(release: asyncio.Event):
-        async with busy.admission.admit(None, "grpc"):
-            await release.wait()
+    import urllib.request
 
-    release = loop_thread.run(_make_event())
-    holders = [asyncio.run_coroutine_threadsafe(hold(release), loop_thread.loop)
-               for _ in range(MAX_IN_FLIGHT + MAX_QUEUE)]
-    try:
-        deadline = time.monotonic() + 10
-        while busy.admission.queued < MAX_QUEUE and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with _admission_full(busy, loop_thread, "grpc"):
         with MofServeClient(busy.grpc, retries=False) as client:
             assert client.health() == "SERVING"
             assert client.server_info(timeout=10).version
-        import urllib.request
-
         with urllib.request.urlopen(f"{busy.http}/v1/models", timeout=10) as response:
             assert response.status == 200
         with urllib.request.urlopen(f"{busy.http}/metrics", timeout=10) as response:
             text = response.read().decode()
         assert f"mofserve_admission_queue_depth {float(MAX_QUEUE)}" in text
         assert f"mofserve_admission_executing {float(MAX_IN_FLIGHT)}" in text
-    finally:
-        loop_thread.loop.call_soon_threadsafe(release.set)
-        for holder in holders:
-            holder.result(10)
     _wait_idle(busy.admission)
 
 

@@ -33,7 +33,7 @@ from mofserve.server.security import GrpcBearerAuth, Security, http_bearer_auth
 from mofserve.v1 import mofserve_pb2 as pb
 
 from .processes import children, kill_process, start_mofserve
-from .test_backpressure import IMAGE, OPTIONS, QUESTION, chat_body
+from .test_backpressure import IMAGE, OPTIONS, QUESTION, chat_body, stop_front_ends
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make certificates")]
@@ -117,20 +117,12 @@ def _secured(loop_thread, engine, security: Security, metrics: FrontendMetrics) 
                            runner=runner, metrics=metrics)
 
 
-def _stop(loop_thread, servers: SimpleNamespace) -> None:
-    async def stop():
-        await servers.server.stop(None)
-        await servers.runner.cleanup()
-
-    loop_thread.run(stop())
-
-
 @pytest.fixture(scope="module")
 def secured(loop_thread, engine, pki) -> Iterator[SimpleNamespace]:
     security = Security.from_settings(pki.server_pem, pki.server_key, auth_token=TOKEN)
     servers = _secured(loop_thread, engine, security, FrontendMetrics())
     yield servers
-    _stop(loop_thread, servers)
+    stop_front_ends(loop_thread, servers)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +130,7 @@ def mutual(loop_thread, engine, pki) -> Iterator[SimpleNamespace]:
     security = Security.from_settings(pki.server_pem, pki.server_key, tls_client_ca_file=pki.ca_pem)
     servers = _secured(loop_thread, engine, security, FrontendMetrics())
     yield servers
-    _stop(loop_thread, servers)
+    stop_front_ends(loop_thread, servers)
 
 
 # ---- gRPC --------------------------------------------------------------------------------------
