@@ -110,15 +110,20 @@ def find_images_dir(root: Path) -> Path:
                        f"{', '.join(repr(n) for n in IMAGE_DIRS[1:])}) holding 1.jpg, 2.jpg, ...")
 
 
-def find_questions_csv(root: Path) -> Path:
-    path = root / QUESTIONS_CSV
+def find_csv(root: Path, name: str, expected: str) -> Path:
+    """``root/name``, or a CSV in ``root`` whose name matches it but for case (datasets copied
+    from Windows or re-zipped come as questions.csv); ``expected`` says what the file should be."""
+    path = root / name
     if path.is_file():
         return path
     for candidate in sorted(root.glob("*.csv")):
-        if candidate.name.lower() == QUESTIONS_CSV.lower():
+        if candidate.name.lower() == name.lower():
             return candidate
-    raise DatasetError(f"{path}: not found (expected the MMVP questions file with columns "
-                       f"Index, {', '.join(COLUMNS)})")
+    raise DatasetError(f"{path}: not found (expected {expected})")
+
+
+def find_questions_csv(root: Path) -> Path:
+    return find_csv(root, QUESTIONS_CSV, f"the MMVP questions file with columns Index, {', '.join(COLUMNS)}")
 
 
 def _norm(name: str | None) -> str:

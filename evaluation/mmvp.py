@@ -696,10 +696,7 @@ class MMVPConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"--concurrency: must be at least 1, got {self.concurrency}")
-        if not self.timeout > 0:
-            raise ValueError(f"--timeout: must be positive, got {self.timeout}")
+        check_client_settings(self.concurrency, self.timeout)
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("--judge-url and --judge-model go together")
 
@@ -805,6 +802,14 @@ def run_mmvp(config: MMVPConfig, log=None) -> MMVPRun:
 
 
 # ---- command line ------------------------------------------------------------------------------------
+
+
+def check_client_settings(concurrency: int, timeout: float) -> None:
+    """The settings every evaluator's client loop shares, checked before any request is sent."""
+    if concurrency < 1:
+        raise ValueError(f"--concurrency: must be at least 1, got {concurrency}")
+    if not timeout > 0:
+        raise ValueError(f"--timeout: must be positive, got {timeout}")
 
 
 def positive_int(text: str) -> int:

@@ -47,8 +47,8 @@ import numpy as np
 
 from mofserve.clients import DEFAULT_TARGET, AsyncMofServeClient, MofServeError
 
-from .datasets import DatasetError, check_image, display_path, open_csv
-from .mmvp import positive_int
+from .datasets import DatasetError, check_image, display_path, find_csv, open_csv
+from .mmvp import check_client_settings, positive_int
 from .reports import machine_info, markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
 
 # The nine visual patterns in the paper's (and the official script's) order, and what folders and
@@ -143,14 +143,8 @@ def find_questions_csv(root: Path) -> Path:
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder (expected an MMVP-VLM folder holding {QUESTIONS_CSV} and "
                            f"'{IMAGE_DIRS[0]}/<Type>/<qid>.jpg')")
-    path = root / QUESTIONS_CSV
-    if path.is_file():
-        return path
-    for candidate in sorted(root.glob("*.csv")):
-        if candidate.name.lower() == QUESTIONS_CSV.lower():
-            return candidate
-    raise DatasetError(f"{path}: not found (expected the MMVP-VLM questions file with columns "
-                       f"{', '.join(aliases[0] for aliases in COLUMN_ALIASES.values())})")
+    return find_csv(root, QUESTIONS_CSV, "the MMVP-VLM questions file with columns "
+                    f"{', '.join(aliases[0] for aliases in COLUMN_ALIASES.values())}")
 
 
 def _pattern_dirs(folder: Path) -> dict[str, list[Path]]:
@@ -334,10 +328,7 @@ class VLMConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"--concurrency: must be at least 1, got {self.concurrency}")
-        if not self.timeout > 0:
-            raise ValueError(f"--timeout: must be positive, got {self.timeout}")
+        check_client_settings(self.concurrency, self.timeout)
         if self.logit_scale is not None and not self.logit_scale > 0:
             raise ValueError(f"--logit-scale: must be positive, got {self.logit_scale}")
 

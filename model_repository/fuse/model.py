@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from mofserve.core import tensors as T
 from mofserve.core.checkpoints import load_fuser
-from mofserve.core.fusion import check_alpha
+from mofserve.core.fusion import alpha_column, check_alpha
 from mofserve.model_repository.common import model_config, set_torch_threads
 
 
@@ -29,12 +29,8 @@ class TritonPythonModel:
 
     def _alpha(self, request, batch: int) -> np.ndarray:
         tensor = pb_utils.get_input_tensor_by_name(request, T.ALPHA)
-        if tensor is None:
-            return np.full(batch, self.default_alpha, dtype=np.float32)
-        values = tensor.as_numpy().reshape(-1).astype(np.float32)
-        for value in values:
-            check_alpha(float(value))
-        return values if values.size == batch else np.full(batch, values[0], dtype=np.float32)
+        values = None if tensor is None else tensor.as_numpy().reshape(-1).tolist()
+        return np.asarray(alpha_column(values, batch, self.default_alpha), dtype=np.float32)
 
     def execute(self, requests):
         responses = [None] * len(requests)

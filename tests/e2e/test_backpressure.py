@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from types import SimpleNamespace
 import aiohttp
 import grpc
 import pytest
-from PIL import Image, ImageDraw
 
 from mofserve.clients import MofServeClient, MofServeError
 from mofserve.server.admission import Admission, AdmissionLimits
@@ -28,6 +26,8 @@ from mofserve.server.grpc_service import build_grpc_server
 from mofserve.server.http_api import build_http_app, start_http
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
+
+from .images import drawing
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +39,6 @@ SLOW_TOKENS = 256
 MAX_IN_FLIGHT, MAX_QUEUE = 1, 2
 BURST = 10
 SIZE_LIMIT = 64 << 10
-
-
-def drawing() -> bytes:
-    image = Image.new("RGB", (96, 64), "white")
-    ImageDraw.Draw(image).ellipse((10, 16, 40, 46), fill=(220, 20, 20))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 IMAGE = drawing()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 import urllib.request
 
@@ -18,7 +17,7 @@ import pytest
 import tritonclient.grpc as tritongrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mofserve.clients import AsyncMofServeClient, MofServeClient, MofServeError
 from mofserve.core import tensors as T
@@ -27,32 +26,13 @@ from mofserve.server.grpc_service import HEALTH_SERVICE_NAME, SERVICE_NAME
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 
+from .images import drawing, fresh_image, png
+
 pytestmark = pytest.mark.integration
 
 QUESTION = "Which side is the red disc on?"
 OPTIONS = "(a) Left (b) Right"
 NOTICE = "tiny profile: seeded random weights, answers are not meaningful"
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def drawing(side: str = "left") -> bytes:
-    image = Image.new("RGB", (96, 64), "white")
-    draw = ImageDraw.Draw(image)
-    x = 10 if side == "left" else 56
-    draw.ellipse((x, 16, x + 30, 46), fill=(220, 20, 20))
-    draw.rectangle((0, 56, 95, 63), fill=(20, 20, 200))
-    return png(image)
-
-
-def fresh_image() -> bytes:
-    """Random pixels drawn now: no earlier request (in this session or any) has cached them."""
-    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
-    return png(Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)))
 
 
 IMAGE = drawing()

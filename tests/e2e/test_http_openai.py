@@ -7,35 +7,23 @@ The app runs on ``loop_thread`` (as in ``mofserve serve``); requests come from t
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
-from PIL import Image, ImageDraw
 
 from mofserve.core.tensors import FusionMode
 from mofserve.server.http_api import build_http_app, start_http
 from mofserve.server.openai_protocol import MODEL_IDS, data_url
 
+from .images import drawing
+
 pytestmark = pytest.mark.integration
 
 MAX_BODY = 1 << 20
 OPTIONS = "(a) Left (b) Right"
-
-
-def drawing(side: str = "left") -> bytes:
-    """A white card with a red disc on one side and a blue bar (PNG)."""
-    image = Image.new("RGB", (96, 64), "white")
-    draw = ImageDraw.Draw(image)
-    x = 10 if side == "left" else 56
-    draw.ellipse((x, 16, x + 30, 46), fill=(220, 20, 20))
-    draw.rectangle((0, 56, 95, 63), fill=(20, 20, 200))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 IMAGE_URL = data_url(drawing())
