@@ -99,6 +99,22 @@ def is_timing(name: str) -> bool:
 
 LLM = "llm"
 
+# ---- the `llm` model streams (Triton decoupled mode) ---------------------------------------
+# One request to `llm` (one row) gets several responses: one per decode step carrying TEXT_DELTA
+# (the first also CHOSEN_OPTION, OPTION_SCORES and the queue / prefill timings), then a final one
+# (Triton's COMPLETE_FINAL flag) carrying ANSWER, FINISH_REASON, the token counts and the stage's
+# timings. A response may carry a subset of the outputs; readers merge them in order.
+REQUEST_ID = "REQUEST_ID"  # TYPE_STRING [1], optional: the caller's id for this sequence
+CANCEL = "CANCEL"  # BOOL [1], optional: with REQUEST_ID, ends that sequence (frees its batch slot)
+TEXT_DELTA = "TEXT_DELTA"  # TYPE_STRING [1]: text of the tokens generated since the last response
+FINISH_REASON = "FINISH_REASON"  # TYPE_STRING [1]: "stop" (EOS), "length" (token limit), "cancelled"
+PROMPT_TOKENS = "PROMPT_TOKENS"  # INT32 [1]: tokens the LM read (text + visual)
+COMPLETION_TOKENS = "COMPLETION_TOKENS"  # INT32 [1]: tokens the LM wrote (EOS included)
+TIMING_LLM_QUEUE = "TIMING_LLM_QUEUE_MS"  # waiting for a batch slot / KV room
+TIMING_PREFILL = "TIMING_PREFILL_MS"  # the prompt's forward pass (+ option scoring) and the first token
+TIMING_DECODE = "TIMING_DECODE_MS"  # from the first token to the last
+FINISH_REASONS = ("stop", "length", "cancelled")
+
 
 def vqa_model(mode: FusionMode | str) -> str:
     """The ensemble image bytes + question -> answer with the visual tokens of ``mode``."""
