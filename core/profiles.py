@@ -81,6 +81,10 @@ class ServingSpec:
     llm_instances: int = 1
     llm_threads: int = 0  # torch intra-op threads of the LM (0: torch's default, all cores)
     llm_dtype: str = "float32"  # "bfloat16" halves the memory of a 7B/13B LM on CPU
+    # In-flight batching (core.llm_engine): sequences sharing each decode step (1: one at a time)
+    # and the KV pool split over them (0: each slot holds the model's context).
+    llm_max_sequences: int = 8
+    llm_kv_cache_mb: int = 0
     max_new_tokens: int = 128  # default answer length (MMVP answers are short)
     max_new_tokens_limit: int = 512  # a request asking for more fails (INVALID_ARG)
 
