@@ -78,7 +78,6 @@ class ServingSpec:
     runtime: str = "openvino"
     intra_op_threads: int = 0  # 0: the runtime's default (all cores)
     feature_cache_mb: int = 256  # per encoder instance; a seen image skips the encoder (0: off)
-    llm_instances: int = 1
     llm_threads: int = 0  # torch intra-op threads of the LM (0: torch's default, all cores)
     llm_dtype: str = "float32"  # "bfloat16" halves the memory of a 7B/13B LM on CPU
     # In-flight batching (core.llm_engine): sequences sharing each decode step (1: one at a time)

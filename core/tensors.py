@@ -113,7 +113,11 @@ COMPLETION_TOKENS = "COMPLETION_TOKENS"  # INT32 [1]: tokens the LM wrote (EOS i
 TIMING_LLM_QUEUE = "TIMING_LLM_QUEUE_MS"  # waiting for a batch slot / KV room
 TIMING_PREFILL = "TIMING_PREFILL_MS"  # the prompt's forward pass (+ option scoring) and the first token
 TIMING_DECODE = "TIMING_DECODE_MS"  # from the first token to the last
-FINISH_REASONS = ("stop", "length", "cancelled")
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# Errors of the `llm` model travel as data on a final response (FINISH_REASON "error"): Triton's
+# streaming gRPC (ModelStreamInfer) keeps only an error's message, not its status code.
+ERROR_CODE = "ERROR_CODE"  # TYPE_STRING [1]: "invalid_argument" | "resource_exhausted" | "internal"
+ERROR_MESSAGE = "ERROR_MESSAGE"  # TYPE_STRING [1]: the field first, e.g. "max_new_tokens: ..."
 
 
 def vqa_model(mode: FusionMode | str) -> str:
