@@ -18,22 +18,15 @@ best, so a multiple-choice question always gets a well-formed letter whatever th
 The prompt's forward pass runs once (``prefill``); scoring and generation continue from its
 KV cache.
 
-Why one sequence at a time, even when Triton's dynamic batcher hands over several requests:
+``answer`` is the one-sequence reference path (transformers' ``generate``); the server runs
+requests through ``core.llm_engine.LLMEngine``, which batches decode steps across sequences in
+flight and reuses this class's prompt building, prefill, option scoring and validation, so the
+two give the same tokens (tests/unit/test_llm_engine.py).
 
-1. Batch invariance. A left-padded batch runs other matmul shapes and masked attention
-   kernels than a single sequence, so logits differ in the last bits and greedy decoding can
-   flip a near-tie: the same image and question would get a different answer depending on
-   which requests shared its batch. An evaluation server (MMVP) must give one answer.
-2. Per-request sampling. Temperature, top_p and above all the seed are per request;
-   ``generate`` draws one multinomial for the whole batch, so a seeded request could only be
-   reproduced alone anyway.
-3. Little to gain on CPU. With 256-1152 visual tokens and short MMVP answers the prefill
-   dominates, and prefill is compute-bound: its cost grows linearly with the batch. Measured
-   on this 2-core CPU, 32 tokens after 600 visual tokens with a 1024-wide 8-layer LLaMA:
-   1 x 2.5 s vs a batch of 4 in 7.5 s (1.3x), the tiny profile 38 ms vs 75 ms for 4.
-   Intra-op threads already use every core for one sequence.
-
-Batching pays on a GPU (memory-bound decode); that belongs to a GPU LLM runtime, not here.
+An earlier version answered one sequence at a time on the grounds that the prefill dominates on
+CPU. Measured on the paper's LM width (FACTS.md: hidden 4096, bf16, 2 vCPUs) the decode step is
+bandwidth-bound: 82 ms for 1 sequence, 166 ms for 8, so batching decode gives ~4x the tokens/s;
+what stays true is that prefill is compute-bound, so the engine prefills each sequence alone.
 """
 
 from __future__ import annotations
@@ -235,7 +228,7 @@ class VisualLanguageModel:
         parts = [embed(ids(prompt.prefix_ids)), visual, embed(ids(prompt.suffix_ids))]
         return torch.cat(parts).unsqueeze(0), len(prompt.prefix_ids)
 
-    def _check_room(self, prompt: Prompt, visual: int, max_new_tokens: int) -> None:
+    def check_room(self, prompt: Prompt, visual: int, max_new_tokens: int) -> None:
         length, context = prompt.length(visual), self.context_length
         if length >= context:
             raise ValueError(f"question: the prompt is {length} tokens ({visual} of them visual), over the "
@@ -282,7 +275,7 @@ class VisualLanguageModel:
                 return ids[:i]
         return ids
 
-    def _continuation_ids(self, prompt: Prompt, option: Option) -> list[int]:
+    def continuation_ids(self, prompt: Prompt, option: Option) -> list[int]:
         """Tokens of ``" " + option.label`` as they follow "ASSISTANT:" (llava_v1 writes
         ``role + ": " + message``). Encoded together with the prompt's end and split off, so that
         merges across the boundary are the ones the model saw; standalone if they do not line up."""
@@ -307,7 +300,7 @@ class VisualLanguageModel:
         embed = self.model.get_input_embeddings()
         scores = []
         for option in options:
-            ids = self._continuation_ids(prompt, option)
+            ids = self.continuation_ids(prompt, option)
             tail = embed(torch.tensor(ids[:-1], dtype=torch.long, device=self.device)).unsqueeze(0)
             inputs = torch.cat([embeds[:, -1:], tail], dim=1)  # position j predicts ids[j]
             logits = self.model(inputs_embeds=inputs, **{self._cache_arg: copy.deepcopy(cache)}).logits
@@ -324,8 +317,8 @@ class VisualLanguageModel:
         prompt = self.encode_prompt(question, options)
         embeds, _ = self.inputs_embeds(visual_tokens, prompt)
         visual = embeds.shape[1] - len(prompt.prefix_ids) - len(prompt.suffix_ids)
-        longest_option = max((len(self._continuation_ids(prompt, o)) for o in parsed), default=0)
-        self._check_room(prompt, visual, max(sampling.max_new_tokens, longest_option))
+        longest_option = max((len(self.continuation_ids(prompt, o)) for o in parsed), default=0)
+        self.check_room(prompt, visual, max(sampling.max_new_tokens, longest_option))
         cache = self.prefill(embeds)
         scores = self.score_options(embeds, prompt, parsed, cache) if parsed else []
         ids = self.generate(embeds, sampling, cache)

@@ -114,6 +114,11 @@ TIMING_LLM_QUEUE = "TIMING_LLM_QUEUE_MS"  # waiting for a batch slot / KV room
 TIMING_PREFILL = "TIMING_PREFILL_MS"  # the prompt's forward pass (+ option scoring) and the first token
 TIMING_DECODE = "TIMING_DECODE_MS"  # from the first token to the last
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# Triton rejects a decoupled ensemble whose outputs come from more than its decoupled step, so in
+# `vqa_<mode>` the upstream stages' timings are inputs of `llm`, which echoes them on its first
+# response as one vector in this order (NaN: the mode or target has no such timing).
+UPSTREAM_TIMINGS = "UPSTREAM_TIMINGS_MS"  # FP32 [4]
+UPSTREAM_STAGES = ("TIMING_PREPROCESS_MS", "TIMING_CLIP_MS", "TIMING_DINOV2_MS", "TIMING_FUSION_MS")
 # Errors of the `llm` model travel as data on a final response (FINISH_REASON "error"): Triton's
 # streaming gRPC (ModelStreamInfer) keeps only an error's message, not its status code.
 ERROR_CODE = "ERROR_CODE"  # TYPE_STRING [1]: "invalid_argument" | "resource_exhausted" | "internal"

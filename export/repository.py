@@ -197,30 +197,44 @@ def fuse_spec(mode: FusionMode, shapes: ModelShapes, profile: Profile, paths: Ch
 
 
 def llm_spec(shapes: ModelShapes, profile: Profile, paths: CheckpointPaths, target: str) -> ModelSpec:
-    """visual tokens [N, H] (N differs by mode) + question -> answer (model_repository/llm)."""
+    """visual tokens [N, H] (N differs by mode) + question -> a stream of tokens (model_repository/llm).
+
+    Decoupled: each request gets a response per generated token and a final one (core.tensors
+    says what each carries), and ``execute`` returns at once, handing the request to the
+    in-flight batching engine (core.llm_engine): requests need no dynamic batcher to share decode
+    steps. One instance per device: the engine owns its batch, and a CANCEL request must reach
+    the instance that runs the sequence."""
     c = mc.ModelConfig(name=T.LLM)
     kind = _python_on(c, gpu=target != "cpu")
     serving = profile.serving
-    # Rows are answered one at a time (core.language_model says why), so waiting for a fuller
-    # batch would only add latency: no preferred sizes, no queue delay; requests that queue up
-    # while an instance is busy are still handed over together.
-    c.max_batch_size = serving.max_batch_size
-    c.instance_group.add(kind=kind, count=serving.llm_instances)
-    c.dynamic_batching.max_queue_delay_microseconds = 0
-    _io(c.input, T.VISUAL_TOKENS, _FP32, [-1, shapes.llm_width])
-    _io(c.input, T.QUESTION, _STRING, [1])
+    c.max_batch_size = serving.max_batch_size  # the ensembles' batch axis; one row per request
+    c.instance_group.add(kind=kind, count=1)
+    c.model_transaction_policy.decoupled = True
+    # optional so that a CANCEL request can name a sequence alone; the vqa ensembles always send them
+    _io(c.input, T.VISUAL_TOKENS, _FP32, [-1, shapes.llm_width], optional=True)
+    _io(c.input, T.QUESTION, _STRING, [1], optional=True)
     _io(c.input, T.OPTIONS, _STRING, [1], optional=True)
     _io(c.input, T.MAX_NEW_TOKENS, mc.TYPE_INT32, [1], optional=True)
     _io(c.input, T.TEMPERATURE, _FP32, [1], optional=True)
     _io(c.input, T.TOP_P, _FP32, [1], optional=True)
     _io(c.input, T.SEED, mc.TYPE_INT64, [1], optional=True)
-    _io(c.output, T.ANSWER, _STRING, [1])
-    _io(c.output, T.CHOSEN_OPTION, _STRING, [1])
+    _io(c.input, T.REQUEST_ID, _STRING, [1], optional=True)
+    _io(c.input, T.CANCEL, mc.TYPE_BOOL, [1], optional=True)
+    for name in T.UPSTREAM_STAGES:  # read where the ensemble ran the stage, echoed as UPSTREAM_TIMINGS
+        _io(c.input, name, _FP32, [1], optional=True)
+    for name in (T.TEXT_DELTA, T.ANSWER, T.CHOSEN_OPTION, T.FINISH_REASON, T.ERROR_CODE, T.ERROR_MESSAGE):
+        _io(c.output, name, _STRING, [1])
     _io(c.output, T.OPTION_SCORES, _FP32, [-1])
-    _io(c.output, T.TIMING_LLM, _FP32, [1])
+    _io(c.output, T.UPSTREAM_TIMINGS, _FP32, [len(T.UPSTREAM_STAGES)])
+    _io(c.output, T.PROMPT_TOKENS, mc.TYPE_INT32, [1])
+    _io(c.output, T.COMPLETION_TOKENS, mc.TYPE_INT32, [1])
+    for name in (T.TIMING_LLM, T.TIMING_LLM_QUEUE, T.TIMING_PREFILL, T.TIMING_DECODE):
+        _io(c.output, name, _FP32, [1])
     _params(c, llava=paths.llava, max_new_tokens=serving.max_new_tokens,
             max_new_tokens_limit=serving.max_new_tokens_limit, threads=serving.llm_threads,
-            dtype=serving.llm_dtype, random_weights=str(profile.random_weights).lower(), profile=profile.name)
+            dtype=serving.llm_dtype, max_sequences=serving.llm_max_sequences,
+            kv_cache_mb=serving.llm_kv_cache_mb, random_weights=str(profile.random_weights).lower(),
+            profile=profile.name)
     return ModelSpec(c, source="llm")
 
 
@@ -238,20 +252,32 @@ def ensemble(name: str, steps: list[mc.ModelConfig], profile: Profile) -> mc.Mod
     produced: dict[str, mc.ModelOutput] = {}
     consumed: set[str] = set()
     inputs: dict[str, mc.ModelInput] = {}
+    wiring: list[tuple[str, dict[str, str]]] = []
     for model in steps:
+        reads = {}
         for i in model.input:
             if i.name in produced:
                 consumed.add(i.name)
+            elif T.is_timing(i.name):
+                continue  # a stage's timing is read where a step produced it, never asked of the client
             elif i.name not in inputs:
                 inputs[i.name] = i
+            reads[i.name] = i.name
         for o in model.output:
             if o.name in produced or o.name in inputs:
                 raise ValueError(f"ensemble {name}: tensor {o.name} is produced twice")
             produced[o.name] = o
-        _step(c, model.name, {i.name: i.name for i in model.input}, {o.name: o.name for o in model.output})
-    c.input.extend(inputs.values())
+        wiring.append((model.name, reads))
+    # A decoupled last step streams: Triton then requires every ensemble output to come from it,
+    # so the earlier steps map only what a later step reads (llm echoes their timings).
+    streaming = steps[-1].model_transaction_policy.decoupled
     last = [o.name for o in steps[-1].output]
-    for output_name in [*last, *(n for n in produced if n not in last)]:
+    for model, (model_name, reads) in zip(steps, wiring, strict=True):
+        writes = [o.name for o in model.output
+                  if not streaming or model is steps[-1] or o.name in consumed]
+        _step(c, model_name, reads, {n: n for n in writes})
+    c.input.extend(inputs.values())
+    for output_name in [*last, *(n for n in produced if n not in last and not streaming)]:
         if output_name not in consumed:
             o = produced[output_name]
             c.output.add(name=o.name, data_type=o.data_type, dims=o.dims)
@@ -282,7 +308,17 @@ def vqa_spec(mode: FusionMode, models: dict[str, mc.ModelConfig], profile: Profi
     """image bytes + question (+ options, ALPHA, sampling) -> answer; the visual tokens stay inside."""
     steps = [models[T.PREPROCESS], *(models[e] for e in _encoders(mode)), models[T.fuse_model(mode)],
              models[T.LLM]]
-    return ModelSpec(ensemble(T.vqa_model(mode), steps, profile))
+    config = ensemble(T.vqa_model(mode), steps, profile)
+    # llm's QUESTION is optional only so that a CANCEL request (sent to llm itself) can go without;
+    # through the ensemble a question is required and a cancel cannot be sent
+    kept = [i for i in config.input if i.name != T.CANCEL]
+    del config.input[:]
+    config.input.extend(kept)
+    for i in config.input:
+        if i.name == T.QUESTION:
+            i.optional = False
+    del config.ensemble_scheduling.step[-1].input_map[T.CANCEL]
+    return ModelSpec(config)
 
 
 def embed_spec(models: dict[str, mc.ModelConfig], profile: Profile) -> ModelSpec:

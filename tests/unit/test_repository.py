@@ -84,10 +84,30 @@ def test_tokens_ensembles_run_only_the_encoders_their_mode_needs(tiny_profile, t
 
 def test_encoder_steps_ask_for_every_encoder_output(tiny_profile, tiny_paths, graphs):
     specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
-    for spec in specs.values():
+    for name, spec in specs.items():
+        if name.startswith("vqa_"):
+            continue  # streaming: see the next test
         for step in spec.config.ensemble_scheduling.step:
             if step.model_name in (T.CLIP_VISION, T.DINOV2_VISION):
                 assert set(step.output_map) == {o.name for o in specs[step.model_name].config.output}
+
+
+def test_streaming_ensembles_output_only_what_the_llm_streams(tiny_profile, tiny_paths, graphs):
+    """Triton refuses a decoupled ensemble with outputs of another origin: the earlier steps map
+    only what a later step reads, and the llm echoes their timings as UPSTREAM_TIMINGS_MS."""
+    specs = specs_for("cpu", tiny_profile, tiny_paths, graphs)
+    llm = specs[T.LLM].config
+    assert llm.model_transaction_policy.decoupled
+    for mode in T.FusionMode:
+        config = specs[T.vqa_model(mode)].config
+        assert {o.name for o in config.output} == {o.name for o in llm.output}
+        steps = list(config.ensemble_scheduling.step)
+        read = {tensor for step in steps for tensor in step.input_map.values()}
+        for step in steps[:-1]:
+            assert set(step.output_map.values()) <= read
+        timings = {k for k in steps[-1].input_map if T.is_timing(k)}
+        assert timings and timings <= set(T.UPSTREAM_STAGES)
+        assert not any(T.is_timing(i.name) for i in config.input)
 
 
 def test_alpha_is_an_optional_input_of_the_additive_path_only(tiny_profile, tiny_paths, graphs):
@@ -144,11 +164,11 @@ def test_vqa_ensembles_chain_preprocess_encoders_fusion_and_the_llm(tiny_profile
         assert [s.model_name for s in config.ensemble_scheduling.step] == [*tokens, "llm"]
         inputs = {i.name: i.optional for i in config.input}
         assert inputs == {"IMAGE": False, "QUESTION": False, "OPTIONS": True, "MAX_NEW_TOKENS": True,
-                          "TEMPERATURE": True, "TOP_P": True, "SEED": True,
+                          "TEMPERATURE": True, "TOP_P": True, "SEED": True, "REQUEST_ID": True,
                           **({"ALPHA": True} if mode is T.FusionMode.ADDITIVE else {})}
         outputs = [o.name for o in config.output]
-        assert outputs[:4] == ["ANSWER", "CHOSEN_OPTION", "OPTION_SCORES", "TIMING_LLM_MS"]
-        assert {"TIMING_PREPROCESS_MS", "TIMING_FUSION_MS"} <= set(outputs)
+        assert {"TEXT_DELTA", "ANSWER", "CHOSEN_OPTION", "OPTION_SCORES", "FINISH_REASON", "PROMPT_TOKENS",
+                "COMPLETION_TOKENS", "TIMING_LLM_MS", "UPSTREAM_TIMINGS_MS"} <= set(outputs)
         # the visual tokens and patch features stay inside Triton
         assert not {"VISUAL_TOKENS", "CLIP_FEATURES", "DINO_FEATURES", "PIXEL_VALUES"} & set(outputs)
 
@@ -165,8 +185,13 @@ def test_every_ensemble_tensor_is_consumed_or_an_output(target, tiny_profile, ti
         read: set[str] = set()
         for step in config.ensemble_scheduling.step:
             model = specs[step.model_name].config
-            assert set(step.input_map) == {i.name for i in model.input}, (spec.name, step.model_name)
-            assert set(step.output_map) == {o.name for o in model.output}, (spec.name, step.model_name)
+            # optional inputs a step's ensemble cannot feed (another mode's timings, CANCEL) stay unmapped
+            required = {i.name for i in model.input if not i.optional}
+            assert required <= set(step.input_map) <= {i.name for i in model.input}, (spec.name, step.model_name)
+            if config.name.startswith("vqa_"):  # streaming: only what a later step reads (test above)
+                assert set(step.output_map) <= {o.name for o in model.output}, (spec.name, step.model_name)
+            else:
+                assert set(step.output_map) == {o.name for o in model.output}, (spec.name, step.model_name)
             assert set(step.input_map.values()) <= available, (spec.name, step.model_name)
             read |= set(step.input_map.values())
             available |= set(step.output_map.values())
@@ -184,14 +209,18 @@ def test_tokens_and_embed_ensembles_carry_the_stage_timings_on_cpu(tiny_profile,
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_llm_is_a_batched_python_model_with_its_limits_as_parameters(target, tiny_profile, tiny_paths, graphs):
+def test_llm_is_one_decoupled_python_instance_with_its_limits_as_parameters(target, tiny_profile, tiny_paths,
+                                                                             graphs):
     config = specs_for(target, tiny_profile, tiny_paths, graphs)["llm"].config
-    assert config.backend == "python" and config.HasField("dynamic_batching")
+    assert config.backend == "python" and config.model_transaction_policy.decoupled
+    assert not config.HasField("dynamic_batching")  # the engine batches in flight, not Triton
+    assert [g.count for g in config.instance_group] == [1]
     assert config.max_batch_size == tiny_profile.serving.max_batch_size
     assert [list(i.dims) for i in config.input if i.name == "VISUAL_TOKENS"] == [[-1, 64]]
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["llava"] == str(tiny_paths.llava) and params["random_weights"] == "true"
     assert (params["max_new_tokens"], params["max_new_tokens_limit"], params["threads"]) == ("16", "512", "1")
+    assert (params["max_sequences"], params["kv_cache_mb"]) == ("8", "0")
     kind = config.instance_group[0].kind
     if target == "cpu":
         assert kind == mc.ModelInstanceGroup.KIND_CPU and "FORCE_CPU_ONLY_INPUT_TENSORS" not in params

@@ -1,0 +1,393 @@
+"""In-flight batching for the language model: sequences join the running batch after their
+prefill and leave at EOS or their token limit; every decode step serves all live sequences.
+
+The seam (ARCHITECTURE: "visual tokens + prompt in, a stream of tokens out"): ``submit`` takes
+one request's visual tokens ``[N, H]``, question, options and sampling settings and an ``emit``
+callback; the engine calls ``emit`` from its own thread with a ``Delta`` per generated token
+(the first also carries the option scores and the chosen option) and ends with one ``Finished``
+(or ``Failed``). ``cancel`` ends a sequence early and frees its slot. The Triton model
+(model_repository/llm) turns these events into decoupled responses; benchmarks and tests call
+``answer`` / ``generate_many`` in process. An external engine (vLLM ``prompt_embeds``,
+TensorRT-LLM's prompt table) would plug in behind the same three calls (docs/architecture.md).
+
+One loop thread owns the model. Each turn it (1) ends cancelled sequences, (2) admits at most
+one waiting request (FIFO) when a slot is free: its prefill runs as the model's own forward on
+that one sequence (so option scores are exactly the one-sequence path's), its first token is
+sampled, and its KV cache is copied into its slot (core.kv_slots), then (3) runs one batched
+decode step for every live sequence. Admitting one prefill per turn bounds how long running
+sequences wait between tokens (a paper-shaped prefill is ~1 s on 2 CPU cores); chunked prefill
+would bound it further and is not built.
+
+Bounds: ``max_sequences`` slots (``1`` serves one sequence at a time through the same code) and
+a KV pool of ``kv_cache_mb`` split evenly over them (0: every slot holds the model's context). A
+request whose prompt plus token limit cannot fit a slot is refused at once with
+``CapacityError`` (RESOURCE_EXHAUSTED at the transports), never an out-of-memory half-way; one
+that fits waits in the queue (at most ``max_waiting``, else ``CapacityError``).
+
+Greedy answers do not depend on the batch: a row's logits differ from its one-at-a-time logits
+only in float rounding (other GEMM shapes), which in fp32 does not move an argmax in the tests
+(tests/unit/test_llm_engine.py); in bf16 the agreement is measured (docs/benchmarks.md).
+Sampling draws from a per-request ``torch.Generator`` seeded by the request's seed, so a seeded
+request gives the same tokens whoever shares its steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .conversation import Option, clean_answer, parse_options
+from .kv_slots import SlotCache, decode_step, geometry
+from .language_model import Prompt, Sampling, VisualLanguageModel
+
+LOGGER = logging.getLogger(__name__)
+
+
+class CapacityError(RuntimeError):
+    """The request cannot be taken now (queue full) or ever (its KV does not fit a slot)."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one sequence: one decode step's token (the text may be held back: ``""``)."""
+
+    request_id: str
+    text: str
+    token_id: int
+    completion_tokens: int  # tokens generated so far
+    first: bool = False
+    chosen_option: str = ""  # with the first delta: the options' verdict is known after prefill
+    option_scores: tuple[float, ...] = ()
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    answer: str  # the whole answer (the deltas' text, trailing space dropped)
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    chosen_option: str
+    option_scores: tuple[float, ...]
+    prompt_tokens: int  # text + visual positions the LM read
+    completion_tokens: int  # tokens it wrote, EOS included
+    token_ids: tuple[int, ...]
+    queue_ms: float
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: str
+    error: Exception
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request_id: str
+    prompt: Prompt
+    embeds: torch.Tensor  # [1, L, H]
+    options: list[Option]
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    generator: torch.Generator | None
+    submitted: float = field(default_factory=time.perf_counter)
+    slot: int = -1
+    length: int = 0  # positions in the slot
+    next_input: torch.Tensor | None = None  # [H]: the embedding the next step reads
+    ids: list[int] = field(default_factory=list)
+    emitted: str = ""  # text sent so far
+    chosen: str = ""
+    scores: tuple[float, ...] = ()
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    first_token_at: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.embeds.shape[1])
+
+
+class LLMEngine:
+    """In-flight batching over a ``VisualLanguageModel`` (see module doc)."""
+
+    def __init__(self, vlm: VisualLanguageModel, max_sequences: int = 8, kv_cache_mb: int = 0,
+                 max_waiting: int = 256) -> None:
+        if max_sequences < 1:
+            raise ValueError(f"max_sequences: must be at least 1, got {max_sequences}")
+        self.vlm = vlm
+        self.max_waiting = max_waiting
+        self.geometry = geometry(vlm.model, max_sequences, kv_cache_mb << 20)
+        self.cache = SlotCache(self.geometry, vlm.device)
+        eos = vlm.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # index == slot
+        self._by_id: dict[str, _Sequence] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self.steps = 0  # decode steps run
+        self.batched_rows = 0  # sequences served by those steps (rows / steps = mean batch)
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the seam ---------------------------------------------------------------------------
+
+    def submit(self, request_id: str, visual_tokens, question: str, options: str | None,
+               sampling: Sampling, emit: Callable[[Event], None]) -> None:
+        """Queue one sequence; raises ValueError (field named) or CapacityError before queueing."""
+        vlm = self.vlm
+        parsed = parse_options(options) if options is not None and options.strip() else []
+        prompt = vlm.encode_prompt(question, options)
+        embeds, _ = vlm.inputs_embeds(visual_tokens, prompt)
+        visual = embeds.shape[1] - len(prompt.prefix_ids) - len(prompt.suffix_ids)
+        longest_option = max((len(vlm.continuation_ids(prompt, o)) for o in parsed), default=0)
+        vlm.check_room(prompt, visual, max(sampling.max_new_tokens, longest_option))
+        needed = embeds.shape[1] + sampling.max_new_tokens - 1
+        if needed > self.geometry.slot_tokens:
+            raise CapacityError(f"max_new_tokens: the prompt ({embeds.shape[1]} tokens) and {sampling.max_new_tokens} "
+                                f"new tokens need {needed} KV positions; a sequence slot holds "
+                                f"{self.geometry.slot_tokens} (llm_kv_cache_mb / max_sequences)")
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=vlm.device)
+            if sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sampling.seed)
+        sequence = _Sequence(request_id, prompt, embeds, parsed, sampling, emit, generator)
+        with self._lock:
+            if self._closed:
+                raise CapacityError("llm: the engine is shutting down")
+            if request_id in self._by_id:
+                raise ValueError(f"request_id: {request_id!r} is already running")
+            if len(self._waiting) >= self.max_waiting:
+                raise CapacityError(f"llm: {len(self._waiting)} sequences are waiting for a slot (max_waiting); "
+                                    "retry later")
+            self._waiting.append(sequence)
+            self._by_id[request_id] = sequence
+            self._lock.notify()
+
+    def cancel(self, request_id: str) -> bool:
+        """End a waiting or running sequence ("cancelled"); False if it is not here (done already)."""
+        with self._lock:
+            sequence = self._by_id.get(request_id)
+            if sequence is None:
+                return False
+            sequence.cancelled = True
+            self._lock.notify()
+            return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking work, cancel everything queued or running, stop the loop."""
+        with self._lock:
+            self._closed = True
+            for sequence in self._by_id.values():
+                sequence.cancelled = True
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting), "slots": self.geometry.slots,
+                    "slot_tokens": self.geometry.slot_tokens, "steps": self.steps, "batched_rows": self.batched_rows}
+
+    # ---- in-process conveniences (tests, benchmarks) ------------------------------------------
+
+    def generate_many(self, requests: Sequence[dict], on_event: Callable[[Event], None] | None = None,
+                      timeout: float | None = None) -> list[Finished]:
+        """Submit every request at once (keys of ``submit`` but ``emit``; ``request_id`` optional),
+        wait for all; the results in order. A failed request raises its error."""
+        done: dict[str, Event] = {}
+        finished = threading.Condition()
+
+        def emit(event: Event) -> None:
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, Finished | Failed):
+                with finished:
+                    done[event.request_id] = event
+                    finished.notify_all()
+
+        ids = []
+        for i, request in enumerate(requests):
+            request = dict(request)
+            request_id = request.pop("request_id", None) or f"local-{id(done)}-{i}"
+            ids.append(request_id)
+            self.submit(request_id, emit=emit, **request)
+        with finished:
+            if not finished.wait_for(lambda: len(done) == len(ids), timeout):
+                raise TimeoutError(f"llm: {len(ids) - len(done)} of {len(ids)} sequences unfinished after {timeout} s")
+        results = [done[i] for i in ids]
+        for result in results:
+            if isinstance(result, Failed):
+                raise result.error
+        return results  # type: ignore[return-value]
+
+    def answer(self, visual_tokens, question: str, options: str | None = None, **sampling) -> Finished:
+        """One sequence, blocking (sampling keys as ``VisualLanguageModel.sampling``)."""
+        return self.generate_many([dict(visual_tokens=visual_tokens, question=question, options=options,
+                                        sampling=self.vlm.sampling(**sampling))])[0]
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._closed or self._waiting or self._running)
+                if self._closed and not self._running and not self._waiting:
+                    return
+                cancelled = [s for s in (*self._waiting, *self._running) if s.cancelled]
+                admit = None
+                if self._waiting and len(self._running) < self.geometry.slots and not self._waiting[0].cancelled:
+                    admit = self._waiting.popleft()
+            for sequence in cancelled:
+                self._finish(sequence, "cancelled")
+            try:
+                if admit is not None:
+                    self._prefill(admit)
+                if self._running:
+                    self._step()
+            except Exception as error:  # never let one failure stop the loop: fail those involved
+                LOGGER.exception("llm: step failed")
+                for sequence in [*self._running, *([admit] if admit is not None else [])]:
+                    self._fail(sequence, error)
+
+    def _prefill(self, s: _Sequence) -> None:
+        started = time.perf_counter()
+        s.queue_ms = (started - s.submitted) * 1e3
+        model = self.vlm.model
+        with torch.inference_mode():
+            out = model(inputs_embeds=s.embeds, use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            if s.options:
+                # scoring continues from the prompt minus its last position (VisualLanguageModel.score_options)
+                scoring = copy.deepcopy(cache)
+                scoring.crop(-1)  # negative: drop that many positions (4.x and 5.x)
+                s.scores = tuple(self.vlm.score_options(s.embeds, s.prompt, s.options, scoring))
+                s.chosen = s.options[max(range(len(s.scores)), key=s.scores.__getitem__)].letter
+            token = self._sample(s, out.logits[:, -1].float())
+        s.length = s.prompt_tokens
+        s.prefill_ms = (time.perf_counter() - started) * 1e3
+        s.first_token_at = time.perf_counter()
+        if self._advance(s, token, first=True):
+            s.slot = len(self._running)
+            self.cache.load(s.slot, cache)
+            self._running.append(s)
+
+    def _step(self) -> None:
+        running = list(self._running)
+        embeds = torch.stack([s.next_input for s in running])[:, None, :]
+        lengths = torch.tensor([s.length for s in running], dtype=torch.long, device=self.vlm.device)
+        logits = decode_step(self.vlm.model, self.cache, embeds, lengths)
+        self.steps += 1
+        self.batched_rows += len(running)
+        leaving = []
+        for row, s in enumerate(running):
+            s.length += 1
+            if s.cancelled or not self._advance(s, self._sample(s, logits[row:row + 1])):
+                leaving.append(s)
+        for s in leaving:
+            if s.cancelled:
+                self._finish(s, "cancelled")
+            else:
+                self._release(s)
+
+    def _sample(self, s: _Sequence, logits: torch.Tensor) -> int:
+        """The next token from ``[1, vocab]`` float32 logits: argmax, or temperature + top-p
+        (transformers' warpers' order and rule) drawn from the request's own generator."""
+        if s.sampling.greedy:
+            return int(logits.argmax(dim=-1))
+        scaled = logits / s.sampling.temperature
+        if s.sampling.top_p < 1.0:
+            ordered, order = torch.sort(scaled, descending=False)
+            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= (1 - s.sampling.top_p)
+            drop[..., -1:] = False  # keep at least one token
+            scaled = scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        return int(torch.multinomial(probs, 1, generator=s.generator))
+
+    def _advance(self, s: _Sequence, token: int, first: bool = False) -> bool:
+        """Record ``token``, stream its text; True while the sequence goes on."""
+        s.ids.append(token)
+        stop = token in self.stop_ids
+        done = stop or len(s.ids) >= s.sampling.max_new_tokens
+        text = self._text(s)
+        # hold back trailing space (the answer drops it) and a partial UTF-8 character
+        shown = clean_answer(text) if done else text.rstrip().removesuffix("\ufffd")
+        delta = shown[len(s.emitted):] if shown.startswith(s.emitted) else ""
+        s.emitted += delta
+        self._send(s, Delta(s.request_id, delta, token, len(s.ids), first, s.chosen if first else "",
+                            s.scores if first else (), s.queue_ms if first else 0.0,
+                            s.prefill_ms if first else 0.0))
+        if done:
+            self._complete(s, "stop" if stop else "length")
+            return False
+        embed = self.vlm.model.get_input_embeddings()
+        with torch.inference_mode():
+            s.next_input = embed(torch.tensor([token], device=self.vlm.device))[0]
+        return True
+
+    def _text(self, s: _Sequence) -> str:
+        ids = [i for i in s.ids if i not in self.stop_ids]
+        return self.vlm.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+
+    def _complete(self, s: _Sequence, reason: str) -> None:
+        now = time.perf_counter()
+        answer = clean_answer(self._text(s))
+        with self._lock:
+            self._by_id.pop(s.request_id, None)
+        decode_ms = (now - s.first_token_at) * 1e3 if s.ids else 0.0
+        self._send(s, Finished(s.request_id, answer, reason, s.chosen, s.scores, s.prompt_tokens, len(s.ids),
+                               tuple(s.ids), s.queue_ms, s.prefill_ms, decode_ms, (now - s.submitted) * 1e3))
+
+    def _release(self, s: _Sequence) -> None:
+        """Free ``s``'s slot; the last live sequence moves into it so live slots stay ``0..B-1``."""
+        if s.slot < 0:
+            return
+        last = self._running[-1]
+        if last is not s:
+            self.cache.move(last.slot, s.slot, last.length)
+            last.slot = s.slot
+            self._running[s.slot] = last
+        self._running.pop()
+        s.slot = -1
+
+    def _finish(self, s: _Sequence, reason: str) -> None:
+        with self._lock:
+            if s in self._waiting:
+                self._waiting.remove(s)
+        self._release(s)
+        if self._by_id.get(s.request_id) is s:
+            self._complete(s, reason)
+
+    def _fail(self, s: _Sequence, error: Exception) -> None:
+        with self._lock:
+            self._by_id.pop(s.request_id, None)
+        self._release(s)
+        self._send(s, Failed(s.request_id, error))
+
+    @staticmethod
+    def _send(s: _Sequence, event: Event) -> None:
+        """Hand ``event`` to the request's callback; a callback that fails (its stream is gone)
+        cancels that sequence only, never the step the others share."""
+        try:
+            s.emit(event)
+        except Exception as error:
+            LOGGER.warning("llm: %s: could not deliver %s (%r); cancelling it", s.request_id,
+                           type(event).__name__, error)
+            s.cancelled = True

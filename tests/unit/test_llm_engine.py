@@ -1,0 +1,187 @@
+"""In-flight batching (core.llm_engine) on the tiny profile's LM, in fp32: batching changes no
+answer, sequences join and leave the running batch, bounds refuse instead of running out of
+memory, cancellation frees a slot, seeded sampling does not depend on neighbours."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mofserve.core.language_model import VisualLanguageModel
+from mofserve.core.llm_engine import CapacityError, Delta, Finished, LLMEngine
+
+QUESTIONS = ("Is the elderly person standing or sitting in the picture?",
+             "Which direction is the school bus facing?",
+             "How many eyes can you see on the animal in the picture? Count carefully, then answer in one word.",
+             "Are the butterfly's wings open?")
+OPTIONS = ("(a) Standing (b) Sitting", None, "(a) One (b) Two (c) Three", None)
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_paths) -> VisualLanguageModel:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the served tiny profile runs it
+    yield VisualLanguageModel.from_checkpoint(tiny_paths.llava, default_max_new_tokens=16)
+    torch.set_num_threads(threads)
+
+
+def visual(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def mixed_requests(vlm: VisualLanguageModel, count: int = 8, **sampling) -> list[dict]:
+    """Different images, token counts (A-MoF-like 256, I-MoF-like 512), prompt lengths, options and limits."""
+    return [dict(visual_tokens=visual((256, 512)[i % 2], seed=i), question=QUESTIONS[i % 4], options=OPTIONS[i % 4],
+                 sampling=vlm.sampling(max_new_tokens=(3, 16, 9, 12)[i % 4], **sampling)) for i in range(count)]
+
+
+def run(vlm: VisualLanguageModel, requests: list[dict], max_sequences: int) -> tuple[list[Finished], dict]:
+    engine = LLMEngine(vlm, max_sequences=max_sequences)
+    try:
+        return engine.generate_many(requests, timeout=120), engine.stats()
+    finally:
+        engine.close()
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_answers_token_for_token(vlm):
+    requests = mixed_requests(vlm)
+    alone, alone_stats = run(vlm, requests, max_sequences=1)
+    together, together_stats = run(vlm, requests, max_sequences=8)
+    assert alone_stats["batched_rows"] == alone_stats["steps"]  # one sequence per step
+    assert together_stats["batched_rows"] > 2 * together_stats["steps"]  # they shared steps
+    for a, b in zip(alone, together, strict=True):
+        assert a.token_ids == b.token_ids and a.answer == b.answer and a.finish_reason == b.finish_reason
+        assert a.chosen_option == b.chosen_option and a.option_scores == b.option_scores
+        assert a.prompt_tokens == b.prompt_tokens and a.completion_tokens == b.completion_tokens
+
+
+def test_engine_tokens_equal_transformers_generate_and_its_option_scores(vlm):
+    """The engine's decode step (its own attention over the slots) against HF ``generate``."""
+    for request in mixed_requests(vlm, count=4):
+        reference = vlm.answer(request["visual_tokens"], request["question"], request["options"],
+                               max_new_tokens=request["sampling"].max_new_tokens)
+        result, _ = run(vlm, [request], max_sequences=4)
+        ids = [t for t in result[0].token_ids if t != vlm.model.generation_config.eos_token_id]
+        assert ids == reference.token_ids and result[0].answer == reference.text
+        assert result[0].chosen_option == reference.chosen_option
+        torch.testing.assert_close(torch.tensor(result[0].option_scores), torch.tensor(reference.option_scores),
+                                   rtol=0, atol=1e-5)
+
+
+def test_usage_counts_what_the_model_read_and_wrote(vlm):
+    request = mixed_requests(vlm, count=2)[1]
+    (result,), _ = run(vlm, [request], max_sequences=2)
+    prompt = vlm.encode_prompt(request["question"], request["options"])
+    assert result.prompt_tokens == len(prompt.prefix_ids) + 512 + len(prompt.suffix_ids)
+    assert result.completion_tokens == len(result.token_ids) <= request["sampling"].max_new_tokens
+    assert result.finish_reason == ("stop" if result.token_ids[-1] == vlm.model.generation_config.eos_token_id
+                                    else "length")
+
+
+def test_deltas_stream_every_token_and_add_up_to_the_answer(vlm):
+    events: list = []
+    engine = LLMEngine(vlm, max_sequences=4)
+    try:
+        results = engine.generate_many(mixed_requests(vlm, count=4), on_event=events.append, timeout=120)
+    finally:
+        engine.close()
+    for result in results:
+        deltas = [e for e in events if isinstance(e, Delta) and e.request_id == result.request_id]
+        assert len(deltas) == result.completion_tokens and deltas[0].first
+        assert [d.completion_tokens for d in deltas] == list(range(1, len(deltas) + 1))
+        assert "".join(d.text for d in deltas) == result.answer
+        assert deltas[0].chosen_option == result.chosen_option
+
+
+def test_seeded_sampling_is_reproducible_whoever_shares_the_steps(vlm):
+    sampled = mixed_requests(vlm, count=4, temperature=0.9, top_p=0.8, seed=1234)
+    alone, _ = run(vlm, [sampled[1]], max_sequences=1)
+    with_neighbours, _ = run(vlm, [*mixed_requests(vlm, count=3), sampled[1]], max_sequences=4)
+    assert alone[0].token_ids == with_neighbours[-1].token_ids
+    other_seed = dict(sampled[1], sampling=vlm.sampling(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=99))
+    assert run(vlm, [other_seed], max_sequences=1)[0][0].token_ids != alone[0].token_ids
+
+
+def test_a_request_that_cannot_fit_a_slot_is_refused_up_front(vlm):
+    # 64-wide, 2 layers, 2 KV heads of 16, fp32: 512 bytes a token; 1 MiB over 8 slots = 256 tokens each
+    engine = LLMEngine(vlm, max_sequences=8, kv_cache_mb=1)
+    try:
+        assert engine.geometry.slot_tokens == 256
+        with pytest.raises(CapacityError, match=r"max_new_tokens: .* a sequence slot holds 256"):
+            engine.submit("big", visual(512, 0), QUESTIONS[0], None, vlm.sampling(max_new_tokens=4), emit=print)
+        result = engine.answer(visual(128, 0), QUESTIONS[1], max_new_tokens=4)
+        assert result.completion_tokens >= 1
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_refuses_and_max_sequences_bounds_the_batch(vlm):
+    engine = LLMEngine(vlm, max_sequences=2, max_waiting=3)
+    gate, seen = threading.Event(), []
+
+    def slow(event) -> None:  # the first delta waits: the loop is held while we fill the queue
+        gate.wait(30)
+        seen.append(event)
+
+    try:
+        engine.submit("held", visual(64, 0), QUESTIONS[0], None, vlm.sampling(max_new_tokens=2), emit=slow)
+        for i in range(3):
+            engine.submit(f"q{i}", visual(64, i), QUESTIONS[1], None, vlm.sampling(max_new_tokens=2), emit=slow)
+        with pytest.raises(CapacityError, match="waiting for a slot"):
+            engine.submit("over", visual(64, 9), QUESTIONS[1], None, vlm.sampling(max_new_tokens=2), emit=slow)
+        gate.set()
+    finally:
+        gate.set()
+        engine.close()
+    assert engine.stats()["batched_rows"] <= 2 * engine.stats()["steps"]
+
+
+def test_cancel_ends_a_running_sequence_and_frees_its_slot(vlm):
+    engine = LLMEngine(vlm, max_sequences=1)
+    events: dict[str, list] = {"long": [], "next": []}
+    finished = threading.Event()
+
+    def on(name):
+        def emit(event):
+            events[name].append(event)
+            if name == "long" and isinstance(event, Delta) and event.completion_tokens == 2:
+                engine.cancel("long")
+            if isinstance(event, Finished) and name == "next":
+                finished.set()
+        return emit
+
+    try:
+        # a token limit far beyond what it gets to: only the cancel ends it
+        engine.submit("long", visual(64, 1), QUESTIONS[0], None, vlm.sampling(max_new_tokens=500), emit=on("long"))
+        engine.submit("next", visual(64, 2), QUESTIONS[1], None, vlm.sampling(max_new_tokens=3), emit=on("next"))
+        assert finished.wait(60)
+    finally:
+        engine.close()
+    last = events["long"][-1]
+    assert isinstance(last, Finished) and last.finish_reason == "cancelled" and last.completion_tokens < 10
+    assert not engine.cancel("long")  # gone: nothing to cancel
+
+
+def test_a_failing_callback_cancels_only_its_own_sequence(vlm):
+    engine = LLMEngine(vlm, max_sequences=4)
+
+    def broken(event) -> None:
+        raise ConnectionError("stream gone")
+
+    try:
+        engine.submit("broken", visual(64, 3), QUESTIONS[2], None, vlm.sampling(max_new_tokens=50), emit=broken)
+        result = engine.answer(visual(64, 4), QUESTIONS[3], max_new_tokens=5)
+        assert result.finish_reason in ("stop", "length")
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_answers_equal_one_at_a_time_on_cuda(tiny_paths):
+    cuda = VisualLanguageModel.from_checkpoint(tiny_paths.llava, device="cuda", default_max_new_tokens=16)
+    requests = mixed_requests(cuda)
+    alone, _ = run(cuda, requests, max_sequences=1)
+    together, _ = run(cuda, requests, max_sequences=8)
+    assert [a.token_ids for a in alone] == [b.token_ids for b in together]
