@@ -389,6 +389,10 @@ def command_line(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str,
                "--verbose-csv"]
     if config.metrics_url:
         command += ["--collect-metrics", "--metrics-url", config.metrics_url]
+    if model.startswith("vqa_"):
+        # the vqa ensembles end in the decoupled (streaming) llm: unary ModelInfer is refused, and a
+        # request counts as done at its last response
+        command += ["--streaming"]
     return command
 
 

@@ -106,8 +106,10 @@ def test_command_line_uses_count_windows_one_concurrency_and_the_csv(tmp_path):
     assert command[0] == str(tool.binary)
     for part in ("-m vqa_clip", "-i grpc", "-u 127.0.0.1:9", "--concurrency-range 4:4",
                  "--measurement-mode count_windows", "--measurement-request-count 7", f"-f {tmp_path / 'out.csv'}",
-                 "--verbose-csv", "--collect-metrics --metrics-url http://127.0.0.1:10/metrics"):
+                 "--verbose-csv", "--collect-metrics --metrics-url http://127.0.0.1:10/metrics", "--streaming"):
         assert part in text
+    tokens = PA.command_line(tool, config, "tokens_clip", 4, tmp_path / "in.json", tmp_path / "out.csv")
+    assert "--streaming" not in tokens  # only the vqa ensembles end in the decoupled llm
     env = tool.environment({"LD_LIBRARY_PATH": "/x"})
     assert env["LD_LIBRARY_PATH"].split(":") == [str(tmp_path / "lib"), "/x"]
 
