@@ -2,9 +2,10 @@
 
 A profile names three checkpoint sources (a CLIP model, a DINOv2 model and a LLaVA-format
 checkpoint holding the language model and the projectors) and the serving settings that go
-with them. ``tiny`` and ``small`` are *seeded*: their checkpoints are built from small configs
-of the real architectures, saved with ``save_pretrained`` and then loaded back through the
-same code that loads ``paper``'s real checkpoints, so there is one loading path.
+with them. ``tiny``, ``small`` and ``paper-shaped`` are *seeded*: their checkpoints are built
+from configs of the real architectures (small ones, or for ``paper-shaped`` exactly the paper's
+shapes with a shallower LM), saved in the real formats and then loaded back through the same code
+that loads ``paper``'s real checkpoints, so there is one loading path.
 """
 
 from __future__ import annotations
@@ -42,6 +43,26 @@ class LanguageSpec:
     intermediate_size: int
     vocab_size: int
     max_position_embeddings: int
+    rms_norm_eps: float = 1e-6  # LlamaConfig's default; LLaMA-2 and LLaVA-1.5 use 1e-5
+    # dtype of the saved weights: "bfloat16" draws them straight in bf16 on a meta-initialised
+    # model (a 7B-wide LM builds in seconds instead of a minute of fp32 init and a 2x larger file)
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Size of a seeded CLIP text tower (OpenAI's ViT-L/14 text tower is 768 wide, 12 layers)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+
+# SeededSpec.tokenizer values: the LLM tokenizer a seeded LLaVA folder ships
+BYTE_LEVEL_BPE = "byte-level-bpe"  # trained by `tokenizers` on a tiny corpus (tiny, small)
+LLAMA_SENTENCEPIECE = "llama-sentencepiece"  # LLaMA's SentencePiece settings (core/assets/llama_sp)
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,8 @@ class SeededSpec:
     clip: VisionSpec
     dino: VisionSpec
     llm: LanguageSpec
+    clip_text: TextSpec | None = None  # None: the CLIP vision spec's sizes and the LM's vocabulary
+    tokenizer: str = BYTE_LEVEL_BPE
 
 
 @dataclass(frozen=True)
@@ -116,8 +139,8 @@ class Profile:
         return replace(self, sources=replace(self.sources, **given)) if given else self
 
 
-def _seeded_sources(name: str) -> Sources:
-    base = artifacts_dir() / "checkpoints" / name
+def _seeded_sources(name: str, folder: str | None = None) -> Sources:
+    base = artifacts_dir() / "checkpoints" / (folder or name)
     return Sources(clip=str(base / "clip"), dinov2=str(base / "dinov2"), llava=str(base / "llava"))
 
 
@@ -189,12 +212,60 @@ def _paper() -> Profile:
     )
 
 
-PROFILE_NAMES = ("tiny", "small", "paper")
+PAPER_SHAPED_LLM_LAYERS_ENV = "MOFSERVE_PAPER_SHAPED_LLM_LAYERS"
+PAPER_SHAPED_LLM_LAYERS = 2  # default depth: a 7B-wide LM that 2 CPU cores still serve
+LLAMA_7B_LAYERS = 32
+
+
+def paper_shaped_llm_layers() -> int:
+    """The paper-shaped LM's depth: ``MOFSERVE_PAPER_SHAPED_LLM_LAYERS`` (1..32), default 2."""
+    raw = os.environ.get(PAPER_SHAPED_LLM_LAYERS_ENV, "").strip()
+    if not raw:
+        return PAPER_SHAPED_LLM_LAYERS
+    try:
+        layers = int(raw)
+    except ValueError:
+        layers = 0
+    if not 1 <= layers <= LLAMA_7B_LAYERS:
+        raise ValueError(f"{PAPER_SHAPED_LLM_LAYERS_ENV}: expected an integer within [1, {LLAMA_7B_LAYERS}] "
+                         f"(the LM's layers; {LLAMA_7B_LAYERS} is LLaMA-7B's depth), got {raw!r}")
+    return layers
+
+
+def _paper_shaped() -> Profile:
+    layers = paper_shaped_llm_layers()
+    return Profile(
+        name="paper-shaped",
+        image_size=336,
+        patch_size=14,
+        default_alpha=0.75,
+        # one folder per LM depth, so that two depths never overwrite each other's checkpoints
+        sources=_seeded_sources("paper-shaped", folder=f"paper-shaped-llm{layers}"),
+        seeded=SeededSpec(
+            seed=0,
+            # openai/clip-vit-large-patch14-336: ViT-L/14 at 336, text tower 768 x 12, 49408 ids
+            clip=VisionSpec(1024, 24, 16, 4096, native_image_size=336, projection_dim=768),
+            clip_text=TextSpec(768, 12, 12, 3072, vocab_size=49408),
+            # facebook/dinov2-large: native 518 (37x37 grid), interpolated to 24x24 like the paper's
+            dino=VisionSpec(1024, 24, 16, 4096, native_image_size=518),
+            # LLaVA-1.5-7B's LLaMA (Vicuna-7B v1.5) at a configurable depth
+            llm=LanguageSpec(4096, layers, 32, 32, 11008, vocab_size=32000, max_position_embeddings=4096,
+                             rms_norm_eps=1e-5, dtype="bfloat16"),
+            tokenizer=LLAMA_SENTENCEPIECE,
+        ),
+        serving=ServingSpec(max_batch_size=8, preferred_batch_sizes=(8,), max_queue_delay_us=5000,
+                            runtime="openvino", llm_dtype="bfloat16", max_new_tokens=32),
+        description=f"seeded random weights in exactly the paper's shapes (CLIP ViT-L/14-336, DINOv2 "
+                    f"ViT-L/14, mlp2x_gelu 1024->4096, a 7B-wide LLaMA with {layers} of its 32 layers)",
+    )
+
+
+PROFILE_NAMES = ("tiny", "small", "paper", "paper-shaped")
 
 
 def get_profile(name: str) -> Profile:
     """The named profile; sources are resolved lazily so MOFSERVE_HOME can change in tests."""
-    builders = {"tiny": _tiny, "small": _small, "paper": _paper}
+    builders = {"tiny": _tiny, "small": _small, "paper": _paper, "paper-shaped": _paper_shaped}
     if name not in builders:
         raise ValueError(f"profile: unknown profile {name!r}; expected one of {', '.join(PROFILE_NAMES)}")
     return builders[name]()

@@ -5,6 +5,13 @@ They are written in the same formats as the real checkpoints (a ``CLIPModel`` fo
 ``dino_mm_projector`` keys in safetensors, and a tokenizer trained offline) so that they load
 through ``core.checkpoints`` exactly like ``paper``'s. Answers from them are not meaningful.
 
+The ``paper-shaped`` LLaVA folder ships what LLaVA-1.5 checkpoints ship: a SentencePiece
+``tokenizer.model`` with LLaMA's settings (``core/assets/llama_sp``, trained offline by the script
+beside it) and a ``LlamaTokenizer`` config (BOS added, pad = unk), written alone by
+``write_llama_tokenizer``. Its 7B-wide LM is drawn straight in bf16 on a meta-initialised model
+(seconds, not a minute of fp32 init) and written in 2 GB safetensors shards with an index, as HF
+shards real checkpoints, so that the 32-layer depth never holds the whole LM in memory twice.
+
 The CLIP folder also gets a CLIP tokenizer (``CLIPTokenizer``: CLIP's normaliser, split regex,
 byte-level BPE with ``</w>`` word ends), trained offline on a small corpus to the text tower's
 vocabulary size, with ``<|startoftext|>`` and ``<|endoftext|>`` as the two HIGHEST ids as in
@@ -25,15 +32,34 @@ import torch
 
 from .checkpoints import CLIP_PROJECTOR_PREFIX, DINO_PROJECTOR_PREFIX
 from .fusion import PROJECTOR_TYPE, Projector
-from .profiles import CLIP_MEAN, CLIP_STD, Profile, SeededSpec
+from .profiles import BYTE_LEVEL_BPE, CLIP_MEAN, CLIP_STD, LLAMA_SENTENCEPIECE, Profile, SeededSpec
 
 MARKER = ".mofserve-seeded.json"
 _FORMAT_VERSION = 2  # 2: the CLIP folder carries a CLIP tokenizer
+LLAMA_TOKENIZER_MODEL = Path(__file__).resolve().parent / "assets" / "llama_sp" / "tokenizer.model"
+# Spec fields added after format 2 enter the digest only when they differ from these defaults, so
+# that tiny's and small's folders (and the exports cached from them) stay valid.
+_LATER_DEFAULTS = {"clip_text": None, "tokenizer": BYTE_LEVEL_BPE}
+_LATER_LLM_DEFAULTS = {"rms_norm_eps": 1e-6, "dtype": "float32"}
+_SHARD_BYTES = 2 * 1024**3
+_INIT_STD = 0.02  # LlamaConfig.initializer_range
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _spec_payload(spec: SeededSpec) -> dict:
+    payload = asdict(spec)
+    for key, default in _LATER_DEFAULTS.items():
+        if payload[key] == default:
+            del payload[key]
+    for key, default in _LATER_LLM_DEFAULTS.items():
+        if payload["llm"][key] == default:
+            del payload["llm"][key]
+    return payload
 
 
 def _spec_digest(profile: Profile) -> str:
     assert profile.seeded is not None
-    payload = {"v": _FORMAT_VERSION, "spec": asdict(profile.seeded), "image_size": profile.image_size,
+    payload = {"v": _FORMAT_VERSION, "spec": _spec_payload(profile.seeded), "image_size": profile.image_size,
                "patch_size": profile.patch_size, "aspect": profile.aspect}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -71,14 +97,17 @@ def _build_clip(spec: SeededSpec, profile: Profile, out: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     v = spec.clip
+    t = spec.clip_text
+    text = (dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                 num_attention_heads=t.num_heads, vocab_size=t.vocab_size) if t is not None else
+            dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+                 num_attention_heads=v.num_heads, vocab_size=spec.llm.vocab_size))
     config = CLIPConfig(
         vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                            num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
                            image_size=v.native_image_size, patch_size=profile.patch_size,
                            projection_dim=v.projection_dim),
-        text_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                         num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-                         vocab_size=spec.llm.vocab_size, max_position_embeddings=77,
+        text_config=dict(**text, max_position_embeddings=77,
                          projection_dim=v.projection_dim,
                          # OpenAI's released text config: eos_token_id 2 makes HF pool at argmax(ids)
                          bos_token_id=0, pad_token_id=1, eos_token_id=2),
@@ -90,7 +119,7 @@ def _build_clip(spec: SeededSpec, profile: Profile, out: Path) -> None:
         crop_size={"height": profile.image_size, "width": profile.image_size},
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     ).save_pretrained(out)
-    build_clip_tokenizer(spec.llm.vocab_size).save_pretrained(out)
+    build_clip_tokenizer(config.text_config.vocab_size).save_pretrained(out)
 
 
 def _build_dinov2(spec: SeededSpec, profile: Profile, out: Path) -> None:
@@ -218,27 +247,99 @@ def _build_tokenizer(vocab_size: int):
                                    unk_token="<unk>", pad_token="<unk>", model_max_length=2048)
 
 
-def _build_llava(spec: SeededSpec, profile: Profile, out: Path) -> None:
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _added_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
-    tokenizer = _build_tokenizer(spec.llm.vocab_size)
+
+def write_llama_tokenizer(out: Path, legacy: bool = True, model_max_length: int = 2048) -> None:
+    """Write LLaMA's tokenizer files as LLaVA-1.5 checkpoints carry them into ``out``: the SentencePiece
+    ``tokenizer.model``, a ``LlamaTokenizer`` config (BOS added, no EOS, LLaVA's pad = unk) and
+    ``special_tokens_map.json``; ``AutoTokenizer.from_pretrained(out)`` reads them back."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(LLAMA_TOKENIZER_MODEL, out / "tokenizer.model")
+    special = {"bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"),
+               "unk_token": _added_token("<unk>"), "pad_token": "<unk>"}
+    config = {"add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "legacy": legacy, "model_max_length": model_max_length, "padding_side": "right",
+              "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+              **{k: {"__type": "AddedToken", **v} if isinstance(v, dict) else v for k, v in special.items()}}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True))
+
+
+def _llama_config(spec: SeededSpec, vocab_size: int, bos: int, eos: int, pad: int):
+    from transformers import LlamaConfig
+
     m = spec.llm
-    llama = LlamaConfig(hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-                        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-                        intermediate_size=m.intermediate_size, vocab_size=len(tokenizer),
-                        max_position_embeddings=m.max_position_embeddings,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(llama).eval()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    for prefix, width in ((CLIP_PROJECTOR_PREFIX, spec.clip.hidden_size),
-                          (DINO_PROJECTOR_PREFIX, spec.dino.hidden_size)):
-        projector = Projector(width, m.hidden_size)
-        for key, value in projector.state_dict().items():
-            state[prefix + key] = value.contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return LlamaConfig(hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                       num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                       intermediate_size=m.intermediate_size, vocab_size=vocab_size,
+                       max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps,
+                       bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
 
+
+def _drawn_llama_state(llama, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """A ``LlamaForCausalLM`` state dict drawn straight in ``dtype``: the model is built on the meta
+    device (shapes only), matrices are N(0, initializer_range), RMSNorm weights ones (HF's init)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(llama).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if len(shape) == 1:
+            state[key] = (torch.ones if key.endswith("norm.weight") else torch.zeros)(shape, dtype=dtype)
+        else:
+            state[key] = torch.empty(shape, dtype=dtype).normal_(0.0, _INIT_STD, generator=generator)
+    return state
+
+
+def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
+    """``model.safetensors``, or HF-style ``model-0000i-of-0000n.safetensors`` + index when larger
+    than a shard; ``core.checkpoints`` reads both."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > _SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, keys in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in keys}, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_llava_text_files(profile: Profile, out: Path):
+    """The profile's LLaVA folder without its weights: the tokenizer files and ``config.json``, and
+    the ``LlamaConfig`` inside it. Enough for ``AutoTokenizer.from_pretrained(out)``, which also reads
+    ``config.json``: its ``model_type: llava`` decides which tokenizer class transformers builds."""
+    spec = profile.seeded
+    assert spec is not None, f"profile {profile.name} is not seeded"
+    m = spec.llm
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.tokenizer == LLAMA_SENTENCEPIECE:
+        write_llama_tokenizer(out)
+        llama = _llama_config(spec, m.vocab_size, bos=1, eos=2, pad=0)  # LLaMA's ids; pad = <unk>
+    elif spec.tokenizer == BYTE_LEVEL_BPE:
+        tokenizer = _build_tokenizer(m.vocab_size)
+        tokenizer.save_pretrained(out)
+        llama = _llama_config(spec, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                              tokenizer.pad_token_id)
+    else:
+        raise ValueError(f"tokenizer: unknown seeded tokenizer {spec.tokenizer!r}")
     config = llama.to_dict()
     config.update(
         architectures=["LlavaLlamaForCausalLM"], model_type="llava",
@@ -248,5 +349,25 @@ def _build_llava(spec: SeededSpec, profile: Profile, out: Path) -> None:
         image_aspect_ratio=profile.aspect, mm_use_im_start_end=False, mm_use_im_patch_token=False,
         mofserve_seeded=True,
     )
+    if m.dtype != "float32":
+        config["dtype"] = m.dtype
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    tokenizer.save_pretrained(out)
+    return llama
+
+
+def _build_llava(spec: SeededSpec, profile: Profile, out: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    llama = write_llava_text_files(profile, out)
+    dtype = _DTYPES[spec.llm.dtype]
+    if dtype == torch.float32:  # tiny and small: HF's init, byte for byte as before (export caches)
+        model = LlamaForCausalLM(llama).eval()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    else:
+        state = _drawn_llama_state(llama, dtype, spec.seed)
+    for prefix, width in ((CLIP_PROJECTOR_PREFIX, spec.clip.hidden_size),
+                          (DINO_PROJECTOR_PREFIX, spec.dino.hidden_size)):
+        projector = Projector(width, spec.llm.hidden_size)
+        for key, value in projector.state_dict().items():
+            state[prefix + key] = value.to(dtype).contiguous()
+    _save_sharded(state, out)
