@@ -12,7 +12,8 @@ thread, exactly as ``mofserve serve`` runs it. Then, with an MMVP-style question
    ``tritonclient.grpc`` (the same tensors the engine sends);
 3. ``inprocess``: the same pipeline with no server, as a researcher would run it in a notebook:
    ``preprocess_bytes`` -> ``OnnxRunner`` on the exported graphs that Triton serves, with the
-   profile's serving runtime and precision -> ``Fuser`` -> ``VisualLanguageModel.answer``.
+   profile's serving runtime and precision -> ``Fuser`` -> the LM through ``LLMEngine`` (one
+   sequence at a time; ``benchmarks/pipelines.py``).
 
 Every request sends a DIFFERENT image (deterministic crops / flips / colour jitter of the
 scikit-image sample photos, checked to be distinct after preprocessing): the encoders cache
@@ -61,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline  # noqa: F401 (their home)
 from .stats import percentile
 
 QUESTION = "Is the dog facing left or right?"
@@ -707,105 +709,6 @@ class LoopThread:
         self.thread.join(10)
 
 
-class InProcessPipeline:
-    """The served pipeline with no server: the same exported graphs, runtime and precision as the
-    cpu repository's encoders, the same projectors and the same language model."""
-
-    label = "exported in-process"
-
-    def __init__(self, built) -> None:
-        import torch
-
-        from mofserve.core import tensors as T
-        from mofserve.core.checkpoints import load_fuser
-        from mofserve.core.language_model import VisualLanguageModel
-        from mofserve.core.runtime import OnnxRunner
-
-        profile = built.profile
-        serving = profile.serving
-        self.profile = profile
-        self.precision = "bf16" if serving.runtime == "openvino" else "fp32"
-        self.runtime = serving.runtime
-        # the Triton fuse and llm models set torch's threads to these when nonzero (one process each)
-        if serving.llm_threads:
-            torch.set_num_threads(serving.llm_threads)
-        self.encoders = {
-            "clip": OnnxRunner(built.graphs[T.CLIP_VISION].graph, runtime=serving.runtime,
-                               threads=serving.intra_op_threads, precision=self.precision),
-            "dinov2": OnnxRunner(built.graphs[T.DINOV2_VISION].graph, runtime=serving.runtime,
-                                 threads=serving.intra_op_threads, precision=self.precision),
-        }
-        self.fuser = load_fuser(built.checkpoints.llava)
-        self.vlm = VisualLanguageModel.from_checkpoint(
-            built.checkpoints.llava, dtype=serving.llm_dtype, default_max_new_tokens=serving.max_new_tokens,
-            max_new_tokens_limit=serving.max_new_tokens_limit)
-        self._features = {"clip": T.CLIP_FEATURES, "dinov2": T.DINO_FEATURES}
-        self._input = T.PIXEL_VALUES
-
-    def encode(self, encoder: str, pixels: np.ndarray):
-        """The patch features of ``encoder`` ("clip" or "dinov2") for a [1, 3, S, S] batch, as a tensor."""
-        import torch
-
-        out = self.encoders[encoder].run({self._input: pixels})
-        return torch.from_numpy(out[self._features[encoder]])
-
-    def answer(self, image: bytes, mode: str, question: str = QUESTION, options: str = OPTIONS,
-               max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[Any, dict[str, float]]:
-        import torch
-
-        from mofserve.core.preprocessing import preprocess_bytes
-
-        stages = dict.fromkeys(STAGES, 0.0)
-        started = time.perf_counter()
-        pixels = preprocess_bytes(image, self.profile.image_size, aspect=self.profile.aspect)[None]
-        stages["preprocess_ms"] = (time.perf_counter() - started) * 1e3
-        features: dict[str, torch.Tensor | None] = {"clip": None, "dinov2": None}
-        for encoder in ENCODERS[mode]:
-            t = time.perf_counter()
-            features[encoder] = self.encode(encoder, pixels)
-            stages[f"{encoder}_ms"] = (time.perf_counter() - t) * 1e3
-        t = time.perf_counter()
-        alpha = self.profile.default_alpha if mode == "additive" else None
-        tokens = self.fuser(mode, features["clip"], features["dinov2"], alpha)
-        stages["fusion_ms"] = (time.perf_counter() - t) * 1e3
-        t = time.perf_counter()
-        answer = self.vlm.answer(tokens[0], question, options or None, max_new_tokens=max_new_tokens)
-        stages["llm_ms"] = (time.perf_counter() - t) * 1e3
-        stages["encoders_ms"] = stages["clip_ms"] + stages["dinov2_ms"]
-        return answer, stages
-
-
-class EagerPipeline(InProcessPipeline):
-    """The naive baseline a researcher would write from the paper's code: transformers'
-    CLIPVisionModelWithProjection and Dinov2Model in eager PyTorch fp32 (the paper's features, via
-    the export wrappers that define them), the projectors and the LLaMA in fp32, one request at a
-    time, torch's default threads. No exported graph, no bf16, no server."""
-
-    label = "eager PyTorch fp32"
-
-    def __init__(self, profile, paths) -> None:
-        from mofserve.core.checkpoints import load_fuser
-        from mofserve.core.language_model import VisualLanguageModel
-        from mofserve.export.configs import CLIP_VISION_EXPORT, DINOV2_VISION_EXPORT
-
-        self.profile = profile
-        self.precision = "fp32"
-        self.runtime = "pytorch"
-        self.modules = {"clip": CLIP_VISION_EXPORT.build_module(paths, profile),
-                        "dinov2": DINOV2_VISION_EXPORT.build_module(paths, profile)}
-        self.fuser = load_fuser(paths.llava)
-        self.vlm = VisualLanguageModel.from_checkpoint(
-            paths.llava, dtype="float32", default_max_new_tokens=profile.serving.max_new_tokens,
-            max_new_tokens_limit=profile.serving.max_new_tokens_limit)
-
-    def encode(self, encoder: str, pixels: np.ndarray):
-        import torch
-
-        with torch.inference_mode():
-            features, _pooled = self.modules[encoder](torch.from_numpy(pixels))
-        return features
-
-
 def _client_stages(timings) -> dict[str, float]:
     return {"preprocess_ms": timings.preprocess_ms, "clip_ms": timings.clip_ms, "dinov2_ms": timings.dinov2_ms,
             "fusion_ms": timings.fusion_ms, "llm_ms": timings.llm_ms, "encoders_ms": timings.encoders_ms,
@@ -832,6 +735,7 @@ class Bench:
     def close(self) -> None:
         self.client.close()
         self.triton.close()
+        self.inprocess.close()
 
     def fresh(self) -> tuple[int, bytes]:
         if self.used >= len(self.images):

@@ -1,7 +1,8 @@
 """``mofserve bench load``: a load generator for a running mofserve front-end (gRPC or HTTP).
 
-Against ``grpc://HOST:PORT`` (``AsyncMofServeClient.ask``) or ``http://HOST:PORT`` (aiohttp, the
-OpenAI-compatible ``POST /v1/chat/completions``) it runs, one point after another:
+Against ``grpc://HOST:PORT`` (``AsyncMofServeClient.ask_stream``, or ``ask`` with ``--no-stream``)
+or ``http://HOST:PORT`` (aiohttp, the OpenAI-compatible ``POST /v1/chat/completions``;
+``benchmarks/transports.py``) it runs, one point after another:
 
 * **closed-loop concurrency sweeps** (``--concurrency 1 2 4 8``): C asyncio workers, each sending
   its next request as soon as its previous one is answered;
@@ -22,15 +23,18 @@ pool is shared by all points, so an image is fresh only once per run.
 
 Per point: throughput (successes / (time until the last answer)), latency p50/p90/p95/p99/max of
 the successes, errors by code, the mean of the server's per-stage timings that the answers carry
-(overall, per mode, fresh vs repeated image), and the raw records. See ``benchmarks/report.py``
-for the files written (JSON, Markdown, PNG plots).
+(overall, per mode, fresh vs repeated image; the LLM split into queue / prefill / decode), output
+tokens/s and, for streamed answers, time to first token and inter-token latency p50/p99 and the
+LLM's decode tokens/s (``stats.token_summary``), and the raw records. Same-run in-process
+baselines and the targets' MET / MISSED: ``benchmarks/baselines.py``; the paper-shaped LM's
+32-layer extrapolation: ``benchmarks/llm_stage.py``. See ``benchmarks/report.py`` for the files
+written (JSON, Markdown, PNG plots).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import datetime as _dt
 import math
 import sys
@@ -42,18 +46,28 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .baselines import (  # noqa: F401 (re-exported: tests and reports read them here)
+    BASELINES,
+    DEFAULT_BASELINE_REQUESTS,
+    P50_TARGET,
+    THROUGHPUT_TARGET,
+    baseline_plan,
+    baseline_ratios,
+    run_baseline,
+    run_baselines,
+)
+from .serve_process import ServeProcess, parse_ready, triton_grpc_address, triton_metrics_url  # noqa: F401
 from .stats import (
     DEFAULT_MIX,
     ImagePicker,
-    latency_summary,
     parse_mix,
     parse_prometheus,
     poisson_arrivals,
     sample_modes,
-    stage_means,
     summarise_point,
     triton_delta,
 )
+from .transports import GrpcTransport, HttpTransport, RequestFailed, make_transport  # noqa: F401
 
 QUESTION = "Is the dog facing left or right?"
 OPTIONS = "(a) Left (b) Right"
@@ -64,17 +78,6 @@ MAX_POINT_S = 600.0  # a point started with --requests only stops after this lon
 DEFAULT_TIMEOUT_S = 60.0
 MAX_IN_FLIGHT = 256
 FIRST_POOL = 32  # images made before the first point; later points top up from the rate seen
-# In-process baselines run before the sweep (issue 4's targets, `small` profile, ratios of one run):
-BASELINES = ("eager", "exported")
-DEFAULT_BASELINE_REQUESTS = 8
-THROUGHPUT_TARGET = 2.0  # serving throughput at the best concurrency >= 2x the naive eager baseline's
-P50_TARGET = 1.15  # p50 at concurrency 1 (fresh images) <= 1.15x the exported in-process pipeline's p50
-
-
-class RequestFailed(Exception):
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +130,8 @@ class LoadConfig:
     baselines: list[str] = field(default_factory=list)  # "eager" and/or "exported", run before the sweep
     baseline_requests: int = DEFAULT_BASELINE_REQUESTS
     baseline_profile: str | None = None  # None: the profile the server reports
+    stream: bool = False  # gRPC: AskStream (time to first token, inter-token latency); the CLI's default
+    extrapolate_layers: int | None = None  # measure the LM's per-layer cost in process, extrapolate to N
 
     def __post_init__(self) -> None:
         if not self.concurrency and not self.rates:
@@ -156,6 +161,10 @@ class LoadConfig:
         self.baselines = list(dict.fromkeys(self.baselines))
         if not 1 <= self.baseline_requests <= 1000:
             raise ValueError(f"baseline-requests: must be within [1, 1000], got {self.baseline_requests}")
+        if self.stream and self.target.scheme != "grpc":
+            self.stream = False  # HTTP is measured unary (whole answers)
+        if self.extrapolate_layers is not None and not 1 <= self.extrapolate_layers <= 1000:
+            raise ValueError(f"extrapolate-layers: must be within [1, 1000], got {self.extrapolate_layers}")
 
     @property
     def time_cap_s(self) -> float:
@@ -196,127 +205,6 @@ class ImagePool:
 
     def __getitem__(self, index: int) -> bytes:
         return self.images[index]
-
-
-# --------------------------------------------------------------------------------------------
-# Transports
-
-
-class GrpcTransport:
-    name = "grpc"
-
-    def __init__(self, target: Target, config: LoadConfig, images: ImagePool) -> None:
-        self.target, self.config, self.images = target, config, images
-        self.client = None
-
-    async def open(self) -> None:
-        from mofserve.clients import AsyncMofServeClient
-
-        # no client-side retries: a failure is counted, not hidden
-        self.client = AsyncMofServeClient(self.target.address, timeout=self.config.timeout_s, retries=False)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-
-    async def info(self) -> dict:
-        from mofserve.clients import MofServeError
-
-        try:
-            health = await self.client.health(timeout=10)
-            info = await self.client.server_info(timeout=10)
-        except MofServeError as error:
-            raise RuntimeError(f"{self.target.url}: {error.code.name}: {error.message}") from None
-        if health != "SERVING":
-            raise RuntimeError(f"{self.target.url}: health is {health}, not SERVING")
-        return {"health": health, "version": info.version, "profile": info.provenance.profile,
-                "random_weights": info.provenance.random_weights, "notice": info.provenance.notice,
-                "model_versions": info.provenance.model_versions, "modes": info.modes,
-                "default_mode": info.default_mode, "default_alpha": info.default_alpha, "limits": info.limits}
-
-    async def ask(self, index: int, mode: str) -> dict[str, float]:
-        from mofserve.clients import MofServeError
-
-        c = self.config
-        try:
-            result = await self.client.ask(self.images[index], c.question, options=c.options or None, mode=mode,
-                                           max_new_tokens=c.max_new_tokens)
-        except MofServeError as error:
-            raise RequestFailed(error.code.name) from None
-        return asdict(result.timings)
-
-
-class HttpTransport:
-    name = "http"
-
-    def __init__(self, target: Target, config: LoadConfig, images: ImagePool) -> None:
-        self.target, self.config, self.images = target, config, images
-        self.session = None
-        self._urls: dict[int, str] = {}
-
-    async def open(self) -> None:
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(
-            base_url=f"http://{self.target.address}", timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
-            connector=aiohttp.TCPConnector(limit=0))
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-    async def info(self) -> dict:
-        import aiohttp
-
-        try:
-            async with self.session.get("/healthz") as response:
-                health = await response.json()
-            async with self.session.get("/v1/models") as response:
-                models = await response.json()
-        except (TimeoutError, aiohttp.ClientError) as error:
-            raise RuntimeError(f"{self.target.url}: {type(error).__name__}: {error}") from None
-        if health.get("status") != "ok":
-            raise RuntimeError(f"{self.target.url}: /healthz says {health}")
-        return {"health": health.get("status"), "profile": health.get("profile"),
-                "models": [m.get("id") for m in models.get("data", [])], **{
-                    k: v for k, v in health.items() if k not in ("status", "profile")}}
-
-    def data_url(self, index: int) -> str:
-        url = self._urls.get(index)
-        if url is None:
-            url = self._urls[index] = "data:image/jpeg;base64," + base64.b64encode(self.images[index]).decode()
-        return url
-
-    def body(self, index: int, mode: str) -> dict:
-        c = self.config
-        body = {"model": f"mofserve-{mode}", "max_tokens": c.max_new_tokens,
-                "messages": [{"role": "user", "content": [
-                    {"type": "text", "text": c.question},
-                    {"type": "image_url", "image_url": {"url": self.data_url(index)}}]}]}
-        if c.options:
-            body["options"] = c.options
-        return body
-
-    async def ask(self, index: int, mode: str) -> dict[str, float]:
-        import aiohttp
-
-        try:
-            async with self.session.post("/v1/chat/completions", json=self.body(index, mode)) as response:
-                payload = await response.json(content_type=None)
-                if response.status != 200:
-                    code = (payload.get("error") or {}).get("code") if isinstance(payload, dict) else None
-                    raise RequestFailed(f"{response.status} {code or 'error'}")
-        except TimeoutError:
-            raise RequestFailed("client_timeout") from None
-        except aiohttp.ClientError as error:
-            raise RequestFailed(f"connection_error {type(error).__name__}") from None
-        except ValueError:
-            raise RequestFailed("bad_response") from None
-        return dict(payload.get("mofserve", {}).get("timings", {}))
-
-
-def make_transport(target: Target, config: LoadConfig, images: ImagePool):
-    return (GrpcTransport if target.scheme == "grpc" else HttpTransport)(target, config, images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +262,16 @@ class LoadRunner:
         if not reserved:
             self.in_flight += 1
         try:
-            record["timings"] = await self.transport.ask(index, mode)
+            sent = loop.time()
+            answer = await self.transport.ask(index, mode)
+            record["timings"] = answer["timings"]
+            for key in ("completion_tokens", "prompt_tokens"):
+                if answer.get(key) is not None:
+                    record[key] = answer[key]
+            if answer.get("deltas"):  # times from the request's start (an open loop's scheduled arrival)
+                offset = (sent - start) * 1e3
+                record["deltas"] = [[round(ms + offset, 3), n] for ms, n in answer["deltas"]]
+                record["ttft_ms"] = record["deltas"][0][0]  # the first streamed text
             record["ok"] = True
         except RequestFailed as error:
             record["code"] = error.code
@@ -521,122 +418,6 @@ class LoadRunner:
 
 
 # --------------------------------------------------------------------------------------------
-# Baselines in the same run: the pipeline with no server, on the same images and questions
-
-
-def baseline_plan(config: LoadConfig, count: int | None = None) -> list[tuple[int, str]]:
-    """(image index, mode) of each baseline request: the pool's first images, which the sweep then
-    sends as its first fresh images, and modes drawn from the sweep's mix (own seeded stream)."""
-    n = config.baseline_requests if count is None else count
-    modes = sample_modes(config.mix, n, np.random.default_rng([config.seed, 2]))
-    return [(i, str(mode)) for i, mode in enumerate(modes)]
-
-
-def _load_pipeline(name: str, profile_name: str):
-    from mofserve.core.checkpoints import resolve_profile
-    from mofserve.core.profiles import get_profile
-    from mofserve.export.pipeline import export_profile
-
-    from .frontend import EagerPipeline, InProcessPipeline
-
-    profile = get_profile(profile_name)
-    if name == "eager":
-        return EagerPipeline(profile, resolve_profile(profile))
-    return InProcessPipeline(export_profile(profile, target="cpu", log=lambda m: None))
-
-
-def run_baseline(name: str, config: LoadConfig, images: ImagePool, profile_name: str,
-                 progress: Progress | None = None) -> dict:
-    """One baseline: load it, answer one untimed request per mode, then the plan's requests one at a
-    time (wall time per request; throughput = requests / total time). torch's thread count is put
-    back afterwards (the exported pipeline sets the LM's, as the served model does)."""
-    import gc
-
-    import torch
-
-    progress = progress or Progress(config.progress)
-    plan = baseline_plan(config)
-    images.ensure(len(plan) + 1)
-    threads = torch.get_num_threads()
-    try:
-        t0 = time.perf_counter()
-        pipeline = _load_pipeline(name, profile_name)
-        load_s = time.perf_counter() - t0
-        warm_image = images[len(plan)]  # not among the timed ones
-        for mode in dict.fromkeys(m for _, m in plan):
-            pipeline.answer(warm_image, mode, config.question, config.options, config.max_new_tokens)
-        records = []
-        t0 = time.perf_counter()
-        for index, mode in plan:
-            started = time.perf_counter()
-            answer, stages = pipeline.answer(images[index], mode, config.question, config.options,
-                                             config.max_new_tokens)
-            records.append({"image": index, "mode": mode, "ms": (time.perf_counter() - started) * 1e3,
-                            "stages": stages, "chosen": answer.chosen_option, "answer": answer.text})
-            progress.show(f"baseline {name}: {len(records)}/{len(plan)} requests")
-        elapsed = time.perf_counter() - t0
-        label, runtime, precision = pipeline.label, pipeline.runtime, pipeline.precision
-        del pipeline
-        gc.collect()
-    finally:
-        torch.set_num_threads(threads)
-    latency = latency_summary([r["ms"] for r in records])
-    progress.show(f"baseline {name} ({label}): {len(records) / elapsed:.2f} req/s, p50 {latency['p50']:.1f} ms",
-                  final=True)
-    return {"name": name, "label": label, "runtime": runtime, "precision": precision, "profile": profile_name,
-            "load_s": load_s, "requests": len(records), "elapsed_s": elapsed,
-            "throughput_rps": len(records) / elapsed if elapsed > 0 else math.nan, "latency_ms": latency,
-            "stages_ms": stage_means(r["stages"] for r in records), "records": records}
-
-
-def run_baselines(config: LoadConfig, images: ImagePool, profile_name: str) -> dict[str, dict]:
-    return {name: run_baseline(name, config, images, profile_name) for name in config.baselines}
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float:
-    if numerator is None or denominator is None or not denominator > 0 or not math.isfinite(numerator):
-        return math.nan
-    return numerator / denominator
-
-
-def baseline_ratios(baselines: Mapping[str, Mapping], points: Sequence[Mapping]) -> dict:
-    """The issue's two same-run ratios with MET / MISSED (None where a side is missing):
-
-    * ``throughput``: serving throughput at the best concurrency / the eager baseline's (>= 2x);
-    * ``p50_c1``: p50 at concurrency 1 of the FRESH images (a repeated image skips the encoders, the
-      in-process pipeline has no cache) / the exported in-process pipeline's p50 (<= 1.15x).
-    Plus, for reading them, the serving / exported throughput and the all-request p50 ratio."""
-    closed = [p for p in points if p["kind"] == "concurrency" and p["ok"] > 0]
-    best = max(closed, key=lambda p: p["throughput_rps"], default=None)
-    c1 = next((p for p in closed if p["value"] == 1), None)
-    fresh_c1 = [r["ms"] for r in (c1 or {}).get("records", ()) if r["ok"] and not r["repeated"]]
-    eager, exported = baselines.get("eager"), baselines.get("exported")
-
-    def verdict(value: float, target: float, at_least: bool) -> str | None:
-        if not math.isfinite(value):
-            return None
-        return "MET" if (value >= target if at_least else value <= target) else "MISSED"
-
-    throughput = _ratio(best["throughput_rps"] if best else None, eager["throughput_rps"] if eager else None)
-    p50_fresh = latency_summary(fresh_c1)["p50"] if fresh_c1 else math.nan
-    p50 = _ratio(p50_fresh, exported["latency_ms"]["p50"] if exported else None)
-    return {
-        "throughput": {"value": throughput, "target": THROUGHPUT_TARGET, "at_least": True,
-                       "verdict": verdict(throughput, THROUGHPUT_TARGET, True),
-                       "serving_rps": best["throughput_rps"] if best else None,
-                       "best_concurrency": best["value"] if best else None,
-                       "eager_rps": eager["throughput_rps"] if eager else None},
-        "p50_c1": {"value": p50, "target": P50_TARGET, "at_least": False, "verdict": verdict(p50, P50_TARGET, False),
-                   "serving_p50_ms": p50_fresh, "fresh_requests": len(fresh_c1),
-                   "exported_p50_ms": exported["latency_ms"]["p50"] if exported else None},
-        "throughput_vs_exported": _ratio(best["throughput_rps"] if best else None,
-                                         exported["throughput_rps"] if exported else None),
-        "p50_c1_all_vs_exported": _ratio(c1["latency_ms"]["p50"] if c1 else None,
-                                         exported["latency_ms"]["p50"] if exported else None),
-    }
-
-
-# --------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -658,101 +439,18 @@ async def run_load(config: LoadConfig, images: ImagePool | None = None) -> dict:
                 raise RuntimeError("baseline: the server did not say its profile; give --baseline-profile")
             # CPU-bound and blocking: off the loop, which may also serve the front-end (tests)
             baselines = await asyncio.to_thread(run_baselines, config, images, profile)
+        layers = None
+        if config.extrapolate_layers:
+            from .llm_stage import measure_for_load
+
+            profile = config.baseline_profile or server.get("profile")
+            layers = await asyncio.to_thread(measure_for_load, profile, config)
         runner = LoadRunner(config, transport, images)
         points = await runner.run()
     finally:
         await transport.close()
-    return build_report(config, server, points, began=began, images=len(images), baselines=baselines or None)
-
-
-def parse_ready(line: str) -> dict[str, str] | None:
-    """``READY grpc=HOST:PORT http=http://HOST:PORT`` (``mofserve serve``) -> {"grpc": url, "http": url}."""
-    if not line.startswith("READY "):
-        return None
-    fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
-    if "grpc" not in fields or "http" not in fields:
-        return None
-    grpc_url = fields["grpc"] if "://" in fields["grpc"] else "grpc://" + fields["grpc"]
-    return {"grpc": grpc_url, "http": fields["http"]}
-
-
-def triton_metrics_url(log: str) -> str | None:
-    """The Triton metrics URL that ``mofserve serve`` logs at start-up (``Triton metrics http://...``)."""
-    import re
-
-    found = re.findall(r"Triton metrics (http://\S+)", log)
-    return found[-1] if found else None
-
-
-def triton_grpc_address(log: str) -> str | None:
-    """Triton's gRPC HOST:PORT that ``mofserve serve`` logs at start-up (``Triton gRPC HOST:PORT,``)."""
-    import re
-
-    found = re.findall(r"Triton gRPC ([^\s,]+)", log)
-    return found[-1] if found else None
-
-
-class ServeProcess:
-    """``mofserve serve --profile P`` on free loopback ports in a child process: started, waited for
-    until its ``READY`` line, stopped with SIGTERM (then SIGKILL after ``stop_timeout_s``). Its
-    stderr goes to ``log_path``. The benchmark never imports the server."""
-
-    def __init__(self, profile: str, log_path: Path, startup_timeout_s: float = 1800.0,
-                 stop_timeout_s: float = 60.0) -> None:
-        self.profile, self.log_path = profile, Path(log_path)
-        self.startup_timeout_s, self.stop_timeout_s = startup_timeout_s, stop_timeout_s
-        self.process = None
-        self.endpoints: dict[str, str] | None = None
-        self.triton_metrics: str | None = None
-        self.triton_grpc: str | None = None
-
-    def __enter__(self) -> ServeProcess:
-        import subprocess
-        import threading
-
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mofserve", "serve", "--profile", self.profile, "--host", "127.0.0.1",
-             "--grpc-port", "0", "--http-port", "0"],
-            stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
-        ready = threading.Event()
-
-        def read() -> None:  # keeps draining stdout so that the server never blocks on it
-            for line in self.process.stdout:
-                self._log.write(line)
-                self._log.flush()
-                found = parse_ready(line.strip())
-                if found and self.endpoints is None:
-                    self.endpoints = found
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, name="serve-stdout", daemon=True).start()
-        print(f"[load] starting mofserve serve --profile {self.profile} (log {self.log_path})", file=sys.stderr,
-              flush=True)
-        if not ready.wait(self.startup_timeout_s) or self.endpoints is None:
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"mofserve serve --profile {self.profile} did not get ready "
-                               f"(exit code {self.process.returncode}); see {self.log_path}")
-        log_text = self.log_path.read_text(errors="replace")
-        self.triton_metrics = triton_metrics_url(log_text)
-        self.triton_grpc = triton_grpc_address(log_text)
-        print(f"[load] server ready: {self.endpoints['grpc']} {self.endpoints['http']} (Triton metrics "
-              f"{self.triton_metrics})", file=sys.stderr, flush=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import subprocess
-
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
+    return build_report(config, server, points, began=began, images=len(images), baselines=baselines or None,
+                        layers=layers)
 
 
 def default_out_dir(now: _dt.datetime | None = None) -> Path:
@@ -791,17 +489,27 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Triton's Prometheus page (http://127.0.0.1:PORT/metrics, as `mofserve serve` logs it): "
                              "adds each model's queue and compute time and the feature-cache hits per point "
                              "(found by itself with --serve)")
-    parser.add_argument("--serve", metavar="PROFILE", choices=("tiny", "small", "paper"),
+    from mofserve.core.profiles import PROFILE_NAMES
+
+    parser.add_argument("--serve", metavar="PROFILE", choices=PROFILE_NAMES,
                         help="start `mofserve serve --profile PROFILE` on free loopback ports for the run and stop "
                              "it afterwards (its log: OUT/serve.log); --target's scheme picks gRPC or HTTP")
     parser.add_argument("--baseline", nargs="+", choices=BASELINES, default=[], metavar="NAME",
                         help="before the sweep, in this process, answer the same images and questions with no "
-                             "server: eager (transformers + PyTorch fp32, one at a time) and/or exported (the "
-                             "served graphs in-process); reports the throughput and p50 ratios against the targets")
+                             "server, one at a time: eager (transformers + PyTorch fp32), eager-bf16 (autocast "
+                             "bf16 towers, bf16 LM) and/or exported (the served graphs and the LM's engine "
+                             "in-process); reports the throughput, p50 and TTFT ratios against the targets")
     parser.add_argument("--baseline-requests", type=int, default=DEFAULT_BASELINE_REQUESTS, metavar="N",
                         help=f"timed requests per baseline (default {DEFAULT_BASELINE_REQUESTS})")
-    parser.add_argument("--baseline-profile", choices=("tiny", "small"),
+    parser.add_argument("--baseline-profile", choices=[p for p in PROFILE_NAMES if p != "paper"],
                         help="profile of the baselines (default: the one the server reports)")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="gRPC: ask with AskStream (time to first token, inter-token latency, decode tokens/s; "
+                             "default) or, with --no-stream, with Ask (whole answers)")
+    parser.add_argument("--extrapolate-layers", type=int, metavar="N",
+                        help="before the sweep, measure the LM's per-layer cost in process (prefill and decode "
+                             "steps with 1, 2 and 4 of its layers) and extrapolate the measured prefill and decode "
+                             "times to an N-layer LM (32: LLaMA-7B), labelled as an extrapolation in the report")
     parser.add_argument("--perf-analyzer", nargs="+", metavar="MODEL",
                         help="after the sweep, NVIDIA perf_analyzer on these Triton ensembles (tokens_<mode>, "
                              "vqa_<mode>, embed) at the same concurrencies, beside the front-end's points "
@@ -822,7 +530,9 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
                       progress=not args.quiet, triton_metrics=args.triton_metrics,
                       baselines=list(getattr(args, "baseline", None) or []),
                       baseline_requests=getattr(args, "baseline_requests", DEFAULT_BASELINE_REQUESTS),
-                      baseline_profile=getattr(args, "baseline_profile", None))
+                      baseline_profile=getattr(args, "baseline_profile", None),
+                      stream=getattr(args, "stream", True),
+                      extrapolate_layers=getattr(args, "extrapolate_layers", None))
 
 
 def _perf_analyzer_section(args: argparse.Namespace, config: LoadConfig, triton_grpc: str | None) -> dict | None:

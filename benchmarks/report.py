@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .load_tables import format_baseline_table, format_targets, token_sections
 from .stats import PERCENTILES, stage_means
 
 STACK = (("preprocess_ms", "preprocess"), ("encoders_ms", "encoders (max of CLIP, DINOv2)"),
@@ -36,7 +37,8 @@ def machine_info() -> dict:
 
 
 def build_report(config, server: Mapping, points: Sequence[Mapping], began: float | None = None,
-                 images: int | None = None, baselines: Mapping[str, Mapping] | None = None) -> dict:
+                 images: int | None = None, baselines: Mapping[str, Mapping] | None = None,
+                 layers: Mapping | None = None) -> dict:
     from .encoders import git_commit
     from .frontend import load_average, versions
 
@@ -58,10 +60,16 @@ def build_report(config, server: Mapping, points: Sequence[Mapping], began: floa
         "repeat_stages_ms": stages_by_repeat(points),
         "points": list(points),
     }
-    if baselines:
-        from .load import baseline_ratios
+    from .baselines import baseline_ratios, point_targets, target_rows
 
-        report["baselines"] = {"runs": dict(baselines), "ratios": baseline_ratios(baselines, points)}
+    ratios = None
+    if baselines:
+        ratios = baseline_ratios(baselines, points)
+        report["baselines"] = {"runs": dict(baselines), "ratios": ratios}
+    report["point_targets"] = point_targets(points)
+    report["targets"] = target_rows(ratios, report["point_targets"], server.get("profile"))
+    if layers:
+        report["llm_layers"] = dict(layers)
     return report
 
 
@@ -173,31 +181,6 @@ def _x(value, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}x"
 
 
-def format_baseline_table(baselines: Mapping) -> str:
-    """The in-process baselines (same images and questions as the sweep, one request at a time) and
-    the issue's two same-run ratios with their verdicts."""
-    lines = ["| baseline | runtime, precision | requests | req/s | p50 ms | p90 ms | p99 ms | mean ms | "
-             "encoders ms | LLM ms | load s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, b in baselines["runs"].items():
-        lat, st = b["latency_ms"], b.get("stages_ms") or {}
-        lines.append(f"| {name} ({b['label']}) | {b['runtime']}, {b['precision']} | {b['requests']} | "
-                     f"{_f(b['throughput_rps'], 2)} | {_f(lat['p50'])} | {_f(lat['p90'])} | {_f(lat['p99'])} | "
-                     f"{_f(lat['mean'])} | {_f(st.get('encoders_ms'))} | {_f(st.get('llm_ms'))} | "
-                     f"{_f(b['load_s'])} |")
-    r = baselines["ratios"]
-    t, p = r["throughput"], r["p50_c1"]
-    lines += ["", "| ratio (same run) | value | target | verdict |", "|---|---:|---:|---|",
-              f"| serving throughput at the best concurrency (c={_f(t['best_concurrency'], 0)}: "
-              f"{_f(t['serving_rps'], 2)} req/s) / eager ({_f(t['eager_rps'], 2)} req/s) | {_x(t['value'])} | "
-              f">= {t['target']:g}x | {t['verdict'] or 'n/a'} |",
-              f"| p50 at c=1, fresh images ({_f(p['serving_p50_ms'])} ms, n={p['fresh_requests']}) / exported "
-              f"in-process p50 ({_f(p['exported_p50_ms'])} ms) | {_x(p['value'])} | <= {p['target']:g}x | "
-              f"{p['verdict'] or 'n/a'} |",
-              f"| serving throughput (best) / exported in-process throughput | {_x(r['throughput_vs_exported'])} | | |",
-              f"| p50 at c=1, all requests / exported in-process p50 | {_x(r['p50_c1_all_vs_exported'])} | | |"]
-    return "\n".join(lines)
-
-
 def _cache_hits(point: Mapping) -> str:
     cache = (point.get("triton") or {}).get("feature_cache", {})
     if not cache:
@@ -286,11 +269,14 @@ def _format_load_markdown(report: Mapping) -> str:
     if triton:
         lines += ["", "Triton's own metrics over each timed phase (mean ms per request of that model; an "
                   "ensemble's request time includes its steps):", "", triton]
+    lines += token_sections(report)
     if report.get("baselines"):
         lines += ["", "## Baselines in the same run", "",
                   "Before the sweep, in the benchmark's own process, the same question on the sweep's first "
                   "images (its first fresh requests) with modes drawn from the same mix, one request at a time, "
                   "after one untimed request per mode:", "", format_baseline_table(report["baselines"])]
+    if report.get("targets"):
+        lines += ["", "## Targets (same run)", "", format_targets(report["targets"], server.get("profile"))]
     if report.get("perf_analyzer"):
         lines += ["", "## perf_analyzer on the Triton ensembles", "", _perf_analyzer_intro(report["perf_analyzer"]),
                   "", format_perf_analyzer_table(report["perf_analyzer"])]

@@ -1,9 +1,11 @@
 """Pure helpers of ``mofserve bench load``: percentiles, Poisson arrivals, the fusion-mode mix, the
-repeated-image choice and the per-point summaries. No I/O, no server; unit-tested on known data.
+repeated-image choice, the per-point summaries and the streaming figures (time to first token,
+inter-token latency, output and decode tokens/s). No I/O, no server; unit-tested on known data.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -15,6 +17,9 @@ MODES = ("clip", "dinov2", "additive", "interleaved")
 PERCENTILES = (50, 90, 95, 99)
 # The server's stages as the Ask timings carry them (ms). ``encoders_ms`` = max(clip, dinov2).
 STAGES = ("preprocess_ms", "clip_ms", "dinov2_ms", "encoders_ms", "fusion_ms", "llm_ms", "total_ms")
+# The LLM stage split (in-flight batching engine): llm_ms = llm_queue_ms + prefill_ms + decode_ms;
+# time_to_first_token_ms is the front-end's. Servers before the streaming engine report none of them.
+LLM_STAGES = ("llm_queue_ms", "prefill_ms", "decode_ms", "time_to_first_token_ms")
 DEFAULT_MIX = "interleaved=0.4,additive=0.4,clip=0.2"
 
 
@@ -144,7 +149,9 @@ def stage_means(timings: Iterable[Mapping[str, float]]) -> dict[str, float]:
     rows = [t for t in timings if t]
     if not rows:
         return {}
-    return {s: float(np.mean([r.get(s, 0.0) for r in rows])) for s in STAGES}
+    means = {s: float(np.mean([r.get(s, 0.0) for r in rows])) for s in STAGES}
+    means.update({s: float(np.mean([r[s] for r in rows if s in r])) for s in LLM_STAGES if any(s in r for r in rows)})
+    return means
 
 
 def summarise_point(records: Sequence[Mapping], elapsed_s: float) -> dict:
@@ -169,7 +176,72 @@ def summarise_point(records: Sequence[Mapping], elapsed_s: float) -> dict:
         "stages_ms_by_repeat": {
             key: stage_means(r.get("timings") or {} for r in ok if r["repeated"] == flag)
             for key, flag in (("fresh", False), ("repeated", True))},
+        "tokens": token_summary(ok, elapsed_s),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens: time to first token, inter-token latency, output and decode tokens/s
+
+
+def inter_token_gaps(deltas: Sequence[Sequence[float]]) -> list[float]:
+    """ms per token between a stream's deltas ``[(ms since the request was sent, tokens written so
+    far), ...]``: a gap over which k tokens arrived counts as k gaps of gap / k (the server holds
+    back text that is not printable yet, e.g. part of a UTF-8 character, and sends it with the next)."""
+    gaps: list[float] = []
+    for (t0, n0), (t1, n1) in itertools.pairwise(deltas):
+        k = int(n1) - int(n0)
+        if k > 0:
+            gaps.extend([(float(t1) - float(t0)) / k] * k)
+    return gaps
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by the (start, end) intervals, overlaps counted once."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted((float(a), float(b)) for a, b in intervals if b > a):
+        if a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def decode_figures(streams: Iterable[tuple[float, float, int]]) -> dict[str, float]:
+    """From each stream's decode phase ``(first token at, last token at, tokens after the first)``
+    (seconds on one clock): the tokens, the time at least one stream was decoding (the union of
+    the phases), **decode tokens/s** = tokens / that time (at one stream at a time: 1 / the
+    inter-token latency; with B streams decoding together in one batch: up to B times that) and
+    the mean number of streams decoding at once (the phases' sum over their union)."""
+    phases = [(float(a), float(b), int(n)) for a, b, n in streams]
+    tokens = sum(n for _, _, n in phases)
+    covered = union_length((a, b) for a, b, _ in phases)
+    busy = sum(max(b - a, 0.0) for a, b, _ in phases)
+    return {"decode_tokens": tokens, "decode_s": covered,
+            "decode_tokens_per_s": tokens / covered if covered > 0 else math.nan,
+            "decode_concurrency": busy / covered if covered > 0 else math.nan}
+
+
+def token_summary(records: Sequence[Mapping], elapsed_s: float) -> dict:
+    """A point's token figures from its successful records: output tokens/s (completion tokens /
+    elapsed), and for streamed records (``ttft_ms``, ``deltas``) the time to first token and
+    inter-token latency summaries and the decode figures (``decode_figures``; a stream's decode phase
+    runs from its first delta to its last, on the phase's clock: ``t_s`` + ms / 1000)."""
+    counted = [r for r in records if r.get("completion_tokens") is not None]
+    output = sum(int(r["completion_tokens"]) for r in counted)
+    streamed = [r for r in records if r.get("ttft_ms") is not None and r.get("deltas")]
+    phases = [(r["t_s"] + r["deltas"][0][0] / 1e3, r["t_s"] + r["deltas"][-1][0] / 1e3,
+               int(r["deltas"][-1][1]) - int(r["deltas"][0][1])) for r in streamed]
+    out = {"requests_counted": len(counted), "output_tokens": output,
+           "output_tokens_per_s": output / elapsed_s if counted and elapsed_s > 0 else math.nan,
+           "streamed": len(streamed),
+           "ttft_ms": latency_summary([r["ttft_ms"] for r in streamed]),
+           "itl_ms": latency_summary([g for r in streamed for g in inter_token_gaps(r["deltas"])]),
+           "first_delta_tokens_max": max((int(r["deltas"][0][1]) for r in streamed), default=0),
+           **decode_figures(phases)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------

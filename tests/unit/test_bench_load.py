@@ -199,16 +199,28 @@ class FakeImages(list):
 
 
 class FakeTransport:
-    def __init__(self, delay=0.01, fail_every=0):
+    """``ask`` as the transports answer: the server's timings, the usage and (``stream``) when each
+    streamed message arrived; ``tokens`` tokens, the first after half the delay."""
+
+    def __init__(self, delay=0.01, fail_every=0, stream=False, tokens=4):
         self.delay, self.fail_every, self.calls = delay, fail_every, []
+        self.stream, self.tokens = stream, tokens
 
     async def ask(self, index, mode):
         self.calls.append((index, mode))
         await asyncio.sleep(self.delay)
         if self.fail_every and len(self.calls) % self.fail_every == 0:
             raise L.RequestFailed("UNAVAILABLE")
-        return {"preprocess_ms": 1.0, "clip_ms": 2.0, "dinov2_ms": 3.0, "encoders_ms": 3.0, "fusion_ms": 0.5,
-                "llm_ms": 4.0, "total_ms": 9.0}
+        out = {"timings": {"preprocess_ms": 1.0, "clip_ms": 2.0, "dinov2_ms": 3.0, "encoders_ms": 3.0,
+                           "fusion_ms": 0.5, "llm_ms": 4.0, "total_ms": 9.0, "llm_queue_ms": 0.5, "prefill_ms": 1.5,
+                           "decode_ms": 2.0, "time_to_first_token_ms": 6.0},
+               "completion_tokens": self.tokens, "prompt_tokens": 10}
+        if self.stream:
+            first = self.delay * 500
+            step = (self.delay * 1000 - first) / max(self.tokens - 1, 1)
+            out["deltas"] = [[first + i * step, i + 1] for i in range(self.tokens)]
+            out["ttft_ms"] = first
+        return out
 
 
 def _runner(transport, **config):
