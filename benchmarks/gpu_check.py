@@ -11,18 +11,23 @@ cap (a hung compile is killed, not waited for) and writing its part as it goes:
    seeded weights built on the device, nothing downloaded) through the accuracy gate of
    ``export.torch_runtime``: bf16 vs fp32, min cosine per token row, gate >= 0.999.
 3. ``eager``: images/s per encoder at batch 1, 8, 32, 64, eager bf16.
-4. ``compiled:<encoder>``: the same with ``torch.compile`` (one static graph per batch size),
+4. ``llm``: the in-flight batching engine on a 32-layer LLaMA-7B-shaped LM (random bf16 weights
+   built on the device): prefill ms, decode tokens/s at 1 / 8 / 32 sequences batched against one
+   at a time, ms per decode step, the share of HBM bandwidth, a CUDA-graph step.
+5. ``compiled:<encoder>``: the same with ``torch.compile`` (one static graph per batch size),
    largest batches first so that a cut-short stage still has the best-batch figure.
-5. ``serving`` (optional): when the ``nvidia-pytriton`` wheel (and ``tritonclient``) is found,
+6. ``serving`` (optional): when the ``nvidia-pytriton`` wheel (and ``tritonclient``) is found,
    installs them with ``pip install --no-deps --target``, writes the gpu-torch repository for a
    paper-shaped random model, starts tritonserver with our launcher and sweeps concurrency per
    fusion mode over the ``tokens_<mode>`` ensembles.
 
-Each encoder's FLOPs per image come from its shapes (``benchmarks.flops``); its share of the
-bf16 rate uses the best run (as the ceiling does). ``--device cpu --profile tiny`` runs every
-stage on the CPU in seconds, which is how the tests prove the code paths before anyone spends
-GPU minutes. Writes ``gpu_check.json`` and ``gpu_check.md`` into the output folder and prints a
-short table last.
+This module holds the settings, the orchestration and the ``environment`` stage; the others live
+in ``gpu_check_encoders`` (2-3, 5), ``gpu_check_llm`` (4) and ``gpu_check_serving`` (6), the report
+in ``gpu_check_report``. Each encoder's FLOPs per image come from its shapes (``benchmarks.flops``);
+its share of the bf16 rate uses the best run (as the ceiling does). ``--device cpu --profile tiny``
+runs every stage on the CPU in seconds, which is how the tests prove the code paths before anyone
+spends GPU minutes. Writes ``gpu_check.json`` and ``gpu_check.md`` into the output folder and
+prints a short table last.
 """
 
 from __future__ import annotations
@@ -31,20 +36,15 @@ import argparse
 import collections
 import contextlib
 import datetime as _dt
-import io
 import json
 import math
 import os
 import platform
-import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,12 +53,12 @@ ENCODERS = ("clip_vision", "dinov2_vision")
 TARGET_SHARE = 0.5  # issue 8: both encoders at >= 50% of the measured bf16 matmul rate at their best batch
 DEFAULT_BUDGET_S = 450.0  # the whole check must end within 8 minutes, start-up included
 WHEELS_ENV = "MOFSERVE_WHEELS"
-WHEEL_HINT = ("pip download nvidia-pytriton==0.7.0 tritonclient==2.73.0 --no-deps -d .whl "
-              "(on a machine with a registry; bring .whl/ along with the working tree)")
-# (stage, time cap in s on a GPU): the caps sum to well under the budget with room for serving
-# (the compiled stages get the most: a first torch.compile of a ViT-L takes about a minute)
-PLAN = (("environment", 30.0), ("accuracy", 45.0), ("eager", 60.0), ("compiled:clip_vision", 115.0),
-        ("compiled:dinov2_vision", 115.0), ("serving", 240.0))
+# (stage, time cap in s on a GPU), in order; serving takes what is left. The llm stage (~1 min
+# expected: a 7B model drawn on the device, ~20 s of engine runs) goes before the compiles, whose
+# caps (a first torch.compile of a ViT-L takes about a minute) were cut from 115 s to make room:
+# all caps but serving's sum to 435 s of the 450 s budget, so no stage can push the check past it
+PLAN = (("environment", 30.0), ("accuracy", 45.0), ("eager", 60.0), ("llm", 120.0),
+        ("compiled:clip_vision", 90.0), ("compiled:dinov2_vision", 90.0), ("serving", 240.0))
 MIN_STAGE_S = 15.0  # a stage with less time than this left is skipped, not started
 
 
@@ -79,6 +79,10 @@ class Settings:
     concurrency: tuple[int, ...] = (1, 4, 16)
     sweep_s: float = 5.0
     modes: tuple[str, ...] = ("clip", "dinov2", "additive", "interleaved")
+    llm_prompts: tuple[int, ...] = (640, 1216)  # prefill positions: A-MoF (576 visual), I-MoF (1152); decode: the first
+    llm_concurrency: tuple[int, ...] = (1, 8, 32)
+    llm_new_tokens: int = 64
+    llm_serial: int = 8  # sequences decoded one at a time (its rate stands for any count)
     stages: tuple[str, ...] = field(default_factory=lambda: tuple(s for s, _ in PLAN))
 
     def argv(self) -> list[str]:
@@ -88,7 +92,9 @@ class Settings:
                 "--compile-mode", self.compile_mode, "--matmul-n", str(self.matmul_n),
                 "--measure-s", str(self.measure_s), "--max-runs", str(self.max_runs),
                 "--instance-kind", self.instance_kind, "--concurrency", *map(str, self.concurrency),
-                "--sweep-s", str(self.sweep_s), "--modes", *self.modes]
+                "--sweep-s", str(self.sweep_s), "--modes", *self.modes,
+                "--llm-prompts", *map(str, self.llm_prompts), "--llm-concurrency", *map(str, self.llm_concurrency),
+                "--llm-new-tokens", str(self.llm_new_tokens), "--llm-serial", str(self.llm_serial)]
         if self.wheels:
             args += ["--wheels", str(self.wheels)]
         if not self.serve:
@@ -105,7 +111,7 @@ class StageSkipped(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Models: paper-shaped (or tiny) random encoders, built on the device
+# Models: paper-shaped (or tiny) random encoders, built on the device (gpu_check_encoders)
 
 
 def check_profile(name: str):
@@ -141,46 +147,6 @@ def check_profile(name: str):
         description="paper-shaped encoders with random weights (GPU check)")
 
 
-def random_encoder(name: str, profile, device):
-    """The export wrapper of ``name`` around a seeded random model of the profile's shape, fp32,
-    built directly on ``device`` (initialising 300M parameters on the CPU would take longer)."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
-
-    from mofserve.core.checkpoints import quiet_transformers
-    from mofserve.export.configs import ClipVisionFeatures, Dinov2Features
-
-    quiet_transformers()
-    spec = profile.seeded
-    torch.manual_seed(spec.seed + (0 if name == "clip_vision" else 1))
-    with torch.device(device):
-        if name == "clip_vision":
-            v = spec.clip
-            model = CLIPVisionModelWithProjection(CLIPVisionConfig(
-                hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-                num_attention_heads=v.num_heads, image_size=v.native_image_size, patch_size=profile.patch_size,
-                projection_dim=v.projection_dim)).eval()
-            return ClipVisionFeatures(model).eval()
-        v = spec.dino
-        model = Dinov2Model(Dinov2Config(
-            hidden_size=v.hidden_size, num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-            mlp_ratio=v.intermediate_size // v.hidden_size, image_size=v.native_image_size,
-            patch_size=profile.patch_size)).eval()
-        return Dinov2Features(model, profile.image_size, renormalise=profile.dino_normalisation == "imagenet").eval()
-
-
-def encoder_flops(module, profile) -> float:
-    from mofserve.benchmarks.flops import vit_flops, vit_shape_from_config
-
-    return float(vit_flops(vit_shape_from_config(module.model.config, profile.image_size)))
-
-
-def export_config(name: str):
-    from mofserve.export.configs import VISION_EXPORTS
-
-    return next(c for c in VISION_EXPORTS if c.model_name == name)
-
-
 # --------------------------------------------------------------------------------------------
 # Measurements
 
@@ -210,37 +176,6 @@ def measure_matmul(device, n: int, runs: int = 5) -> float:
         synchronize(device)
         best = min(best, time.perf_counter() - started)
     return matmul_gflops(n, best)
-
-
-def time_batches(encoder, batch: int, measure_s: float, max_runs: int, warmup: int = 2) -> dict:
-    """Images/s of ``encoder`` at ``batch``: the first call's seconds (a compile, when compiled),
-    then timed runs until ``measure_s`` or ``max_runs`` (at least 3)."""
-    x = encoder.example(batch).normal_()
-    started = time.perf_counter()
-    encoder(x)
-    synchronize(encoder.device)
-    first_s = time.perf_counter() - started
-    for _ in range(warmup - 1):
-        encoder(x)
-    synchronize(encoder.device)
-    times: list[float] = []
-    window = time.perf_counter()
-    while len(times) < 3 or (len(times) < max_runs and time.perf_counter() - window < measure_s):
-        started = time.perf_counter()
-        encoder(x)
-        synchronize(encoder.device)
-        times.append(time.perf_counter() - started)
-    return {"batch": batch, "first_call_s": round(first_s, 3), "runs": len(times),
-            "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-            "images_per_s": batch / statistics.median(times), "best_images_per_s": batch / min(times)}
-
-
-def score(row: dict, flops_per_image: float, ceiling_gflops: float | None) -> dict:
-    """Add achieved GFLOP/s (best run, like the ceiling) and the share of the bf16 ceiling."""
-    row = dict(row)
-    row["gflops_per_s"] = flops_per_image * row["best_images_per_s"] / 1e9
-    row["share_of_ceiling"] = row["gflops_per_s"] / ceiling_gflops if ceiling_gflops else None
-    return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,344 +225,28 @@ def stage_environment(settings: Settings, part: Part) -> None:
     part.update(matmul={"n": settings.matmul_n, "dtype": "bf16", "gflops_per_s": max(rates), "runs": rates})
 
 
-def stage_accuracy(settings: Settings, part: Part) -> None:
-    import torch
-
-    from mofserve.export.torch_runtime import GATE, AccuracyGateError, TorchEncoder, gate_batches, serving_dtype
-
-    device = _device(settings)
-    profile = check_profile(settings.profile)
-    dtype = serving_dtype(device) if device.type == "cuda" else torch.bfloat16
-    results = {}
-    for name in ENCODERS:
-        config = export_config(name)
-        started = time.perf_counter()
-        module = random_encoder(name, profile, device)
-        batches = gate_batches(config, module, None, profile)
-        try:
-            encoder = TorchEncoder.from_fp32(module, config, device, dtype, gate=GATE, batches=batches, log=log)
-            gate, error = encoder.gate, None
-        except AccuracyGateError as failure:
-            gate, error = None, str(failure)
-        results[name] = {"dtype": str(dtype).replace("torch.", ""), "inputs": list(batches),
-                         "min_cosine": gate.min_cosine if gate else None, "ok": error is None, "error": error,
-                         "attention": getattr(module.model.config, "_attn_implementation", None),
-                         "seconds": round(time.perf_counter() - started, 2)}
-        part.update(accuracy=results)
-        del module
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def _bench(settings: Settings, part: Part, names: Sequence[str], compile_mode: str, key: str,
-           order: Sequence[int]) -> None:
-    import torch
-
-    from mofserve.export.torch_runtime import TorchEncoder
-
-    device = _device(settings)
-    profile = check_profile(settings.profile)
-    dtype = torch.bfloat16
-    ceiling = measure_matmul(device, settings.matmul_n)
-    results: dict = {"ceiling_gflops_per_s": ceiling, "compile_mode": compile_mode, "dtype": "bf16"}
-    for name in names:
-        config = export_config(name)
-        module = random_encoder(name, profile, device)
-        flops = encoder_flops(module, profile)
-        encoder = TorchEncoder(module, name, config.input_name, config.output_names, device=device, dtype=dtype,
-                               compile_mode=compile_mode, example=config.example(module, profile))
-        rows = results.setdefault(name, {"flops_per_image": flops, "batches": {}})
-        for batch in order:
-            log(f"{key} {name} batch {batch}")
-            try:
-                rows["batches"][str(batch)] = score(time_batches(encoder, batch, settings.measure_s,
-                                                                 settings.max_runs), flops, ceiling)
-            except torch.cuda.OutOfMemoryError as error:
-                rows["batches"][str(batch)] = {"batch": batch, "error": f"out of memory: {error}"}
-            part.update(**{key: results})
-        del encoder, module
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    results["ceiling_after_gflops_per_s"] = measure_matmul(device, settings.matmul_n)
-    part.update(**{key: results})
-
-
-def stage_eager(settings: Settings, part: Part) -> None:
-    # largest first, as in the compiled stages: the best batch is measured before a cap can strike
-    _bench(settings, part, ENCODERS, "none", "eager", sorted(settings.batches, reverse=True))
-
-
-def stage_compiled(settings: Settings, part: Part, name: str) -> None:
-    # largest first: a stage cut short by its time cap still has the best-batch figure
-    _bench(settings, part, (name,), settings.compile_mode, "compiled", sorted(settings.batches, reverse=True))
-
-
-# ---- serving ----
-
-def install_triton_packages(wheels: Path | None, target: Path, installed: bool | None = None) -> Path | None:
-    """Make ``pytriton`` (the tritonserver binary) and ``tritonclient`` importable: nothing to do
-    where they are installed; else ``pip install --no-deps --target`` of the wheels brought along
-    (a plain unzip, executables re-marked, where pip is missing). Returns the folder to put on
-    ``sys.path``/``PYTHONPATH``, or None."""
-    import importlib.util
-
-    if installed is None:
-        installed = bool(importlib.util.find_spec("pytriton") and importlib.util.find_spec("tritonclient"))
-    if installed:
-        return None
-    folder = Path(wheels) if wheels else None
-    found = sorted(folder.glob("*.whl")) if folder and folder.is_dir() else []
-    wanted = [w for w in found if w.name.startswith(("nvidia_pytriton-", "tritonclient-"))]
-    if not any(w.name.startswith("nvidia_pytriton-") for w in wanted):
-        raise StageSkipped(f"no nvidia-pytriton wheel in {folder or '(no wheel folder)'}; fetch it with: {WHEEL_HINT}")
-    target.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target", str(target),
-               *map(str, wanted)]
-    try:
-        subprocess.run(command, check=True, timeout=120, capture_output=True)
-        log(f"installed {', '.join(w.name for w in wanted)} into {target}")
-    except (subprocess.SubprocessError, OSError) as error:
-        log(f"pip install failed ({error}); unpacking the wheels instead")
-        for wheel in wanted:
-            with zipfile.ZipFile(wheel) as archive:
-                archive.extractall(target)
-        for path in target.rglob("*"):
-            if path.is_file() and (path.parent.name == "bin" or path.name.endswith("_stub") or ".so" in path.name):
-                path.chmod(path.stat().st_mode | 0o111)
-    return target
-
-
-def sample_images(count: int, seed: int = 0) -> list[bytes]:
-    """Distinct encoded PNG images (random smooth colour fields), so no cache could answer twice."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
-        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((400, 300), Image.BILINEAR)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    return images
-
-
-def sweep_point(url: str, model: str, images: Sequence[bytes], concurrency: int, seconds: float,
-                output: str) -> dict:
-    """``concurrency`` closed-loop clients on ``model`` for ``seconds``; each asks only for ``output``
-    (a timing), so the visual tokens are computed but not shipped to the client."""
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    from mofserve.benchmarks.stats import latency_summary
-
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def worker(index: int) -> None:
-        client = grpcclient.InferenceServerClient(url)
-        k = index
-        while time.perf_counter() < stop_at:
-            tensor = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[images[k % len(images)]]], dtype=np.object_))
-            k += concurrency
-            started = time.perf_counter()
-            try:
-                client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(output)], client_timeout=60)
-                with lock:
-                    latencies.append((time.perf_counter() - started) * 1e3)
-            except Exception as error:
-                with lock:
-                    errors.append(str(error)[:200])
-        client.close()
-
-    began = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 90)
-    elapsed = time.perf_counter() - began
-    return {"model": model, "concurrency": concurrency, "seconds": round(elapsed, 2),
-            "requests_per_s": len(latencies) / elapsed, "latency_ms": latency_summary(latencies),
-            "errors": len(errors), "first_error": errors[0] if errors else None}
-
-
-PARITY_ALPHA = 0.3
-
-
-def served_parity(url: str, profile, paths, images: Sequence[bytes], settings: Settings) -> dict:
-    """The served visual tokens against an in-process fp32 reference on the same images (the same
-    preprocessing, encoders and projectors, no Triton): min cosine per token of ``tokens_interleaved``
-    and of ``tokens_additive`` at ``ALPHA`` 0.3; and the error an out-of-range ``ALPHA`` gets."""
-    import numpy as np
-    import torch
-    import tritonclient.grpc as grpcclient
-
-    from mofserve.core import tensors as T
-    from mofserve.core.checkpoints import load_fuser
-    from mofserve.core.preprocessing import preprocess_bytes
-    from mofserve.export.parity import row_cosines
-    from mofserve.export.torch_runtime import TorchEncoder
-
-    device = torch.device("cuda" if settings.instance_kind == "gpu" else "cpu")
-    pixels = torch.from_numpy(np.stack([preprocess_bytes(b, profile.image_size, aspect=profile.aspect)
-                                        for b in images]))
-    features = {}
-    for config in (export_config(T.CLIP_VISION), export_config(T.DINOV2_VISION)):
-        encoder = TorchEncoder.load(config, paths, profile, device=device, dtype="fp32", gate=None, log=log)
-        features[config.model_name] = encoder(pixels)[0]
-        del encoder
-    fuser = load_fuser(paths.llava).to(device)
-    clip, dino = features[T.CLIP_VISION], features[T.DINOV2_VISION]
-    client = grpcclient.InferenceServerClient(url)
-
-    def served(model: str, alpha: float | None) -> np.ndarray:
-        rows = []
-        for data in images:
-            inputs = [grpcclient.InferInput(T.IMAGE, [1, 1], "BYTES")]
-            inputs[0].set_data_from_numpy(np.array([[data]], dtype=np.object_))
-            if alpha is not None:
-                inputs.append(grpcclient.InferInput(T.ALPHA, [1, 1], "FP32"))
-                inputs[1].set_data_from_numpy(np.array([[alpha]], dtype=np.float32))
-            result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(T.VISUAL_TOKENS)])
-            rows.append(result.as_numpy(T.VISUAL_TOKENS)[0])
-        return np.stack(rows)
-
-    out: dict = {}
-    for mode, alpha in ((T.FusionMode.INTERLEAVED, None), (T.FusionMode.ADDITIVE, PARITY_ALPHA)):
-        reference = fuser(mode, clip, dino, None if alpha is None else torch.full((len(images),), alpha,
-                                                                                  device=device))
-        got = served(T.tokens_model(mode), alpha)
-        out[T.tokens_model(mode)] = {"min_cosine": float(row_cosines(reference.float().cpu().numpy(), got).min()),
-                                     "alpha": alpha, "shape": list(got.shape)}
-        log(f"serving parity {T.tokens_model(mode)}: min cosine {out[T.tokens_model(mode)]['min_cosine']:.6f} "
-            "against in-process fp32")
-    try:
-        served(T.tokens_model(T.FusionMode.ADDITIVE), 1.5)
-        out["alpha_1.5"] = "accepted (expected INVALID_ARG)"
-    except Exception as error:  # tritonclient's InferenceServerException
-        out["alpha_1.5"] = str(error)[:200]
-    client.close()
-    return out
-
-
-def triton_model_stats(url: str) -> dict:
-    """Per model: executions, inferences (so the mean dynamic batch) and compute ms per execution."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    stats = client.get_inference_statistics(as_json=True).get("model_stats", [])
-    client.close()
-    out = {}
-    for s in stats:
-        executions, inferences = int(s.get("execution_count", 0)), int(s.get("inference_count", 0))
-        if not executions:
-            continue
-        compute = s.get("inference_stats", {}).get("compute_infer", {})
-        out[s["name"]] = {"executions": executions, "inferences": inferences,
-                          "mean_batch": inferences / executions,
-                          "compute_ms_per_execution": int(compute.get("ns", 0)) / 1e6 / executions}
-    return out
-
-
-def stage_serving(settings: Settings, part: Part, deadline: float) -> None:
-    if not settings.serve:
-        raise StageSkipped("--no-serve")
-    if settings.instance_kind == "gpu":
-        _device(settings)
-    work = Path(tempfile.mkdtemp(prefix="mofserve-gpu-check-"))
-    site = install_triton_packages(settings.wheels, work / "site")
-    if site is not None:
-        sys.path.insert(0, str(site))
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    from mofserve.core import tensors as T
-    from mofserve.core.checkpoints import read_shapes, resolve_profile
-    from mofserve.export.repository import repository_specs, write_repository
-    from mofserve.server.launcher import TritonServer
-
-    profile = check_profile(settings.profile)
-    started = time.perf_counter()
-    log(f"serving: seeded {profile.name} checkpoints (built once, random weights)")
-    paths = resolve_profile(profile)
-    shapes = read_shapes(paths, profile)
-    part.update(serving={"checkpoints_s": round(time.perf_counter() - started, 1)})
-    # the sweep drives tokens_<mode> only: the LM, vqa_<mode> and the text models are left out so
-    # that the server starts sooner (their configs are the gpu-torch target's all the same)
-    # and so are the fusion modes neither swept nor checked (served_parity checks interleaved and additive)
-    kept = {*settings.modes, T.FusionMode.INTERLEAVED, T.FusionMode.ADDITIVE}
-    unused = {T.LLM, T.TOKENIZE_TEXT, T.CLIP_TEXT, T.EMBED_TEXT, *(T.vqa_model(m) for m in T.FusionMode),
-              *(name for m in T.FusionMode if m not in kept for name in (T.fuse_model(m), T.tokens_model(m)))}
-    specs = [s for s in repository_specs(profile, "gpu-torch", paths, shapes, {}) if s.name not in unused]
-    for spec in specs:
-        if settings.instance_kind == "cpu":  # the dry run: the same repository on CPU instances
-            for group in spec.config.instance_group:
-                group.kind = mc.ModelInstanceGroup.KIND_CPU
-    repo = write_repository(specs, work / "repository")
-    log_file = settings.out / "tritonserver.log"
-    server = TritonServer(repo, log_file=log_file, response_cache_bytes=0)
-    started = time.perf_counter()
-    try:
-        server.start(timeout=max(30.0, deadline - time.time() - 30))
-        info: dict = {"checkpoints_s": part.data["serving"]["checkpoints_s"],
-                      "start_s": round(time.perf_counter() - started, 1), "repository": str(repo), "points": []}
-        part.update(serving=info)
-        images = sample_images(16)
-        url = server.grpc_url.replace("grpc://", "")
-        info["parity"] = served_parity(url, profile, paths, images[:2], settings)
-        part.update(serving=info)
-        for mode in settings.modes:
-            model = T.tokens_model(mode)
-            sweep_point(url, model, images[:2], 1, min(1.0, settings.sweep_s), T.TIMING_FUSION)  # warm-up
-            for concurrency in settings.concurrency:
-                if time.time() + settings.sweep_s + 10 > deadline:
-                    info["cut_short"] = f"time budget reached before {model} at concurrency {concurrency}"
-                    break
-                point = sweep_point(url, model, images, concurrency, settings.sweep_s, T.TIMING_FUSION)
-                info["points"].append({"mode": mode, **point})
-                log(f"serving {model} c={concurrency}: {point['requests_per_s']:.1f} req/s, "
-                    f"p50 {point['latency_ms']['p50']:.1f} ms, errors {point['errors']}")
-                part.update(serving=info)
-        info["triton_models"] = triton_model_stats(url)
-        part.update(serving=info)
-    finally:
-        server.stop(timeout=10)  # python stubs holding torch can be slow to exit; their work is done
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def stage_checkpoints(settings: Settings, part: Part) -> None:
-    """Build the serving stage's seeded checkpoints (runs in the background from the start, on a few
-    CPU threads so that the compiles beside it keep most of the cores)."""
-    import torch
-
-    from mofserve.core.checkpoints import resolve_profile
-
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
-    started = time.perf_counter()
-    resolve_profile(check_profile(settings.profile))
-    part.update(seconds=round(time.perf_counter() - started, 1))
-
-
 def run_stage(stage: str, settings: Settings, part_path: Path, deadline: float) -> int:
+    # the stage modules import this one: imported here, when a stage runs
+    from mofserve.benchmarks import gpu_check_encoders as encoders
+    from mofserve.benchmarks import gpu_check_llm as llm
+    from mofserve.benchmarks import gpu_check_serving as serving
+
     part = Part(part_path)
     try:
         if stage == "checkpoints":
-            stage_checkpoints(settings, part)
+            serving.stage_checkpoints(settings, part)
         elif stage == "environment":
             stage_environment(settings, part)
         elif stage == "accuracy":
-            stage_accuracy(settings, part)
+            encoders.stage_accuracy(settings, part)
         elif stage == "eager":
-            stage_eager(settings, part)
+            encoders.stage_eager(settings, part)
         elif stage.startswith("compiled:"):
-            stage_compiled(settings, part, stage.split(":", 1)[1])
+            encoders.stage_compiled(settings, part, stage.split(":", 1)[1])
+        elif stage == "llm":
+            llm.stage_llm(settings, part, deadline)
         elif stage == "serving":
-            stage_serving(settings, part, deadline)
+            serving.stage_serving(settings, part, deadline)
         else:
             raise ValueError(f"stage: unknown stage {stage!r}")
     except StageSkipped as reason:
@@ -652,6 +271,8 @@ Runner = Callable[[list[str], float], tuple[int, str]]
 
 def run_all(settings: Settings, runner: Runner | None = None) -> dict:
     """Run every stage in a subprocess within the budget; return (and write) the merged report."""
+    from mofserve.benchmarks.gpu_check_report import summarise, write_report
+
     settings.out.mkdir(parents=True, exist_ok=True)
     parts = settings.out / "parts"
     parts.mkdir(exist_ok=True)
@@ -687,6 +308,8 @@ def _start_background(stage: str, settings: Settings, parts: Path) -> subprocess
 def _run_plan(plan: Sequence[tuple[str, float]], settings: Settings, report: dict, runner: Runner, parts: Path,
               began: float, deadline: float, background: subprocess.Popen | None) -> None:
     """Run the planned stages one by one, each in ``runner`` under its cap, merging their parts."""
+    from mofserve.benchmarks.gpu_check_report import merge_part, write_report
+
     for stage, cap in plan:
         if stage == "serving" and background is not None:
             wait_s = max(0.0, deadline - time.time() - MIN_STAGE_S)
@@ -769,133 +392,6 @@ def _subprocess_runner(command: list[str], timeout: float) -> tuple[int, str]:
     return rc, "\n".join(tail)
 
 
-def merge_part(report: dict, stage: str, data: Mapping) -> None:
-    for key, value in data.items():
-        if key == "compiled":
-            compiled = report.setdefault("compiled", {})
-            compiled.update({k: v for k, v in value.items() if k in ENCODERS})
-            ceilings = report.setdefault("ceilings", [])
-            ceilings += [value[k] for k in ("ceiling_gflops_per_s", "ceiling_after_gflops_per_s") if k in value]
-            compiled["compile_mode"] = value.get("compile_mode")
-        else:
-            report[key] = value
-            if key == "eager":
-                report.setdefault("ceilings", []).extend(
-                    value[k] for k in ("ceiling_gflops_per_s", "ceiling_after_gflops_per_s") if k in value)
-            if key == "matmul":
-                report.setdefault("ceilings", []).append(value["gflops_per_s"])
-
-
-def _best(rows: Mapping) -> dict | None:
-    scored = [r for r in rows.get("batches", {}).values() if "best_images_per_s" in r]
-    return max(scored, key=lambda r: r["best_images_per_s"]) if scored else None
-
-
-def summarise(report: dict) -> dict:
-    """Per encoder: the best batch eager and compiled, the share of the best measured bf16 rate
-    (rescored against the best ceiling of the whole run), the gate; and whether the target is met."""
-    ceilings = [c for c in report.get("ceilings", []) if c]
-    ceiling = max(ceilings) if ceilings else None
-    out: dict = {"ceiling_gflops_per_s": ceiling, "encoders": {}}
-    for name in ENCODERS:
-        entry: dict = {}
-        for kind in ("eager", "compiled"):
-            rows = report.get(kind, {}).get(name)
-            best = _best(rows) if rows else None
-            if best:
-                share = rows["flops_per_image"] * best["best_images_per_s"] / 1e9 / ceiling if ceiling else None
-                entry[kind] = {"batch": best["batch"], "images_per_s": best["best_images_per_s"], "share": share}
-        gate = report.get("accuracy", {}).get(name, {})
-        entry["min_cosine"] = gate.get("min_cosine")
-        shares = [v["share"] for k, v in entry.items() if k in ("eager", "compiled") and v.get("share") is not None]
-        entry["target_met"] = (max(shares) >= TARGET_SHARE) if shares else None
-        out["encoders"][name] = entry
-    return out
-
-
-def _f(value, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(report: Mapping) -> str:
-    """The short table printed last."""
-    summary = report.get("summary") or summarise(dict(report))
-    env = report.get("environment", {})
-    lines = [f"card: {env.get('card', '?')}; torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}; "
-             f"bf16 matmul ceiling {_f((summary['ceiling_gflops_per_s'] or 0) / 1e3, '.2f')} TFLOP/s",
-             "| encoder | eager bf16 img/s (batch) | share | compiled bf16 img/s (batch) | share | gate min cos | "
-             f">= {TARGET_SHARE:.0%} |", "|---|---|---|---|---|---|---|"]
-    for name, e in summary["encoders"].items():
-        cells = []
-        for kind in ("eager", "compiled"):
-            v = e.get(kind)
-            cells += [f"{v['images_per_s']:.1f} ({v['batch']})" if v else "-",
-                      f"{v['share']:.1%}" if v and v.get("share") is not None else "-"]
-        met = {True: "yes", False: "no", None: "-"}[e["target_met"]]
-        lines.append(f"| {name} | {' | '.join(cells)} | {_f(e['min_cosine'], '.6f')} | {met} |")
-    statuses = ", ".join(f"{k} {v['status']}" for k, v in report.get("stages", {}).items())
-    lines.append(f"stages: {statuses}")
-    serving = report.get("serving", {})
-    if serving.get("points"):
-        best = max(serving["points"], key=lambda p: p["requests_per_s"])
-        lines.append(f"serving: best {best['requests_per_s']:.1f} req/s ({best['model']}, c={best['concurrency']}, "
-                     f"p50 {best['latency_ms']['p50']:.1f} ms)")
-    return "\n".join(lines)
-
-
-def format_markdown(report: Mapping) -> str:
-    lines = ["# GPU check (gpu-torch)", "", f"Started {report.get('started')}, {report.get('seconds', '?')} s.", "",
-             format_table(report), ""]
-    for kind in ("eager", "compiled"):
-        section = report.get(kind, {})
-        if not any(name in section for name in ENCODERS):
-            continue
-        lines += [f"## {kind} bf16 (per batch)", "", "| encoder | batch | img/s (median) | img/s (best) | ms/batch "
-                  "(median) | first call s | GFLOP/s | share |", "|---|---|---|---|---|---|---|---|"]
-        for name in ENCODERS:
-            for row in sorted(section.get(name, {}).get("batches", {}).values(), key=lambda r: r["batch"]):
-                if "error" in row:
-                    lines.append(f"| {name} | {row['batch']} | {row['error']} | | | | | |")
-                    continue
-                lines.append(f"| {name} | {row['batch']} | {row['images_per_s']:.1f} | {row['best_images_per_s']:.1f}"
-                             f" | {row['median_ms']:.2f} | {row['first_call_s']:.1f} | {row['gflops_per_s']:.0f} | "
-                             f"{_f(row.get('share_of_ceiling'), '.1%')} |")
-        lines.append("")
-    serving = report.get("serving", {})
-    if serving.get("points"):
-        lines += ["## Serving (Triton, tokens_<mode>, closed loop)", "",
-                  f"Checkpoints {serving.get('checkpoints_s')} s, server start {serving.get('start_s')} s.", "",
-                  "| model | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
-        for p in serving["points"]:
-            lat = p["latency_ms"]
-            lines.append(f"| {p['model']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {_f(lat['p50'])} | "
-                         f"{_f(lat['p99'])} | {p['errors']} |")
-        lines.append("")
-    lines += ["## Stages", "", "| stage | status | s | note |", "|---|---|---|---|"]
-    checkpoints = report.get("checkpoints")
-    if checkpoints:
-        status = "ok" if checkpoints.get("rc") == 0 else f"rc {checkpoints.get('rc')}"
-        lines.append(f"| checkpoints (background) | {status} | {checkpoints.get('seconds', '')} | "
-                     "seeded checkpoints of the serving stage |")
-    for stage, entry in report.get("stages", {}).items():
-        note = entry.get("reason") or (entry.get("log_tail", "").splitlines() or [""])[-1]
-        lines.append(f"| {stage} | {entry['status']} | {entry.get('seconds', '')} | {note[:160]} |")
-    return "\n".join(lines) + "\n"
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
-
-
-def write_report(report: Mapping, out: Path) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "gpu_check.md").write_text(format_markdown(report))
-
-
 # --------------------------------------------------------------------------------------------
 # Command line
 
@@ -920,8 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--sweep-s", type=float, default=5.0)
     parser.add_argument("--modes", nargs="+", default=["clip", "dinov2", "additive", "interleaved"])
+    parser.add_argument("--llm-prompts", type=int, nargs="+", default=[640, 1216],
+                        help="prompt positions timed in prefill (the first is the decode runs' prompt)")
+    parser.add_argument("--llm-concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--llm-new-tokens", type=int, default=64)
+    parser.add_argument("--llm-serial", type=int, default=8, help="sequences decoded one at a time")
     parser.add_argument("--stages", nargs="+", default=[s for s, _ in PLAN],
-                        help="subset of: environment accuracy eager compiled serving (or compiled:<encoder>)")
+                        help="subset of: environment accuracy eager llm compiled serving (or compiled:<encoder>)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--part", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -934,12 +435,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
     if any(b < 1 for b in args.batches) or any(c < 1 for c in args.concurrency):
         raise SystemExit("--batches/--concurrency: must be positive integers")
+    llm = [*args.llm_prompts, *args.llm_concurrency, args.llm_new_tokens, args.llm_serial]
+    if any(v < 1 for v in llm) or args.llm_new_tokens < 2:
+        raise SystemExit("--llm-prompts/--llm-concurrency/--llm-new-tokens/--llm-serial: must be positive "
+                         "integers (at least 2 new tokens: decoding starts after the first)")
     return Settings(out=args.out, device=args.device, profile=args.profile, budget_s=args.budget_s,
                     batches=tuple(args.batches), compile_mode=args.compile_mode, matmul_n=args.matmul_n,
                     measure_s=args.measure_s, max_runs=args.max_runs, serve=args.serve,
                     wheels=Path(args.wheels) if args.wheels else None, instance_kind=args.instance_kind,
                     concurrency=tuple(args.concurrency), sweep_s=args.sweep_s, modes=tuple(args.modes),
-                    stages=tuple(args.stages))
+                    llm_prompts=tuple(args.llm_prompts), llm_concurrency=tuple(args.llm_concurrency),
+                    llm_new_tokens=args.llm_new_tokens, llm_serial=args.llm_serial, stages=tuple(args.stages))
 
 
 def _exit_on_sigterm() -> None:
@@ -957,10 +463,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _exit_on_sigterm()
     if args.stage:
         return run_stage(args.stage, settings, args.part, args.deadline or time.time() + settings.budget_s)
+    from mofserve.benchmarks.gpu_check_report import format_table
+
     report = run_all(settings)
     print(format_table(report), flush=True)
     return 0
 
 
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the package's module, not this __main__ copy: the stage modules import
+    # mofserve.benchmarks.gpu_check, and its StageSkipped must be the one run_stage catches
+    from mofserve.benchmarks import gpu_check as _module
+
+    sys.exit(_module.main())

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check of the gpu-torch target (docs/benchmarks.md, "GPU check (gpu-torch)").
 #
-#   benchmarks/gpu_check.sh OUTPUT_DIR [gpu_check.py options, e.g. --no-serve]
+#   benchmarks/gpu_check.sh OUTPUT_DIR [gpu_check.py options, e.g. --no-serve, --stages llm]
 #
+# Stages, each in its own process under its own time cap: environment, accuracy, eager, llm (the
+# in-flight batching engine on a 32-layer 7B LM drawn on the GPU), compiled:<encoder>, serving.
 # Runs on a GPU machine with PyTorch + transformers and no registry, from the working tree (no
 # install): mofserve's folders are mapped into a `mofserve` package by symlinks, as pyproject's
 # package-dir does. For the serving stage, bring the wheels in .whl/ (or $MOFSERVE_WHEELS):

@@ -1,0 +1,136 @@
+"""The GPU check's report (``benchmarks/gpu_check.py``): stage parts merged into one report, the
+summary scored against the best measured bf16 rate, ``gpu_check.json`` / ``gpu_check.md`` and the
+short table printed last."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from mofserve.benchmarks import gpu_check_llm
+from mofserve.benchmarks.gpu_check import ENCODERS, TARGET_SHARE, _json_default
+
+
+def merge_part(report: dict, stage: str, data: Mapping) -> None:
+    for key, value in data.items():
+        if key == "compiled":
+            compiled = report.setdefault("compiled", {})
+            compiled.update({k: v for k, v in value.items() if k in ENCODERS})
+            ceilings = report.setdefault("ceilings", [])
+            ceilings += [value[k] for k in ("ceiling_gflops_per_s", "ceiling_after_gflops_per_s") if k in value]
+            compiled["compile_mode"] = value.get("compile_mode")
+        else:
+            report[key] = value
+            if key == "eager":
+                report.setdefault("ceilings", []).extend(
+                    value[k] for k in ("ceiling_gflops_per_s", "ceiling_after_gflops_per_s") if k in value)
+            if key == "matmul":
+                report.setdefault("ceilings", []).append(value["gflops_per_s"])
+
+
+def _best(rows: Mapping) -> dict | None:
+    scored = [r for r in rows.get("batches", {}).values() if "best_images_per_s" in r]
+    return max(scored, key=lambda r: r["best_images_per_s"]) if scored else None
+
+
+def summarise(report: dict) -> dict:
+    """Per encoder: the best batch eager and compiled, the share of the best measured bf16 rate
+    (rescored against the best ceiling of the whole run), the gate; and whether the target is met."""
+    ceilings = [c for c in report.get("ceilings", []) if c]
+    ceiling = max(ceilings) if ceilings else None
+    out: dict = {"ceiling_gflops_per_s": ceiling, "encoders": {}}
+    for name in ENCODERS:
+        entry: dict = {}
+        for kind in ("eager", "compiled"):
+            rows = report.get(kind, {}).get(name)
+            best = _best(rows) if rows else None
+            if best:
+                share = rows["flops_per_image"] * best["best_images_per_s"] / 1e9 / ceiling if ceiling else None
+                entry[kind] = {"batch": best["batch"], "images_per_s": best["best_images_per_s"], "share": share}
+        gate = report.get("accuracy", {}).get(name, {})
+        entry["min_cosine"] = gate.get("min_cosine")
+        shares = [v["share"] for k, v in entry.items() if k in ("eager", "compiled") and v.get("share") is not None]
+        entry["target_met"] = (max(shares) >= TARGET_SHARE) if shares else None
+        out["encoders"][name] = entry
+    return out
+
+
+def _f(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: Mapping) -> str:
+    """The short table printed last."""
+    summary = report.get("summary") or summarise(dict(report))
+    env = report.get("environment", {})
+    lines = [f"card: {env.get('card', '?')}; torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}; "
+             f"bf16 matmul ceiling {_f((summary['ceiling_gflops_per_s'] or 0) / 1e3, '.2f')} TFLOP/s",
+             "| encoder | eager bf16 img/s (batch) | share | compiled bf16 img/s (batch) | share | gate min cos | "
+             f">= {TARGET_SHARE:.0%} |", "|---|---|---|---|---|---|---|"]
+    for name, e in summary["encoders"].items():
+        cells = []
+        for kind in ("eager", "compiled"):
+            v = e.get(kind)
+            cells += [f"{v['images_per_s']:.1f} ({v['batch']})" if v else "-",
+                      f"{v['share']:.1%}" if v and v.get("share") is not None else "-"]
+        met = {True: "yes", False: "no", None: "-"}[e["target_met"]]
+        lines.append(f"| {name} | {' | '.join(cells)} | {_f(e['min_cosine'], '.6f')} | {met} |")
+    statuses = ", ".join(f"{k} {v['status']}" for k, v in report.get("stages", {}).items())
+    lines.append(f"stages: {statuses}")
+    serving = report.get("serving", {})
+    if serving.get("points"):
+        best = max(serving["points"], key=lambda p: p["requests_per_s"])
+        lines.append(f"serving: best {best['requests_per_s']:.1f} req/s ({best['model']}, c={best['concurrency']}, "
+                     f"p50 {best['latency_ms']['p50']:.1f} ms)")
+    llm = gpu_check_llm.summary_line(report.get("llm", {}))
+    if llm:
+        lines.append(llm)
+    return "\n".join(lines)
+
+
+def format_markdown(report: Mapping) -> str:
+    lines = ["# GPU check (gpu-torch)", "", f"Started {report.get('started')}, {report.get('seconds', '?')} s.", "",
+             format_table(report), ""]
+    for kind in ("eager", "compiled"):
+        section = report.get(kind, {})
+        if not any(name in section for name in ENCODERS):
+            continue
+        lines += [f"## {kind} bf16 (per batch)", "", "| encoder | batch | img/s (median) | img/s (best) | ms/batch "
+                  "(median) | first call s | GFLOP/s | share |", "|---|---|---|---|---|---|---|---|"]
+        for name in ENCODERS:
+            for row in sorted(section.get(name, {}).get("batches", {}).values(), key=lambda r: r["batch"]):
+                if "error" in row:
+                    lines.append(f"| {name} | {row['batch']} | {row['error']} | | | | | |")
+                    continue
+                lines.append(f"| {name} | {row['batch']} | {row['images_per_s']:.1f} | {row['best_images_per_s']:.1f}"
+                             f" | {row['median_ms']:.2f} | {row['first_call_s']:.1f} | {row['gflops_per_s']:.0f} | "
+                             f"{_f(row.get('share_of_ceiling'), '.1%')} |")
+        lines.append("")
+    lines += gpu_check_llm.format_markdown(report.get("llm", {}))
+    serving = report.get("serving", {})
+    if serving.get("points"):
+        lines += ["## Serving (Triton, tokens_<mode>, closed loop)", "",
+                  f"Checkpoints {serving.get('checkpoints_s')} s, server start {serving.get('start_s')} s.", "",
+                  "| model | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+        for p in serving["points"]:
+            lat = p["latency_ms"]
+            lines.append(f"| {p['model']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {_f(lat['p50'])} | "
+                         f"{_f(lat['p99'])} | {p['errors']} |")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | status | s | note |", "|---|---|---|---|"]
+    checkpoints = report.get("checkpoints")
+    if checkpoints:
+        status = "ok" if checkpoints.get("rc") == 0 else f"rc {checkpoints.get('rc')}"
+        lines.append(f"| checkpoints (background) | {status} | {checkpoints.get('seconds', '')} | "
+                     "seeded checkpoints of the serving stage |")
+    for stage, entry in report.get("stages", {}).items():
+        note = entry.get("reason") or (entry.get("log_tail", "").splitlines() or [""])[-1]
+        lines.append(f"| {stage} | {entry['status']} | {entry.get('seconds', '')} | {note[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping, out: Path) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "gpu_check.md").write_text(format_markdown(report))
+
