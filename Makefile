@@ -10,7 +10,7 @@ export MOFSERVE_HOME ?= $(CURDIR)/.mofserve
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load bench-perf-analyzer soak fuzz gpu-check clean
+.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load bench-load-paper-shaped bench-llm bench-perf-analyzer soak fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -43,14 +43,33 @@ lint: install
 bench-encoders: install
 	$(VENV)/bin/mofserve bench encoders --profile small
 
-# Load sweep: serves the small profile on free loopback ports, runs the eager and exported in-process
-# baselines on the same images first, sweeps concurrency 1 2 4 8 (~7 min), stops it. Every image is fresh
-# (--repeat-ratio 0: a like-for-like throughput ratio; BENCH_LOAD_ARGS="--repeat-ratio 0.3" shows the cache).
-# Report (JSON, Markdown, PNGs, serve.log) in results/load-<timestamp>/; BENCH_LOAD_ARGS adds options.
+# Load sweep: serves the small profile on free loopback ports, runs the eager fp32, eager bf16 and exported
+# in-process baselines on the same images first, sweeps concurrency 1 2 4 8 over AskStream (TTFT, ITL,
+# tokens/s; ~8 min), stops it. Every image is fresh (--repeat-ratio 0: a like-for-like throughput ratio;
+# BENCH_LOAD_ARGS="--repeat-ratio 0.3" shows the cache). Report (JSON, Markdown with the targets' MET /
+# MISSED, PNGs, serve.log) in results/load-<timestamp>/; BENCH_LOAD_ARGS adds options.
 BENCH_LOAD_ARGS ?=
 bench-load: install
 	$(VENV)/bin/mofserve bench load --serve small --concurrency 1 2 4 8 --duration 60 --warmup 10 \
-		--baseline eager exported --baseline-requests 20 --repeat-ratio 0 $(BENCH_LOAD_ARGS)
+		--baseline eager eager-bf16 exported --baseline-requests 20 --repeat-ratio 0 $(BENCH_LOAD_ARGS)
+
+# The same on the paper-shaped profile (ViT-L/14-336 towers, a 7B-wide LM of MOFSERVE_PAPER_SHAPED_LLM_LAYERS
+# layers, default 2): A-MoF prompts (576 visual tokens), 32 new tokens, 1 and 8 concurrent streams, the exported
+# in-process baseline (its path to the first token), the LM's per-layer cost extrapolated to 32 layers
+# (~10 min; the first export ~2 min and ~4 GB of checkpoints). Report in results/load-<timestamp>/.
+BENCH_LOAD_PAPER_ARGS ?=
+bench-load-paper-shaped: install
+	$(VENV)/bin/mofserve bench load --serve paper-shaped --concurrency 1 8 --duration 90 --warmup 15 \
+		--mix additive=1 --max-new-tokens 32 --timeout 300 --baseline exported --baseline-requests 6 \
+		--repeat-ratio 0 --extrapolate-layers 32 $(BENCH_LOAD_PAPER_ARGS)
+
+# The LLM stage in process on the paper-shaped LM: LLMEngine batched vs one at a time vs transformers generate
+# vs transformers continuous batching (8 sequences of 640 positions, 32 new tokens), the per-layer cost and
+# its 32-layer extrapolation, bf16 greedy agreement batched vs one at a time on the small and paper-shaped
+# LMs (~5 min). Report in results/llm-<timestamp>/; BENCH_LLM_ARGS adds options (see --help).
+BENCH_LLM_ARGS ?=
+bench-llm: install
+	$(PY) -m mofserve.benchmarks.llm_stage --profile paper-shaped $(BENCH_LLM_ARGS)
 
 # NVIDIA perf_analyzer straight on the small profile's Triton ensembles (installs perf_analyzer 2.51.0
 # into $(MOFSERVE_HOME)/tools on first use). Report in results/perf-analyzer-<timestamp>/.
