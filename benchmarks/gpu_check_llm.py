@@ -38,7 +38,7 @@ LLM_SHAPES = {
     "paper": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                   num_hidden_layers=32, vocab_size=32000, max_position_embeddings=4096),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 num_hidden_layers=2, vocab_size=512, max_position_embeddings=512),
+                 num_hidden_layers=2, vocab_size=512, max_position_embeddings=2048),  # the tiny profile's LM
 }
 # peak HBM bandwidth by card name (first match; vendor data sheets); others: no share reported
 HBM_BYTES_PER_S = (("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
