@@ -295,10 +295,12 @@ class LLMEngine:
         logits = decode_step(self.vlm.model, self.cache, embeds, lengths)
         self.steps += 1
         self.batched_rows += len(running)
+        greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
         leaving = []
         for row, s in enumerate(running):
             s.length += 1
-            if s.cancelled or not self._advance(s, self._sample(s, logits[row:row + 1])):
+            token = greedy[row] if s.sampling.greedy else self._sample(s, logits[row:row + 1])
+            if s.cancelled or not self._advance(s, token):
                 leaving.append(s)
         for s in leaving:
             if s.cancelled:
