@@ -2,7 +2,8 @@
 
 Targets share model names, tensor names, shapes and ensembles; they differ only in how the
 encoders and the fusion run, and in the per-stage timings (``TIMING_*_MS``) that only
-python-backend models emit:
+python-backend models emit (the native gpu-onnx / gpu-trt encoders have no timing and no feature
+cache):
 
 - ``cpu``: every model is a python-backend model (``model_repository/<source>/model.py``); the
   encoders (the two vision towers and CLIP's text tower ``clip_text``) run their ONNX graph with
@@ -116,16 +117,19 @@ def tokenize_text_spec(profile: Profile, shapes: ModelShapes, paths: CheckpointP
 
 def torch_encoder_spec(name: str, shapes: ModelShapes, profile: Profile, paths: CheckpointPaths) -> ModelSpec:
     """gpu-torch: the encoder as a PyTorch module on the GPU (``model_repository/torch_encoder``),
-    loaded from the checkpoint, gated against fp32 at start-up, padded to batch buckets. No
-    timing output, like the other gpu targets' encoders (Triton's statistics time it)."""
+    loaded from the checkpoint, gated against fp32 at start-up, padded to batch buckets. Like the
+    cpu target's encoders it has the feature cache (on the device, ``feature_cache_mb`` per
+    instance) and emits its timing."""
     from .torch_runtime import encoder_parameters
 
     c = mc.ModelConfig(name=name)
     _encoder_io(c, name, shapes)
+    _io(c.output, T.ENCODER_TIMINGS[name], _FP32, [1])
     kind = _python_on(c, gpu=True)
     serving = profile.serving
     buckets = sorted({1, *serving.preferred_batch_sizes, serving.max_batch_size})
-    _params(c, **encoder_parameters(name, profile, paths, buckets=buckets), threads=serving.intra_op_threads)
+    _params(c, **encoder_parameters(name, profile, paths, buckets=buckets), threads=serving.intra_op_threads,
+            feature_cache_bytes=serving.feature_cache_mb << 20)
     _batched(c, profile, kind, serving.encoder_instances)
     return ModelSpec(c, source="torch_encoder")
 
@@ -152,7 +156,7 @@ def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, ta
     _encoder_io(c, name, shapes)
     serving = profile.serving
     if target == "cpu":
-        _io(c.output, T.ENCODER_TIMINGS[name], _FP32, [1])  # native backends (gpu targets) have none
+        _io(c.output, T.ENCODER_TIMINGS[name], _FP32, [1])  # native backends (gpu-onnx, gpu-trt) have none
         kind = _python_on(c, gpu=False)
         _params(c, onnx_file="model.onnx", runtime=serving.runtime, threads=serving.intra_op_threads,
                 precision="bf16" if serving.runtime == "openvino" else "fp32",
@@ -172,7 +176,9 @@ def encoder_spec(graph: ExportedGraph, shapes: ModelShapes, profile: Profile, ta
         source, files = None, ()  # engines are built on the serving GPU (mofserve export --target gpu-trt)
     _batched(c, profile, kind, serving.encoder_instances)
     # No `response_cache` here: Triton 2.51's cache keys on inputs only and replays partial or
-    # (python backend) failed responses; the cpu target caches features inside the model instead.
+    # (python backend) failed responses; the cpu (and gpu-torch) encoders cache features inside the
+    # model instead. The native gpu-onnx / gpu-trt encoders have no cache and no timing: why, in
+    # docs/architecture.md ("Why the encoders cache features themselves").
     return ModelSpec(c, source=source, files=files)
 
 

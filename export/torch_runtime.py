@@ -34,7 +34,7 @@ from torch import nn
 from mofserve.core.checkpoints import CheckpointPaths
 from mofserve.core.profiles import Profile
 
-from .configs import ExportConfig, TextExportConfig
+from .configs import ClipTextEmbeds, ExportConfig, TextExportConfig
 from .parity import BF16, OutputParity, ParityError, Tolerance, compare
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,7 +262,27 @@ class TorchEncoder:
             log(f"{self.name}: bucket {bucket} ready in {seconds[bucket]:.1f} s ({self.compile_mode})")
         return seconds
 
-    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    @property
+    def vocab_size(self) -> int | None:
+        """The text tower's vocabulary size (token ids must lie below it); None for a vision tower."""
+        if not isinstance(self.module, ClipTextEmbeds):
+            return None
+        return int(self.module.model.config.vocab_size)
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """Refuse token ids outside the vocabulary (``ValueError`` naming ``input_ids``) before they
+        reach the embedding: on a CUDA device an out-of-range index is a device-side assert, which
+        leaves the process's CUDA context unusable (the instance would fail every later request)."""
+        vocab = self.vocab_size
+        if vocab is None or ids.numel() == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids: token ids must lie in [0, {vocab}), got {low if low < 0 else high}")
+
+    def __call__(self, batch: torch.Tensor, out_dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, ...]:
+        """The outputs in ``out_dtype`` (the contract's fp32 by default; None: the serving dtype, e.g.
+        bf16 values that widen to the fp32 ones exactly, which is how the feature cache keeps them)."""
         rows = int(batch.shape[0])
         x = batch.to(self.device, non_blocking=True)
         if x.is_floating_point():
@@ -275,8 +295,9 @@ class TorchEncoder:
                 if padded > n:
                     piece = torch.cat([piece, piece.new_zeros((padded - n, *piece.shape[1:]))])
                 outputs = self._forward(piece)
-                # a copy in fp32: the contract's type, and CUDA-graph outputs are reused by the next replay
-                parts.append(tuple(t[:n].to(torch.float32, copy=True) for t in outputs))
+                # a copy (in fp32, the contract's type, unless asked otherwise): CUDA-graph outputs are
+                # reused by the next replay
+                parts.append(tuple(t[:n].to(out_dtype or t.dtype, copy=True) for t in outputs))
         if len(parts) == 1:
             return parts[0]
         return tuple(torch.cat(group) for group in zip(*parts, strict=True))

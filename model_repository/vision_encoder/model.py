@@ -2,23 +2,24 @@
 ``dinov2_vision``) and CLIP's text tower (``clip_text``: ``INPUT_IDS`` int64 -> ``TEXT_EMBEDS``).
 The input, outputs and timing come from the model's config, so one source serves all three.
 
-Dynamic batching hands ``execute`` several requests at once; the image rows not found in the
-feature cache run as ONE call of the ONNX graph (the batch axis is dynamic) and the outputs are
-split back per request. The feature cache (core.feature_cache) is why a second fusion mode on
-an image already seen costs no encoder time; its hits and misses are Prometheus counters on
+Dynamic batching hands ``execute`` several requests at once; the rows not found in the feature
+cache run as ONE call of the ONNX graph (the batch axis is dynamic) and the outputs are split
+back per request. The lookup / miss-batch / fill logic is ``core.feature_cache.lookup_or_run``,
+shared with gpu-torch's ``torch_encoder``. The feature cache is why a second fusion mode on an
+image already seen costs no encoder time; its hits and misses are Prometheus counters on
 Triton's metrics port (``mofserve_encoder_cache_total{model, result}``). The timing output
-(``TIMING_CLIP_MS`` / ``TIMING_DINOV2_MS`` [1]) is each row's cache lookup plus, for a miss, the
-wall time of the graph call that computed it: ~0 for a row answered from the cache.
+(``TIMING_CLIP_MS`` / ``TIMING_DINOV2_MS`` / ``TIMING_CLIP_TEXT_MS`` [1]) is the batch's cache
+lookup plus, for a row that missed, the wall time of the graph call that computed it: ~0 for a
+row answered from the cache.
 """
 
-import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mofserve.core import tensors as T
-from mofserve.core.feature_cache import FeatureCache, content_key
+from mofserve.core.feature_cache import CACHE_METRIC, CACHE_METRIC_HELP, FeatureCache, content_key, lookup_or_run
 from mofserve.core.runtime import OnnxRunner
 from mofserve.model_repository.common import model_config
 
@@ -38,55 +39,36 @@ class TritonPythonModel:
         self.output_names = [n for n in outputs if n not in self.timing_names]  # the graph's outputs
         self.cache = FeatureCache(int(params.get("feature_cache_bytes", "0")))
         # the family must outlive its metrics: keep it on the instance
-        self.metric_family = family = pb_utils.MetricFamily(name="mofserve_encoder_cache_total",
-                                       description="encoder feature-cache lookups by result",
-                                       kind=pb_utils.MetricFamily.COUNTER)
+        self.metric_family = family = pb_utils.MetricFamily(name=CACHE_METRIC, description=CACHE_METRIC_HELP,
+                                                            kind=pb_utils.MetricFamily.COUNTER)
         self.hit_metric = family.Metric(labels={"model": self.name, "result": "hit"})
         self.miss_metric = family.Metric(labels={"model": self.name, "result": "miss"})
+
+    def _count(self, hits: int, misses: int) -> None:
+        self.hit_metric.increment(hits)
+        self.miss_metric.increment(misses)
+
+    def _run(self, rows: list, indices: list[int]) -> dict:
+        batch = np.ascontiguousarray(np.stack([rows[i] for i in indices]))
+        outputs = self.runner.run({self.input_name: batch})
+        return {name: outputs[name] for name in self.output_names}
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         rows = [row for array in arrays for row in array]
-        keys, found, elapsed_ms = [], [], []
-        for row in rows:
-            started = time.perf_counter()
-            key = content_key(row) if self.cache.max_bytes else None
-            keys.append(key)
-            found.append(self.cache.get(key) if key is not None else None)
-            elapsed_ms.append((time.perf_counter() - started) * 1e3)
-        missing = [i for i, entry in enumerate(found) if entry is None]
-        # the same image twice in one batch (e.g. the modes of a Compare) runs once
-        slots: dict[object, int] = {}
-        representatives: list[int] = []
-        for i in missing:
-            key = keys[i] if keys[i] is not None else i
-            if key not in slots:
-                slots[key] = len(representatives)
-                representatives.append(i)
-        self.hit_metric.increment(len(rows) - len(representatives))
-        self.miss_metric.increment(len(representatives))
-        if missing:
-            started = time.perf_counter()
-            batch = np.ascontiguousarray(np.stack([rows[i] for i in representatives]))
-            try:
-                outputs = self.runner.run({self.input_name: batch})
-            except Exception as error:  # a runtime failure fails these requests, never the model
-                message = f"{self.input_name}: {self.name} failed: {error}"
-                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
-            run_ms = (time.perf_counter() - started) * 1e3
-            for i in missing:
-                slot = slots[keys[i] if keys[i] is not None else i]
-                elapsed_ms[i] += run_ms
-                found[i] = {name: outputs[name][slot] for name in self.output_names}
-                if keys[i] is not None:
-                    self.cache.put(keys[i], found[i])
+        try:
+            result = lookup_or_run(self.cache, len(rows), keys=lambda: [content_key(row) for row in rows],
+                                   run=lambda indices: self._run(rows, indices), counted=self._count)
+        except Exception as error:  # a runtime failure fails these requests, never the model; nothing is cached
+            message = f"{self.input_name}: {self.name} failed: {error}"
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
         responses, start = [], 0
         for array in arrays:
             stop = start + array.shape[0]
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(np.stack([found[i][name]
-                                                                             for i in range(start, stop)])))
+            found = result.outputs[start:stop]
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(np.stack([f[name] for f in found])))
                        for name in self.output_names]
-            timing = np.array(elapsed_ms[start:stop], dtype=np.float32).reshape(-1, 1)
+            timing = np.array(result.elapsed_ms[start:stop], dtype=np.float32).reshape(-1, 1)
             tensors += [pb_utils.Tensor(name, timing) for name in self.timing_names]
             responses.append(pb_utils.InferenceResponse(tensors))
             start = stop

@@ -60,10 +60,13 @@ def test_targets_share_model_names_tensor_names_and_shapes(target, tiny_profile,
         _, cpu_timings = contract(spec.config, timings=True)
         _, other_timings = contract(other[name].config, timings=True)
         assert set(other_timings) <= set(cpu_timings), name
-    if target != "cpu":
-        for name in ("clip_vision", "dinov2_vision", "tokens_clip", "vqa_interleaved", "embed"):
+        if target == "gpu-torch":  # python encoders on every target that can run python: the same timings
+            assert contract(other[name].config, timings=True) == contract(spec.config, timings=True), name
+    if target in ("gpu-onnx", "gpu-trt"):  # Triton's native backends run no python: no encoder timing
+        for name in ("clip_vision", "dinov2_vision", "clip_text", "tokens_clip", "vqa_interleaved", "embed",
+                     "embed_text"):
             _, timings = contract(other[name].config, timings=True)
-            assert not {t[0] for t in timings} & {T.TIMING_CLIP, T.TIMING_DINOV2}, name
+            assert not {t[0] for t in timings} & set(T.ENCODER_TIMINGS.values()), name
 
 
 def test_interleaved_tokens_are_twice_the_patch_count(tiny_profile, tiny_paths, graphs):
@@ -206,6 +209,24 @@ def test_tokens_and_embed_ensembles_carry_the_stage_timings_on_cpu(tiny_profile,
     assert "TIMING_DINOV2_MS" not in outputs("tokens_clip")
     assert {"TIMING_PREPROCESS_MS", "TIMING_CLIP_MS", "TIMING_DINOV2_MS"} <= outputs("embed")
     assert specs["tokens_interleaved"].config.output[0].name == "VISUAL_TOKENS"
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu-torch"])
+def test_encoder_timings_reach_the_llm_through_the_streaming_ensembles(target, tiny_profile, tiny_paths, graphs):
+    """The vqa_<mode> ensembles end in the decoupled llm, which echoes the upstream stages' timings
+    (UPSTREAM_TIMINGS_MS): every encoder a mode runs must feed its timing to the llm step."""
+    specs = specs_for(target, tiny_profile, tiny_paths, graphs)
+    for mode in T.FusionMode:
+        steps = list(specs[T.vqa_model(mode)].config.ensemble_scheduling.step)
+        encoders = [s.model_name for s in steps if s.model_name in (T.CLIP_VISION, T.DINOV2_VISION)]
+        fed = {k for k in steps[-1].input_map if T.is_timing(k)}
+        assert fed == {T.TIMING_PREPROCESS, T.TIMING_FUSION, *(T.ENCODER_TIMINGS[e] for e in encoders)}, mode
+        for step in steps:
+            if step.model_name in encoders:
+                assert T.ENCODER_TIMINGS[step.model_name] in step.output_map, (mode, step.model_name)
+    outputs = {o.name for o in specs["tokens_interleaved"].config.output}
+    assert {T.TIMING_CLIP, T.TIMING_DINOV2} <= outputs
+    assert T.TIMING_CLIP_TEXT in {o.name for o in specs["embed_text"].config.output}
 
 
 @pytest.mark.parametrize("target", TARGETS)
