@@ -14,7 +14,17 @@ from .client import (
     MofServeError,
     read_image,
 )
-from .results import AskResult, EmbedResult, EncodeResult, Provenance, ServerInfo, TextEmbedResult, Timings
+from .results import (
+    AskResult,
+    EmbedResult,
+    EncodeResult,
+    Provenance,
+    ServerInfo,
+    TextEmbedResult,
+    Timings,
+    TokenDelta,
+    Usage,
+)
 
 __all__ = [
     "ALL_MODES",
@@ -29,5 +39,7 @@ __all__ = [
     "ServerInfo",
     "TextEmbedResult",
     "Timings",
+    "TokenDelta",
+    "Usage",
     "read_image",
 ]

@@ -2,6 +2,7 @@
 
     mofserve ask --image dog.jpg --question "Which way is the dog facing?" --options "(a) Left (b) Right"
     mofserve ask --image dog.jpg --question "..." --compare clip dinov2 additive interleaved --alpha 0.5
+    mofserve ask --image dog.jpg --question "Describe the dog." --stream   # tokens as they come
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from .client import ALL_MODES, DEFAULT_MODE, DEFAULT_TARGET, MofServeClient, MofServeError
-from .results import AskResult
+from .results import AskResult, TokenDelta
 
 STAGES = (("preprocess", "preprocess_ms"), ("encoders", "encoders_ms"), ("clip", "clip_ms"),
           ("dinov2", "dinov2_ms"), ("fusion", "fusion_ms"), ("llm", "llm_ms"), ("total", "total_ms"))
@@ -40,6 +43,9 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-cert", help="PEM CA certificate to verify a TLS server with (implies --tls)")
     parser.add_argument("--tls", action="store_true", help="dial TLS, verifying with the system's roots")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--stream", action="store_true",
+                        help="print the answer's tokens as they are generated (one mode; not with --compare), "
+                             "then the usual table (or JSON)")
 
 
 def _mode(result: AskResult) -> str:
@@ -53,8 +59,9 @@ def _short(text: str, width: int = ANSWER_WIDTH) -> str:
 
 def format_table(results: Sequence[AskResult]) -> str:
     """A row per answer: mode, chosen option, per-stage milliseconds, then the answer."""
-    header = ["mode", "option", *(f"{name} ms" for name, _ in STAGES), "answer"]
+    header = ["mode", "option", *(f"{name} ms" for name, _ in STAGES), "tokens", "finish", "answer"]
     rows = [[_mode(r), r.chosen_option or "-", *(f"{getattr(r.timings, attr):.1f}" for _, attr in STAGES),
+             f"{r.usage.prompt_tokens}+{r.usage.completion_tokens}", r.finish_reason or "-",
              _short(r.answer) if len(results) > 1 else r.answer] for r in results]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
@@ -65,13 +72,35 @@ def format_table(results: Sequence[AskResult]) -> str:
     return "\n".join(lines)
 
 
+def stream_answer(client: MofServeClient, args: argparse.Namespace, generation: dict, out=None) -> AskResult:
+    """Writes the answer's text to ``out`` (default stdout) as it comes; returns the final result."""
+    out = out or sys.stdout
+    result: AskResult | None = None
+    for item in client.ask_stream(args.image, args.question, args.options, mode=args.mode, alpha=args.alpha,
+                                  **generation):
+        if isinstance(item, TokenDelta):
+            out.write(item.text)
+            out.flush()
+        else:
+            result = item
+    out.write("\n")
+    if result is None:  # the server always ends a stream with the result; a broken one raised already
+        raise MofServeError(grpc.StatusCode.UNKNOWN, "ask_stream: the stream ended without a final result")
+    return result
+
+
 def run_ask(args: argparse.Namespace) -> int:
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                   "seed": args.seed}
+    if getattr(args, "stream", False) and args.compare:
+        print("mofserve ask: --stream answers with one mode; leave out --compare", file=sys.stderr)
+        return 2
     try:
         with MofServeClient(args.server, timeout=args.timeout, token=args.token, tls=args.tls,
                             root_certificates=args.ca_cert) as client:
-            if args.compare:
+            if getattr(args, "stream", False):
+                results = [stream_answer(client, args, generation, sys.stderr if args.json else sys.stdout)]
+            elif args.compare:
                 results = client.compare(args.image, args.question, args.options, modes=args.compare,
                                          alpha=args.alpha, **generation)
             else:

@@ -3,7 +3,9 @@
 
     with MofServeClient("127.0.0.1:50051") as client:
         result = client.ask("dog.jpg", "Is the dog facing left or right?", options="(a) Left (b) Right")
-        print(result.answer, result.chosen_option, result.timings.total_ms)
+        print(result.answer, result.chosen_option, result.timings.total_ms, result.usage.total_tokens)
+        for item in client.ask_stream("dog.jpg", "Describe the dog."):  # text as it is generated
+            print(item.text if isinstance(item, TokenDelta) else item.finish_reason)
 
 Images are encoded file bytes or a path. ``timeout`` is the call's deadline in seconds (the
 server passes what remains of it to Triton). Failures raise ``MofServeError`` with the gRPC
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 
-from .results import AskResult, EmbedResult, EncodeResult, ServerInfo, TextEmbedResult
+from .results import AskResult, EmbedResult, EncodeResult, ServerInfo, TextEmbedResult, TokenDelta, stream_item
 
 ImageLike = bytes | bytearray | memoryview | str | os.PathLike
 ModeLike = str | tuple[str, float | None]
@@ -215,6 +217,24 @@ class MofServeClient:
         request = ask_request(image, question, options, mode, alpha, max_new_tokens, temperature, top_p, seed)
         return AskResult.from_proto(self._call(self._stub.Ask, request, timeout))
 
+    def ask_stream(self, image: ImageLike, question: str, options: str | None = None, mode: str = DEFAULT_MODE,
+                   alpha: float | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                   top_p: float | None = None, seed: int | None = None,
+                   timeout: float | None = None) -> Iterator[TokenDelta | AskResult]:
+        """``ask``, streamed: a ``TokenDelta`` per piece of text as the model writes it, then the
+        ``AskResult`` (always last; its ``answer`` is the deltas joined). Stopping early (``break``,
+        or closing the generator) cancels the call, and the server stops generating."""
+        request = ask_request(image, question, options, mode, alpha, max_new_tokens, temperature, top_p, seed)
+        call = self._stub.AskStream(request, timeout=self.timeout if timeout is None else timeout,
+                                    metadata=self._metadata)
+        try:
+            for message in call:
+                yield stream_item(message)
+        except grpc.RpcError as error:
+            raise MofServeError.from_rpc_error(error) from None
+        finally:
+            call.cancel()  # nothing once the call is over; ends it when the caller stopped early
+
     def compare(self, image: ImageLike, question: str, options: str | None = None,
                 modes: Sequence[ModeLike] = ALL_MODES, alpha: float | None = None,
                 max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -291,6 +311,22 @@ class AsyncMofServeClient:
                   top_p: float | None = None, seed: int | None = None, timeout: float | None = None) -> AskResult:
         request = ask_request(image, question, options, mode, alpha, max_new_tokens, temperature, top_p, seed)
         return AskResult.from_proto(await self._call(self._stub.Ask, request, timeout))
+
+    async def ask_stream(self, image: ImageLike, question: str, options: str | None = None,
+                         mode: str = DEFAULT_MODE, alpha: float | None = None, max_new_tokens: int | None = None,
+                         temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                         timeout: float | None = None) -> AsyncIterator[TokenDelta | AskResult]:
+        """``MofServeClient.ask_stream`` as an async iterator (``async for item in client.ask_stream(...)``)."""
+        request = ask_request(image, question, options, mode, alpha, max_new_tokens, temperature, top_p, seed)
+        call = self._stub.AskStream(request, timeout=self.timeout if timeout is None else timeout,
+                                    metadata=self._metadata)
+        try:
+            async for message in call:
+                yield stream_item(message)
+        except grpc.RpcError as error:
+            raise MofServeError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     async def compare(self, image: ImageLike, question: str, options: str | None = None,
                       modes: Sequence[ModeLike] = ALL_MODES, alpha: float | None = None,

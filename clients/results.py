@@ -13,7 +13,10 @@ from mofserve.v1 import mofserve_pb2 as pb
 @dataclass(frozen=True)
 class Timings:
     """Milliseconds per stage as the Triton ensemble reported them; ``encoders_ms`` is the slower
-    encoder (they run side by side); an encoder answered from its feature cache reports ~0."""
+    encoder (they run side by side); an encoder answered from its feature cache reports ~0.
+    ``llm_ms`` is made of ``llm_queue_ms`` (waiting for a place in the batch), ``prefill_ms`` (up
+    to the first token) and ``decode_ms``; ``total_ms`` and ``time_to_first_token_ms`` are the
+    server front-end's measure of the whole answer and of its first token."""
 
     preprocess_ms: float = 0.0
     encoders_ms: float = 0.0
@@ -22,11 +25,29 @@ class Timings:
     fusion_ms: float = 0.0
     llm_ms: float = 0.0
     total_ms: float = 0.0
+    llm_queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
 
     @classmethod
     def from_proto(cls, message: pb.StageTimings) -> Timings:
         return cls(message.preprocess_ms, message.encoders_ms, message.clip_ms, message.dinov2_ms,
-                   message.fusion_ms, message.llm_ms, message.total_ms)
+                   message.fusion_ms, message.llm_ms, message.total_ms, message.llm_queue_ms,
+                   message.prefill_ms, message.decode_ms, message.time_to_first_token_ms)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens the language model read (the prompt, visual tokens included) and wrote."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_proto(cls, message: pb.Usage) -> Usage:
+        return cls(message.prompt_tokens, message.completion_tokens, message.total_tokens)
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,8 @@ class AskResult:
     mode: str
     alpha: float | None  # additive only: the alpha used (the server's default when none was sent)
     provenance: Provenance
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str = ""  # "stop" (the model ended its answer) or "length" (max_new_tokens reached)
 
     @property
     def random_weights(self) -> bool:
@@ -69,10 +92,30 @@ class AskResult:
     def from_proto(cls, message: pb.AskResponse) -> AskResult:
         return cls(message.answer, message.chosen_option, list(message.option_scores),
                    Timings.from_proto(message.timings), message.mode, _alpha(message),
-                   Provenance.from_proto(message.provenance))
+                   Provenance.from_proto(message.provenance), Usage.from_proto(message.usage),
+                   message.finish_reason)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New text of a streamed answer (``ask_stream``) and the tokens written so far."""
+
+    text: str
+    completion_tokens: int
+
+    @classmethod
+    def from_proto(cls, message: pb.TokenDelta) -> TokenDelta:
+        return cls(message.text, message.completion_tokens)
+
+
+def stream_item(message: pb.AskStreamResponse) -> TokenDelta | AskResult:
+    """One ``AskStream`` message as a ``TokenDelta`` or, for the final one, the ``AskResult``."""
+    if message.WhichOneof("event") == "final":
+        return AskResult.from_proto(message.final)
+    return TokenDelta.from_proto(message.delta)
 
 
 def tensor_to_numpy(message: pb.Tensor) -> np.ndarray:

@@ -4,6 +4,11 @@ Both transports (gRPC in ``grpc_service``, HTTP in ``http_api``) turn their wire
 these dataclasses and call ``TritonEngine``; nothing else in the front-end spells a tensor name.
 Errors come out as ``EngineError`` with a transport-neutral ``code`` that each transport maps to
 its own status (see ``ERROR_CODES``).
+
+Questions stream: ``ask_stream`` yields the answer's text as the ``llm`` model writes it, then the
+whole ``Answer``; ``ask`` (and ``compare``, ``probe``) read the same stream to its end, so there is
+one path to the language model. The stream mechanics (never cancelling a Triton call) are in
+``triton_stream``, the merging of responses into an answer in ``answers``.
 """
 
 from __future__ import annotations
@@ -11,44 +16,44 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from mofserve.core import tensors as T
 from mofserve.core.conversation import parse_options
 from mofserve.core.fusion import check_alpha
-from mofserve.core.preprocessing import image_error_code
 from mofserve.core.profiles import get_profile
 from mofserve.core.tensors import FusionMode
 
+from .answers import (
+    ASK_OUTPUTS,
+    TIMING_FIELDS,
+    Answer,
+    AnswerBuilder,
+    Delta,
+    Embeddings,
+    StageTimings,
+    TextEmbeddings,
+    Tokens,
+    Usage,
+)
+from .errors import ERROR_CODES, EngineError, model_error, triton_error
+from .triton_stream import Input, TritonStream, channel_args, infer_request, send_cancel
+
+__all__ = ["ERROR_CODES", "Answer", "Delta", "Embeddings", "EngineError", "GenerationParams", "Limits", "Question",
+           "Selection", "ServingInfo", "StageTimings", "TextEmbeddings", "Tokens", "TritonEngine", "Usage"]
+
 if TYPE_CHECKING:
     from .probe import Readiness
-
-# transport-neutral error codes -> (gRPC status name, HTTP status)
-ERROR_CODES = {
-    "invalid_argument": ("INVALID_ARGUMENT", 400),
-    "too_large": ("RESOURCE_EXHAUSTED", 413),
-    "resource_exhausted": ("RESOURCE_EXHAUSTED", 429),
-    "deadline_exceeded": ("DEADLINE_EXCEEDED", 504),
-    "unavailable": ("UNAVAILABLE", 503),
-    "not_found": ("NOT_FOUND", 404),
-    "internal": ("INTERNAL", 500),
-}
-
-
-class EngineError(Exception):
-    """A request that could not be answered; ``code`` is a key of ERROR_CODES."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -112,69 +117,6 @@ class Question:
     generation: GenerationParams = field(default_factory=GenerationParams)
 
 
-@dataclass
-class StageTimings:
-    """Milliseconds per stage; encoders run side by side, so ``encoders_ms`` is the slower one."""
-
-    preprocess_ms: float = 0.0
-    clip_ms: float = 0.0
-    dinov2_ms: float = 0.0
-    fusion_ms: float = 0.0
-    llm_ms: float = 0.0
-    total_ms: float = 0.0
-
-    @property
-    def encoders_ms(self) -> float:
-        return max(self.clip_ms, self.dinov2_ms)
-
-    def as_dict(self) -> dict[str, float]:
-        return {"preprocess_ms": self.preprocess_ms, "encoders_ms": self.encoders_ms, "clip_ms": self.clip_ms,
-                "dinov2_ms": self.dinov2_ms, "fusion_ms": self.fusion_ms, "llm_ms": self.llm_ms,
-                "total_ms": self.total_ms}
-
-
-_TIMING_FIELDS = {T.TIMING_PREPROCESS: "preprocess_ms", T.TIMING_CLIP: "clip_ms", T.TIMING_DINOV2: "dinov2_ms",
-                  T.TIMING_FUSION: "fusion_ms", T.TIMING_LLM: "llm_ms"}
-
-
-@dataclass
-class Answer:
-    mode: FusionMode
-    alpha: float | None
-    answer: str
-    chosen_option: str
-    option_scores: list[float]
-    timings: StageTimings
-
-
-@dataclass
-class Tokens:
-    mode: FusionMode
-    alpha: float | None
-    tokens: np.ndarray  # [N, H] float32
-    timings: StageTimings
-
-
-@dataclass
-class Embeddings:
-    clip: np.ndarray  # [n, E]
-    dino: np.ndarray  # [n, D]
-
-    @staticmethod
-    def cosine(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
-
-
-@dataclass
-class TextEmbeddings:
-    """CLIP text embeddings ``[n, E]`` (the space of ``Embeddings.clip``) and the checkpoint's
-    ``exp(logit_scale)``: CLIP's logits are ``logit_scale * cosine(text, image)`` (None if the
-    repository does not say)."""
-
-    embeddings: np.ndarray
-    logit_scale: float | None
-
-
 @dataclass(frozen=True)
 class ServingInfo:
     """What every answer says about where it came from."""
@@ -213,40 +155,11 @@ def _scalar_input(name: str, value: float | int, dtype: str) -> triton.InferInpu
 
 def _timings(result, started: float) -> StageTimings:
     timings = StageTimings(total_ms=(time.perf_counter() - started) * 1e3)
-    for name, attr in _TIMING_FIELDS.items():
+    for name, attr in TIMING_FIELDS.items():
         array = result.as_numpy(name)
         if array is not None:
             setattr(timings, attr, float(np.asarray(array).reshape(-1)[0]))
     return timings
-
-
-def _text(array: np.ndarray | None) -> str:
-    if array is None:
-        return ""
-    value = np.asarray(array).reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
-_TRITON_CODES = {"StatusCode.INVALID_ARGUMENT": "invalid_argument", "StatusCode.UNAVAILABLE": "unavailable",
-                 "StatusCode.DEADLINE_EXCEEDED": "deadline_exceeded", "StatusCode.NOT_FOUND": "not_found",
-                 "StatusCode.RESOURCE_EXHAUSTED": "resource_exhausted"}
-
-
-def _engine_error(error: InferenceServerException) -> EngineError:
-    message = error.message() or str(error)
-    code = _TRITON_CODES.get(str(error.status()), "internal")
-    for prefix in ("in ensemble ",):
-        # "in ensemble 'vqa_clip', image: ..." -> "image: ..." (the field first, as everywhere)
-        if message.startswith(prefix) and ", " in message:
-            message = message.split(", ", 1)[1]
-    image_at = message.find("image:")
-    if image_at >= 0 and image_error_code(message[image_at:]) == "too_large":
-        code = "too_large"  # the model answers INVALID_ARG for every image error; its text tells which
-    if code == "internal" and ("Deadline" in message or "timeout" in message.lower()):
-        code = "deadline_exceeded"
-    if code == "internal" and "Stub process" in message and "is not healthy" in message:
-        code = "unavailable"  # a dead python-backend stub: the supervisor restarts Triton (server/probe.py)
-    return EngineError(code, message)
 
 
 def _encoders(mode: FusionMode) -> frozenset[str]:
@@ -264,26 +177,6 @@ def _covering_wave(selections: Sequence[Selection]) -> list[int]:
     return [next(i for i, s in enumerate(selections) if _encoders(s.mode) == frozenset({e})) for e in sorted(needed)]
 
 
-def _triton_channel_args() -> list[tuple[str, int]]:
-    """tritonclient's own channel options, plus two that make a restarted Triton reachable at once.
-
-    gRPC shares subchannels between channels to the same address; one that failed to connect while
-    Triton was down stays in reconnect backoff (growing to 120 s), so a fresh channel (``reconnect``)
-    inherited it and failed fast with "failed to connect to all addresses" long after Triton was back
-    (seen here under load). A private subchannel pool makes ``reconnect`` dial afresh, and the backoff
-    is capped at 1 s for the channel in use."""
-    keepalive = triton.KeepAliveOptions()
-    return [("grpc.max_send_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
-            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-            ("grpc.use_local_subchannel_pool", 1),
-            ("grpc.initial_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", 1000)]
-
-
 class TritonEngine:
     """Async calls to the Triton ensembles over gRPC (loopback)."""
 
@@ -294,23 +187,44 @@ class TritonEngine:
         self.limits = limits or Limits()
         self.max_batch_size = max_batch_size  # the ensembles' max_batch_size: larger calls are split
         self._client: triton.InferenceServerClient | None = None
-        self._outputs: dict[str, frozenset[str]] = {}  # model -> output names (see _model_outputs)
+        # streams (ModelStreamInfer) go through a channel of their own: tritonclient's asyncio
+        # client cannot ask for the final-response flag (see triton_stream)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
+        self._io: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # model -> (inputs, outputs), see _model_io
         self._logit_scale: tuple[float | None] | None = None  # embed_text's parameter, asked once
-        self._detached: set[asyncio.Future] = set()  # Triton calls in flight (see _infer)
+        # Triton calls and streams in flight, abandoned ones included (see _infer, ask_stream)
+        self._detached: set[asyncio.Future] = set()
         # the supervisor's verdict (server/probe.py); None: ask Triton (see ready)
         self.readiness: Readiness | None = None
 
     @property
     def client(self) -> triton.InferenceServerClient:
         if self._client is None:
-            self._client = triton.InferenceServerClient(self.triton_url, channel_args=_triton_channel_args())
+            self._client = triton.InferenceServerClient(self.triton_url, channel_args=channel_args())
         return self._client
+
+    @property
+    def stream_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        """Triton's gRPC service on the streams' channel (opened on first use)."""
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.triton_url, options=channel_args())
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    @property
+    def in_flight(self) -> int:
+        """Triton calls and streams not finished yet, those whose callers went away included."""
+        return len(self._detached)
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
-        self._outputs.clear()
+        if self._channel is not None:
+            channel, self._channel, self._stub = self._channel, None, None
+            await channel.close()
+        self._io.clear()
         self._logit_scale = None
 
     async def reconnect(self) -> None:
@@ -369,13 +283,15 @@ class TritonEngine:
 
     # ---- calls -----------------------------------------------------------------------------
 
-    async def _model_outputs(self, model: str, timeout: float | None) -> frozenset[str]:
-        """The output names of ``model`` (asked once): timings exist only for the stages a mode runs
-        and only where python-backend models emit them, so requests ask for the ones it has."""
-        names = self._outputs.get(model)
+    async def _model_io(self, model: str, timeout: float | None) -> tuple[frozenset[str], frozenset[str]]:
+        """The input and output names of ``model`` (asked once): timings exist only for the stages a
+        mode runs and only where python-backend models emit them, so requests ask for the ones it
+        has; and a repository built before streaming has no ``REQUEST_ID`` to send."""
+        names = self._io.get(model)
         if names is None:
             metadata = await self.client.get_model_metadata(model, client_timeout=timeout)
-            names = self._outputs[model] = frozenset(o.name for o in metadata.outputs)
+            names = self._io[model] = (frozenset(i.name for i in metadata.inputs),
+                                       frozenset(o.name for o in metadata.outputs))
         return names
 
     async def _infer(self, model: str, inputs, outputs: Sequence[str] | None, timeout: float | None):
@@ -393,7 +309,7 @@ class TritonEngine:
         started = time.monotonic()
         try:
             if outputs:
-                available = await self._model_outputs(model, timeout)
+                _, available = await self._model_io(model, timeout)
                 outputs = [n for n in outputs if n in available or not T.is_timing(n)]
             requested = [triton.InferRequestedOutput(n) for n in outputs] if outputs else None
             call = asyncio.ensure_future(self.client.infer(model, inputs, outputs=requested))
@@ -408,7 +324,7 @@ class TritonEngine:
         except EngineError:
             raise
         except InferenceServerException as error:
-            raise _engine_error(error) from None
+            raise triton_error(error.message() or str(error), str(error.status())) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -425,27 +341,91 @@ class TritonEngine:
         if not call.cancelled():
             call.exception()
 
-    async def ask(self, q: Question, selection: Selection, timeout: float | None = None) -> Answer:
-        self._check_question(q)
-        inputs = [_bytes_input(T.IMAGE, [q.image]), _bytes_input(T.QUESTION, [q.question.encode()])]
+    def _ask_inputs(self, q: Question, selection: Selection) -> list[Input]:
+        inputs = [Input.text(T.IMAGE, [q.image]), Input.text(T.QUESTION, [q.question.encode()])]
         if q.options and q.options.strip():
-            inputs.append(_bytes_input(T.OPTIONS, [q.options.encode()]))
+            inputs.append(Input.text(T.OPTIONS, [q.options.encode()]))
         if selection.alpha is not None:
-            inputs.append(_scalar_input(T.ALPHA, selection.alpha, "FP32"))
+            inputs.append(Input.scalar(T.ALPHA, selection.alpha, "FP32"))
         g = q.generation
         for name, value, dtype in ((T.MAX_NEW_TOKENS, g.max_new_tokens, "INT32"),
                                    (T.TEMPERATURE, g.temperature, "FP32"), (T.TOP_P, g.top_p, "FP32"),
                                    (T.SEED, g.seed, "INT64")):
             if value is not None:
-                inputs.append(_scalar_input(name, value, dtype))
-        outputs = [T.ANSWER, T.CHOSEN_OPTION, T.OPTION_SCORES, *_TIMING_FIELDS]
+                inputs.append(Input.scalar(name, value, dtype))
+        return inputs
+
+    async def _io_or_error(self, model: str, timeout: float | None) -> tuple[frozenset[str], frozenset[str]]:
+        try:
+            return await self._model_io(model, timeout)
+        except InferenceServerException as error:
+            raise triton_error(error.message() or str(error), str(error.status())) from None
+        except Exception as error:  # connection refused, channel closed while Triton restarts
+            raise EngineError("unavailable", f"triton: not reachable at {self.triton_url} ({error})") from None
+
+    async def ask_stream(self, q: Question, selection: Selection,
+                         timeout: float | None = None) -> AsyncIterator[Delta | Answer]:
+        """One question, answered as the model writes it: a ``Delta`` per new piece of text, then
+        the whole ``Answer`` (always last). Read it to the end or close it (``contextlib.aclosing``).
+
+        The request carries a fresh ``REQUEST_ID``. When the caller stops reading early (it went
+        away, or closed the iterator) or ``timeout`` seconds pass first (``deadline_exceeded``),
+        the engine asks ``llm`` to cancel that sequence, which frees its batch slot, and reads the
+        abandoned Triton stream to its end in the background: a Triton call is never cancelled
+        (``triton_stream``). Validation errors come before anything reaches Triton.
+        """
+        self._check_question(q)
+        if timeout is not None and timeout <= 0:
+            raise EngineError("deadline_exceeded", "deadline: expired before the request reached Triton")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        model = T.vqa_model(selection.mode)
         started = time.perf_counter()
-        result = await self._infer(T.vqa_model(selection.mode), inputs, outputs, timeout)
-        scores = result.as_numpy(T.OPTION_SCORES)
-        return Answer(selection.mode, selection.alpha, _text(result.as_numpy(T.ANSWER)),
-                      _text(result.as_numpy(T.CHOSEN_OPTION)),
-                      [] if scores is None else [float(s) for s in np.asarray(scores).reshape(-1)],
-                      _timings(result, started))
+        inputs, available = await self._io_or_error(model, timeout)
+        request_id = uuid.uuid4().hex if T.REQUEST_ID in inputs else ""
+        request = self._ask_inputs(q, selection)
+        if request_id:
+            request.append(Input.text(T.REQUEST_ID, [request_id.encode()]))
+        outputs = [n for n in ASK_OUTPUTS if n in available]
+        stream = TritonStream(self.stream_stub, infer_request(model, request, outputs, request_id), self._detached,
+                              self.triton_url)
+        builder = AnswerBuilder(started)
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    response = await stream.next(left)
+                except TimeoutError:
+                    raise EngineError("deadline_exceeded", f"deadline: {model} did not finish within "
+                                                           f"{timeout:.3f} s") from None
+                if response is None:  # the RPC ended
+                    break
+                if response.error is not None:
+                    raise triton_error(response.error)
+                delta = builder.add(response.result)
+                if delta is not None:
+                    yield delta
+                if response.final:
+                    break
+        finally:
+            if not stream.done:  # the caller went away, its deadline passed, or an error came mid-stream
+                cancel = (lambda: send_cancel(self.stream_stub, request_id, self._detached, self.triton_url)) \
+                    if request_id else None
+                stream.abandon(on_late=cancel)  # a cancel sent before the sequence started is sent again
+                if cancel is not None:
+                    cancel()
+        if builder.error is not None:
+            raise model_error(*builder.error)
+        if builder.finish_reason == "cancelled":  # not by this caller: the server is stopping the sequence
+            raise EngineError("unavailable", f"llm: the sequence was cancelled by the server ({model}); retry")
+        yield builder.answer(selection.mode, selection.alpha)
+
+    async def ask(self, q: Question, selection: Selection, timeout: float | None = None) -> Answer:
+        """The whole answer (``ask_stream`` read to its end)."""
+        async with aclosing(self.ask_stream(q, selection, timeout)) as stream:
+            async for item in stream:
+                if isinstance(item, Answer):
+                    return item
+        raise EngineError("internal", f"{T.vqa_model(selection.mode)}: the stream ended without an answer")
 
     async def compare(self, q: Question, selections: Sequence[Selection], timeout: float | None = None) -> list[Answer]:
         """One image, several modes, answers in the order asked. A first wave computes every encoder
@@ -474,7 +454,7 @@ class TritonEngine:
             inputs.append(_scalar_input(T.ALPHA, selection.alpha, "FP32"))
         started = time.perf_counter()
         result = await self._infer(T.tokens_model(selection.mode), inputs,
-                                   [T.VISUAL_TOKENS, *_TIMING_FIELDS], timeout)
+                                   [T.VISUAL_TOKENS, *TIMING_FIELDS], timeout)
         tokens = np.ascontiguousarray(result.as_numpy(T.VISUAL_TOKENS)[0], dtype=np.float32)
         return Tokens(selection.mode, selection.alpha, tokens, _timings(result, started))
 
@@ -500,7 +480,7 @@ class TritonEngine:
             try:
                 response = await self.client.get_model_config(T.EMBED_TEXT, client_timeout=timeout)
             except InferenceServerException as error:
-                raise _engine_error(error) from None
+                raise triton_error(error.message() or str(error), str(error.status())) from None
             except Exception as error:  # connection refused, channel closed while Triton restarts
                 raise EngineError("unavailable", f"triton: not reachable at {self.triton_url} ({error})") from None
             parameter = response.config.parameters.get(T.LOGIT_SCALE_PARAMETER)

@@ -13,6 +13,10 @@ with the HTTP app on one asyncio loop. Every RPC
 * answers a request that does not parse (a string field that is not UTF-8, broken framing) with
   INVALID_ARGUMENT naming the field, where python grpc would say UNKNOWN (``_tolerant``).
 
+``AskStream`` writes the answer's text as it is generated, then one final ``AskResponse``; it holds
+its admission slot until the stream ends, and a client that cancels it (or whose deadline passes)
+ends the generation through the engine (which frees the sequence's batch slot in Triton).
+
 The request size limit is enforced twice: grpc itself rejects a message larger than
 ``max_message_bytes`` (the engine's image limit plus a margin) with RESOURCE_EXHAUSTED before it
 is read, and the engine rejects an image over ``Limits.max_image_bytes`` naming the field.
@@ -43,6 +47,8 @@ from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 from .admission import Admission, remaining, retry_after
 from .engine import (
     ERROR_CODES,
+    Answer,
+    Delta,
     Embeddings,
     EngineError,
     GenerationParams,
@@ -285,11 +291,16 @@ class MofServeServicer(pb_grpc.MofServeServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal: {type(error).__name__}: {error}")
         raise AssertionError("unreachable")  # context.abort raises
 
-    def _answer(self, answer, provenance: pb.Provenance) -> pb.AskResponse:
-        self.metrics.observe_stages(answer.mode.value, answer.timings)
+    def _answer(self, answer: Answer, provenance: pb.Provenance) -> pb.AskResponse:
+        self.metrics.observe_answer(TRANSPORT, answer)
+        usage = answer.usage
         response = pb.AskResponse(answer=answer.answer, chosen_option=answer.chosen_option,
                                   option_scores=answer.option_scores, timings=_timings(answer.timings),
-                                  mode=answer.mode.value, provenance=provenance)
+                                  mode=answer.mode.value, provenance=provenance,
+                                  usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
+                                                 completion_tokens=usage.completion_tokens,
+                                                 total_tokens=usage.total_tokens),
+                                  finish_reason=answer.finish_reason)
         alpha = self._alpha_used(Selection(answer.mode, answer.alpha))
         if alpha is not None:
             response.alpha = alpha
@@ -309,6 +320,25 @@ class MofServeServicer(pb_grpc.MofServeServicer):
             return self._answer(answer, self._provenance())
 
         return await self._serve(context, "Ask", _mode_label(request.mode), work)
+
+    async def AskStream(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> None:
+        """Writes a ``TokenDelta`` per piece of new text, then the final ``AskResponse``.
+
+        The slot (admission) is held until the last message; a client that goes away cancels this
+        handler, and closing the engine's stream then cancels the sequence in Triton."""
+        async def work(timeout: float | None) -> None:
+            selection = _selection(request.mode, _optional(request, "alpha"))
+            async with contextlib.aclosing(self.engine.ask_stream(self._question(request), selection,
+                                                                  timeout)) as stream:
+                async for item in stream:
+                    if isinstance(item, Delta):
+                        message = pb.AskStreamResponse(delta=pb.TokenDelta(
+                            text=item.text, completion_tokens=item.completion_tokens))
+                    else:
+                        message = pb.AskStreamResponse(final=self._answer(item, self._provenance()))
+                    await context.write(message)
+
+        await self._serve(context, "AskStream", _mode_label(request.mode), work)
 
     async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
         async def work(timeout: float | None) -> pb.CompareResponse:
@@ -408,9 +438,14 @@ def _add_servicer(servicer: MofServeServicer, server: grpc.aio.Server) -> None:
 
         return handle
 
-    handlers = {method.name: grpc.unary_unary_rpc_method_handler(
-        handler(method.name), request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
-        response_serializer=getattr(pb, method.output_type.name).SerializeToString) for method in service.methods}
+    handlers = {}
+    for method in service.methods:
+        # a server-streaming handler is a coroutine that writes with ``context.write``: a client that
+        # goes away cancels it wherever it waits, so its engine stream is closed at once
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(handler(method.name),
+                                     request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+                                     response_serializer=getattr(pb, method.output_type.name).SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 

@@ -7,6 +7,12 @@ wire format (parsing, responses, errors) lives in ``openai_protocol``; this modu
 enforces the HTTP-level limits (content type, body size), calls the engine, counts every request
 in ``FrontendMetrics`` and answers every failure in OpenAI's error shape. ``start_http`` binds it
 (loopback by default).
+
+``stream: true`` is served token by token as Server-Sent Events (``_stream``). Nothing is sent
+before the engine's first item (a delta or the whole answer), so an error up to then keeps its
+HTTP status and JSON body; one after that is an SSE ``error`` event that ends the stream. A client
+that disconnects cancels its handler (``handler_cancellation``), which closes the engine's stream:
+the sequence is cancelled in Triton and its batch slot freed, for plain requests too.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from mofserve.core.tensors import FusionMode
 
 from . import openai_protocol as P
 from .admission import Admission, remaining, retry_after
-from .engine import EngineError, TritonEngine
+from .engine import Answer, Delta, EngineError, TritonEngine
 from .metrics import CONTENT_TYPE, FrontendMetrics
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,8 @@ class _Frontend:
                     chat = await asyncio.to_thread(P.parse_chat_request, body, self.engine.limits)
                 else:
                     chat = P.parse_chat_request(body, self.engine.limits)
+                if chat.stream:
+                    return await self._stream(request, chat, outcome)
                 answer = await self.engine.ask(chat.question, chat.selection, timeout=remaining(request[_DEADLINE]))
             except P.ProtocolError as error:
                 outcome["status"] = _status_label(error.status)
@@ -134,24 +142,54 @@ class _Frontend:
                 if error.code == "internal":
                     log.warning("chat completion failed: %s", error.message)
                 return _error_response(P.from_engine_error(error, chat.params if chat else None))
-            self.metrics.observe_stages(answer.mode.value, answer.timings)
-            alpha = answer.alpha
-            if alpha is None and answer.mode is FusionMode.ADDITIVE:
-                alpha = self.engine.info.default_alpha
-            ident, created = P.completion_id(), int(time.time())
-            if not chat.stream:
-                return web.json_response(P.chat_completion(chat, answer, self.engine.info, ident=ident,
-                                                           created=created, alpha=alpha))
-            # The answer is complete before the first byte: errors above keep their HTTP status,
-            # and the stream carries the whole answer in one delta (see docs/api.md).
+            except asyncio.CancelledError:  # the client disconnected (its sequence is cancelled in Triton)
+                outcome["status"] = "cancelled"
+                raise
+            self.metrics.observe_answer("http", answer)
+            return web.json_response(P.chat_completion(chat, answer, self.engine.info, ident=P.completion_id(),
+                                                       created=int(time.time()), alpha=self._alpha(answer)))
+
+    def _alpha(self, answer: Answer) -> float | None:
+        """The alpha an additive answer used (the profile's default when the request gave none)."""
+        if answer.alpha is None and answer.mode is FusionMode.ADDITIVE:
+            return self.engine.info.default_alpha
+        return answer.alpha
+
+    async def _stream(self, request: web.Request, chat: P.ChatRequest, outcome: dict[str, str]) -> web.StreamResponse:
+        """``stream: true``: a ``chat.completion.chunk`` per piece of text as the model writes it.
+
+        The engine's first item is awaited before the response starts, so that errors up to then
+        (validation in Triton, the deadline, a busy or absent Triton) are raised to the caller and
+        keep their HTTP status. After that, an ``EngineError`` is sent as an SSE ``error`` event; a
+        client gone (a write fails) ends the handler. Leaving the ``aclosing`` block early closes
+        the engine's stream, which cancels the sequence in Triton."""
+        stream = self.engine.ask_stream(chat.question, chat.selection, timeout=remaining(request[_DEADLINE]))
+        async with contextlib.aclosing(stream):
+            item: Delta | Answer = await anext(stream)
+            chunks = P.ChunkStream(chat, ident=P.completion_id(), created=int(time.time()))
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
-            for chunk in P.chat_completion_chunks(chat, answer, self.engine.info, ident=ident, created=created,
-                                                  alpha=alpha):
-                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await response.write(b"data: [DONE]\n\n")
+            try:
+                await response.write(P.sse(chunks.start()))
+                while isinstance(item, Delta):
+                    await response.write(P.sse(chunks.content(item.text)))
+                    item = await anext(stream)
+                self.metrics.observe_answer("http", item)
+                for chunk in chunks.finish(item, self.engine.info, alpha=self._alpha(item)):
+                    await response.write(P.sse(chunk))
+                await response.write(P.SSE_DONE)
+            except EngineError as error:
+                outcome["status"] = error.code
+                if error.code == "internal":
+                    log.warning("chat completion stream failed: %s", error.message)
+                with contextlib.suppress(ConnectionError):
+                    await response.write(P.sse_error(P.from_engine_error(error, chat.params)))
+            except ConnectionError:  # the client went away mid-stream (the write failed)
+                outcome["status"] = "cancelled"
+                return response
+        with contextlib.suppress(ConnectionError):
             await response.write_eof()
-            return response
+        return response
 
     async def admitted_chat_completions(self, request: web.Request) -> web.StreamResponse:
         """``chat_completions`` under admission control: a slot (or a fast 429 with ``Retry-After``
@@ -284,7 +322,8 @@ async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 
     """Serve ``app`` on ``host:port`` (port 0: a free port); returns the runner (``await
     runner.cleanup()`` to stop: it stops listening, then gives in-flight requests up to
     ``shutdown_timeout_s``) and the bound port. ``ssl_context`` serves HTTPS."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s)
+    # handler_cancellation: a client that disconnects cancels its request (and so its sequence in Triton)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:

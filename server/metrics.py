@@ -1,8 +1,9 @@
 """Prometheus metrics of the front-end (both transports share one registry).
 
 Triton's own metrics stay on Triton's metrics port; these say what users saw: requests by
-method, mode and status, end-to-end latency, the per-stage breakdown reported by the ensembles,
-and requests in flight.
+method, mode and status, end-to-end latency, the per-stage breakdown reported by the ensembles
+(the language model's queue, prefill and decode included), the time to the first token, tokens
+read and written, and requests in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-STAGES = ("preprocess", "clip", "dinov2", "fusion", "llm")
+STAGES = ("preprocess", "clip", "dinov2", "fusion", "llm", "llm_queue", "prefill", "decode")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -28,6 +29,11 @@ class FrontendMetrics:
                                  ["transport", "method", "mode"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.stages = Histogram("mofserve_stage_seconds", "Per-stage time reported by the Triton ensembles",
                                 ["stage", "mode"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.first_token = Histogram("mofserve_time_to_first_token_seconds", "Time from the front-end's call "
+                                     "to the first generated token, by transport and mode", ["transport", "mode"],
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("mofserve_tokens", "Tokens the language model read (prompt) and wrote "
+                              "(completion) for answered questions, by mode", ["mode", "kind"], registry=self.registry)
         self.in_flight = Gauge("mofserve_in_flight_requests", "Requests being served now", ["transport"],
                                registry=self.registry)
         # admission control (server/admission.py): both transports share one queue
@@ -66,6 +72,15 @@ class FrontendMetrics:
             value = getattr(timings, f"{stage}_ms", 0.0)
             if value > 0:
                 self.stages.labels(stage, mode).observe(value / 1e3)
+
+    def observe_answer(self, transport: str, answer) -> None:
+        """Record an ``Answer``: its stages, its time to the first token and its token counts."""
+        mode = answer.mode.value
+        self.observe_stages(mode, answer.timings)
+        if answer.timings.time_to_first_token_ms > 0:
+            self.first_token.labels(transport, mode).observe(answer.timings.time_to_first_token_ms / 1e3)
+        self.tokens.labels(mode, "prompt").inc(answer.usage.prompt_tokens)
+        self.tokens.labels(mode, "completion").inc(answer.usage.completion_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,8 +2,9 @@
 
 Pure functions, no I/O: ``parse_chat_request`` turns a decoded JSON body into the engine's
 typed request (``Question`` + ``Selection``) or raises ``ProtocolError`` naming the field;
-``chat_completion`` / ``chat_completion_chunks`` / ``model_list`` build the responses;
-``error_body`` and ``from_engine_error`` give OpenAI's error shape. ``http_api`` does the serving.
+``chat_completion`` / ``ChunkStream`` (the ``chat.completion.chunk`` objects of a streamed answer,
+as Server-Sent Events with ``sse``) / ``model_list`` build the responses; ``error_body`` and
+``from_engine_error`` give OpenAI's error shape. ``http_api`` does the serving.
 
 Decisions (docs/api.md, "HTTP (OpenAI-compatible)"):
 - ``model`` names the fusion mode: ``mofserve-<mode>`` or the bare mode name; else 404.
@@ -411,9 +412,9 @@ def mofserve_extension(answer: Answer, info: ServingInfo, *, alpha: float | None
     }
 
 
-def usage() -> dict[str, int]:
-    """Token counts: the ensembles do not report them yet, so all are zero (documented)."""
-    return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+def usage(answer: Answer) -> dict[str, int]:
+    """OpenAI's ``usage``: the tokens the language model read (visual tokens included) and wrote."""
+    return answer.usage.as_dict()
 
 
 def chat_completion(request: ChatRequest, answer: Answer, info: ServingInfo, *, ident: str,
@@ -429,30 +430,63 @@ def chat_completion(request: ChatRequest, answer: Answer, info: ServingInfo, *, 
             "index": 0,
             "message": {"role": "assistant", "content": answer.answer, "refusal": None},
             "logprobs": None,
-            "finish_reason": "stop",
+            "finish_reason": answer.finish_reason,
         }],
-        "usage": usage(),
+        "usage": usage(answer),
         "mofserve": mofserve_extension(answer, info, alpha=alpha, warnings=request.warnings),
     }
 
 
-def chat_completion_chunks(request: ChatRequest, answer: Answer, info: ServingInfo, *, ident: str,
-                           created: int, alpha: float | None) -> list[dict[str, Any]]:
-    """The ``chat.completion.chunk`` objects of a streamed answer: the role, the whole answer in one
-    delta, the finish reason (with the ``mofserve`` extension) and, if asked, the usage chunk."""
+class ChunkStream:
+    """The ``chat.completion.chunk`` objects of one streamed answer, in OpenAI's order: ``start``
+    (the role), a ``content`` chunk per piece of text as it is generated, then ``finish`` (an
+    empty delta with the finish reason and the ``mofserve`` extension, and, when the request set
+    ``stream_options.include_usage``, a last chunk with no choices and the ``usage``; every other
+    chunk then carries ``"usage": null``, as OpenAI's do)."""
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-                **extra}
+    def __init__(self, request: ChatRequest, *, ident: str, created: int) -> None:
+        self.request = request
+        self.ident = ident
+        self.created = created
 
-    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": answer.answer}),
-              chunk({}, "stop", mofserve=mofserve_extension(answer, info, alpha=alpha, warnings=request.warnings))]
-    if request.include_usage:
-        chunks.append({"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model,
-                       "system_fingerprint": None, "choices": [], "usage": usage()})
-    return chunks
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        chunk = {"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.request.model, "system_fingerprint": None, "choices": choices}
+        if self.request.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return chunk
+
+    def _choice(self, delta: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+
+    def start(self) -> dict[str, Any]:
+        return self._chunk(self._choice({"role": "assistant", "content": ""}))
+
+    def content(self, text: str) -> dict[str, Any]:
+        return self._chunk(self._choice({"content": text}))
+
+    def finish(self, answer: Answer, info: ServingInfo, *, alpha: float | None) -> list[dict[str, Any]]:
+        extension = mofserve_extension(answer, info, alpha=alpha, warnings=self.request.warnings)
+        chunks = [self._chunk(self._choice({}, answer.finish_reason), mofserve=extension)]
+        if self.request.include_usage:
+            chunks.append(self._chunk([], usage=usage(answer)))
+        return chunks
+
+
+#: The last event of a successful stream.
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(chunk: dict[str, Any]) -> bytes:
+    """One Server-Sent Event carrying ``chunk`` as JSON."""
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def sse_error(error: ProtocolError) -> bytes:
+    """An error after the stream began (its HTTP status is already 200): an ``error`` event with
+    OpenAI's error body, which the ``openai`` client raises as ``APIError``; no ``[DONE]`` follows."""
+    return b"event: error\ndata: " + json.dumps(error_body(error)).encode() + b"\n\n"
 
 
 def model_card(mode: FusionMode, info: ServingInfo, created: int) -> dict[str, Any]:

@@ -216,6 +216,27 @@ def test_callers_that_give_up_free_their_slots(busy):
                           timeout=60).chosen_option in {"a", "b"}
 
 
+def test_a_stream_holds_its_slot_until_it_ends_and_a_vanished_client_frees_it(busy):
+    """AskStream and an SSE chat completion are admitted like Ask: the slot is theirs until the last
+    message; a streaming client that goes away gives it back."""
+    with MofServeClient(busy.grpc, retries=False) as client:
+        stream = client.ask_stream(IMAGE, QUESTION, mode="clip", max_new_tokens=SLOW_TOKENS, timeout=60)
+        next(stream)
+        assert busy.admission.executing == MAX_IN_FLIGHT  # mid-stream: the one slot is held
+        with MofServeClient(busy.grpc, retries=False) as other, pytest.raises(MofServeError) as caught:
+            other.ask(IMAGE, QUESTION, mode="clip", max_new_tokens=2, timeout=0.2)  # queued behind it
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        items = list(stream)
+        assert items[-1].usage.completion_tokens == SLOW_TOKENS
+        _wait_idle(busy.admission)
+        stream = client.ask_stream(IMAGE, QUESTION, mode="clip", max_new_tokens=SLOW_TOKENS, timeout=60)
+        next(stream)
+        stream.close()  # the client goes away mid-stream
+        _wait_idle(busy.admission)
+    status, _, body = _post(busy.http, json.dumps({**chat_body(), "stream": False}).encode())
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
 def test_health_and_server_info_bypass_admission(busy, loop_thread):
     import urllib.request
 

@@ -1,5 +1,6 @@
 """The gRPC front-end on the real Triton (tiny profile): the MofServe service through the sync and
-async clients and through raw stubs, health, reflection, deadlines, bad input and metrics.
+async clients and through raw stubs (AskStream's token stream included), health, reflection,
+deadlines, bad input and metrics.
 
 The server runs on ``loop_thread``'s loop (as in ``mofserve serve``); calls come from this thread.
 """
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from mofserve.clients import AsyncMofServeClient, MofServeClient, MofServeError
+from mofserve.clients import AskResult, AsyncMofServeClient, MofServeClient, MofServeError, TokenDelta
 from mofserve.core import tensors as T
 from mofserve.core.tensors import FusionMode
 from mofserve.server.grpc_service import HEALTH_SERVICE_NAME, SERVICE_NAME
@@ -166,6 +167,97 @@ def test_ask_command_prints_a_table_and_the_notice(served, tmp_path, capsys):
     assert "INVALID_ARGUMENT: alpha:" in capsys.readouterr().err
 
 
+# ---- AskStream ---------------------------------------------------------------------------------
+
+
+def test_ask_stream_yields_deltas_then_a_final_whose_answer_is_their_text(client):
+    items = list(client.ask_stream(IMAGE, QUESTION, options=OPTIONS, mode="clip", max_new_tokens=8))
+    deltas, final = items[:-1], items[-1]
+    assert len(deltas) >= 2 and all(isinstance(d, TokenDelta) and d.text for d in deltas)
+    assert isinstance(final, AskResult) and final.answer == "".join(d.text for d in deltas)
+    counts = [d.completion_tokens for d in deltas]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] <= final.usage.completion_tokens
+    usage = final.usage
+    # the prompt holds the 256 visual tokens of the clip mode and the question's text tokens
+    assert usage.prompt_tokens > T.token_count("clip", 256) and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # the tiny LM's random weights never emit EOS: every answer runs to max_new_tokens
+    assert (final.finish_reason, usage.completion_tokens) == ("length", 8)
+    assert final.chosen_option in {"a", "b"} and len(final.option_scores) == 2 and final.notice == NOTICE
+    t = final.timings
+    assert t.prefill_ms > 0 and t.decode_ms > 0 and t.llm_queue_ms >= 0 and t.llm_ms >= t.prefill_ms
+    assert t.preprocess_ms > 0 and t.clip_ms >= 0 and t.dinov2_ms == 0  # clip mode runs no DINOv2
+    assert 0 < t.time_to_first_token_ms <= t.total_ms
+
+
+def test_ask_and_ask_stream_give_the_same_answer_and_usage(client):
+    kwargs = dict(options=OPTIONS, mode="interleaved", max_new_tokens=6)
+    unary = client.ask(IMAGE, QUESTION, **kwargs)
+    streamed = list(client.ask_stream(IMAGE, QUESTION, **kwargs))[-1]
+    assert (streamed.answer, streamed.chosen_option, streamed.usage, streamed.finish_reason) == (
+        unary.answer, unary.chosen_option, unary.usage, unary.finish_reason)
+    np.testing.assert_allclose(streamed.option_scores, unary.option_scores, atol=1e-6)
+    assert unary.usage.completion_tokens == 6 and unary.usage.prompt_tokens > T.token_count("interleaved", 256)
+    compared = client.compare(IMAGE, QUESTION, options=OPTIONS, modes=["interleaved"], max_new_tokens=6)[0]
+    assert (compared.usage, compared.finish_reason) == (unary.usage, unary.finish_reason)
+
+
+def test_ask_stream_through_raw_stubs_and_the_async_client(stub, served, loop_thread):
+    messages = list(stub.AskStream(pb.AskRequest(image=IMAGE, question=QUESTION, mode="dinov2",
+                                                 generation=pb.GenerationParams(max_new_tokens=4)), timeout=60))
+    assert [m.WhichOneof("event") for m in messages[:-1]] == ["delta"] * (len(messages) - 1)
+    final = messages[-1].final
+    assert messages[-1].WhichOneof("event") == "final" and final.usage.completion_tokens == 4
+    assert final.answer == "".join(m.delta.text for m in messages[:-1]) and final.finish_reason == "length"
+
+    async def go():
+        async with AsyncMofServeClient(served.target, timeout=60) as c:
+            return [item async for item in c.ask_stream(IMAGE, QUESTION, mode="clip", max_new_tokens=3)]
+
+    items = loop_thread.run(go())
+    assert isinstance(items[-1], AskResult) and items[-1].usage.completion_tokens == 3
+    assert items[-1].answer == "".join(i.text for i in items[:-1])
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (dict(question=" "), "question:"),  # the front-end's check
+    (dict(image=b"\x89PNG\r\n\x1a\n" + b"garbage" * 20), "image:"),  # Triton's preprocess, through the stream
+    (dict(mode="clip", alpha=0.5), "alpha:"),
+])
+def test_ask_stream_bad_input_fails_before_any_message(stub, overrides, field):
+    request = {**dict(image=IMAGE, question=QUESTION, options=OPTIONS, mode="interleaved"), **overrides}
+    call = stub.AskStream(pb.AskRequest(**request), timeout=30)
+    with pytest.raises(grpc.RpcError) as error:
+        next(call)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    assert error.value.details().startswith(field), error.value.details()
+
+
+def test_ask_stream_deadline_mid_stream_ends_it_and_the_server_goes_on(client):
+    got: list = []
+    with pytest.raises(MofServeError) as error:
+        for item in client.ask_stream(fresh_image(), QUESTION, max_new_tokens=512, timeout=0.3):
+            got.append(item)
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not any(isinstance(i, AskResult) for i in got)
+    assert list(client.ask_stream(IMAGE, QUESTION, max_new_tokens=2))[-1].usage.completion_tokens == 2
+
+
+def test_ask_command_streams_tokens_then_the_table(served, tmp_path, capsys):
+    from mofserve.cli import main
+
+    image = tmp_path / "card.png"
+    image.write_bytes(IMAGE)
+    assert main(["ask", "--image", str(image), "--question", QUESTION, "--server", served.target,
+                 "--max-new-tokens", "5", "--mode", "clip", "--stream"]) == 0
+    out = capsys.readouterr().out
+    # the streamed text (random weights: any characters, newlines too), then the table
+    table = out[out.rindex("\nmode ") + 1:].split("\n")
+    header = table[0].split()
+    assert header[:2] == ["mode", "option"] and "tokens" in header and "finish" in header
+    assert table[1].startswith("clip") and " length " in table[1] and "+5 " in table[1]
+
+
 # ---- health, reflection, deadlines -------------------------------------------------------------
 
 
@@ -287,6 +379,7 @@ def test_oversize_requests_are_resource_exhausted(client, engine):
 
 def test_requests_are_counted_by_method_mode_and_status(client, metrics):
     client.ask(IMAGE, QUESTION, mode="clip", max_new_tokens=2)
+    list(client.ask_stream(IMAGE, QUESTION, mode="clip", max_new_tokens=2))
     with pytest.raises(MofServeError):
         client.ask(IMAGE, QUESTION, mode="bogus")
     text = metrics.exposition().decode()
@@ -297,3 +390,8 @@ def test_requests_are_counted_by_method_mode_and_status(client, metrics):
     assert any('method="Ask"' in line and 'mode="invalid"' in line and 'status="invalid_argument"' in line
                for line in text.splitlines() if line.startswith("mofserve_requests_total{"))
     assert 'mofserve_stage_seconds_count{mode="clip",stage="llm"}' in text
+    assert 'mofserve_stage_seconds_count{mode="clip",stage="prefill"}' in text
+    assert 'mofserve_time_to_first_token_seconds_count{mode="clip",transport="grpc"}' in text
+    assert any(line.startswith('mofserve_tokens_total{kind="completion",mode="clip"}') for line in text.splitlines())
+    assert any('method="AskStream"' in line and 'status="ok"' in line
+               for line in text.splitlines() if line.startswith("mofserve_requests_total{"))

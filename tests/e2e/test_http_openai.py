@@ -84,8 +84,10 @@ def test_chat_completion_in_every_mode(client, mode):
     assert completion.model == f"mofserve-{mode.value}"
     choice = completion.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
-    assert choice.finish_reason == "stop"
-    assert completion.usage.total_tokens == 0
+    assert choice.finish_reason == "length"  # the tiny LM's random weights never emit EOS
+    usage = completion.usage
+    assert usage.completion_tokens == 6 and usage.prompt_tokens > 256  # visual + text tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     ext = completion.model_extra["mofserve"]
     assert ext["mode"] == mode.value and ext["random_weights"] is True and "not meaningful" in ext["notice"]
     assert ext["chosen_option"] in ("a", "b") and len(ext["option_scores"]) == 2
@@ -105,16 +107,65 @@ def test_additive_default_alpha_and_system_message(client, tiny_profile):
     assert any("system message ignored" in w for w in ext["warnings"])
 
 
-def test_streaming_with_the_client(client):
-    stream = client.chat.completions.create(model="mofserve-interleaved", messages=user_message(), max_tokens=4,
+def test_streaming_with_the_client_token_by_token_with_usage(client):
+    stream = client.chat.completions.create(model="mofserve-interleaved", messages=user_message(), max_tokens=8,
                                             stream=True, stream_options={"include_usage": True},
                                             extra_body={"options": OPTIONS})
     chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    contents = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert len(contents) >= 2  # the answer arrives in pieces, as it is generated
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "stop"
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
     assert finals[0].model_extra["mofserve"]["chosen_option"] in ("a", "b")
-    assert isinstance(text, str) and chunks[-1].usage is not None and not chunks[-1].choices
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == 8
+    assert all(c.usage is None for c in chunks[:-1])
+    whole = client.chat.completions.create(model="mofserve-interleaved", messages=user_message(), max_tokens=8,
+                                           extra_body={"options": OPTIONS})
+    assert "".join(contents) == whole.choices[0].message.content  # greedy: the same answer
+    assert chunks[-1].usage == whole.usage  # non-stream usage equals the stream's
+
+
+def sse_frames(port: int, body: dict, headers: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """POSTs ``body`` and splits the response into its Server-Sent Events, as they arrived."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        raw = response.read().decode()
+        return response.status, ([f for f in raw.split("\n\n") if f] if response.status == 200 else [raw])
+    finally:
+        connection.close()
+
+
+def test_sse_wire_format_without_usage(port):
+    status, frames = sse_frames(port, chat_body(stream=True, max_tokens=5))
+    assert status == 200 and frames[-1] == "data: [DONE]"
+    chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["mofserve"]["mode"] == "clip"
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) >= 2
+
+
+def test_stream_errors_before_the_first_chunk_keep_their_status(port):
+    bad = chat_body(stream=True, messages=user_message(url=data_url(b"this is not an image")))
+    status, frames = sse_frames(port, bad)
+    payload = error_of(status, frames[0].encode(), 400)
+    assert payload["message"].startswith("image:") and payload["param"] == "messages[0].content[1].image_url.url"
+
+
+def test_an_error_after_the_stream_began_is_an_error_event(port):
+    # 512 tokens take well over a second; the deadline passes after the first chunks
+    status, frames = sse_frames(port, chat_body(stream=True, max_tokens=512), {"X-Request-Timeout": "1.0"})
+    assert status == 200 and frames[0].startswith("data: ")
+    assert "data: [DONE]" not in frames
+    event, data = frames[-1].split("\n")
+    assert event == "event: error"
+    error = json.loads(data.removeprefix("data: "))["error"]
+    assert error["code"] == "deadline_exceeded" and error["message"].startswith("deadline:")
 
 
 def test_models_list(client):
@@ -208,7 +259,7 @@ def test_healthz(port):
 
 def test_still_serving_after_bad_requests(client):
     completion = client.chat.completions.create(model="mofserve-dinov2", messages=user_message(), max_tokens=2)
-    assert completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 2
 
 
 def test_metrics_after_traffic(port):

@@ -1,11 +1,18 @@
 """The ``vqa_<mode>`` ensembles (preprocess -> encoders -> fuse -> llm) served by the real
 tritonserver on the tiny profile, checked against the in-process ``VisualLanguageModel`` fed
 with the visual tokens that ``tokens_<mode>`` returns. Random weights: answers are arbitrary
-text, so the checks are on equality, shape and form, never on content."""
+text, so the checks are on equality, shape and form, never on content.
+
+The ``llm`` model streams (decoupled), so every request goes through Triton's streaming gRPC
+(``ModelStreamInfer``), one row per request, read to the response Triton flags as final: a
+response per generated token (``TEXT_DELTA``), then the whole answer (core/tensors.py).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import queue
+import re
 
 import numpy as np
 import pytest
@@ -57,17 +64,58 @@ def scalar_input(name: str, value, dtype: str):
     return tensor
 
 
+class Streamed:
+    """The responses to one streamed request, in order; ``as_numpy`` gives an output's latest value."""
+
+    def __init__(self, results: list) -> None:
+        self.results = results
+
+    def as_numpy(self, name: str):
+        for result in reversed(self.results):
+            value = result.as_numpy(name)
+            if value is not None:
+                return value
+        return None
+
+    @property
+    def deltas(self) -> list[str]:
+        values = (r.as_numpy(T.TEXT_DELTA) for r in self.results)
+        return [v[0, 0].decode("utf-8") for v in values if v is not None]
+
+
+def stream(client, model: str, inputs, outputs=None) -> Streamed:
+    """One request on its own stream, read to its final response (an error response raises)."""
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(model, inputs, outputs=outputs, enable_empty_final_response=True)
+        results = []
+        while True:
+            result, error = responses.get(timeout=120)
+            if error is not None:
+                raise error
+            results.append(result)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return Streamed(results)
+    finally:
+        client.stop_stream()  # half-closes and waits for the stream's end: a Triton stream is never cancelled
+
+
 def ask(client, mode: str, image: bytes, question: str = QUESTION, options: str | None = OPTIONS, **scalars):
     inputs = [text_input(T.IMAGE, [image]), text_input(T.QUESTION, [question.encode()])]
     if options is not None:
         inputs.append(text_input(T.OPTIONS, [options.encode()]))
     dtypes = {T.MAX_NEW_TOKENS: "INT32", T.TEMPERATURE: "FP32", T.TOP_P: "FP32", T.SEED: "INT64", T.ALPHA: "FP32"}
     inputs += [scalar_input(name, value, dtypes[name]) for name, value in scalars.items()]
-    return client.infer(f"vqa_{mode}", inputs)
+    return stream(client, f"vqa_{mode}", inputs)
 
 
-def answer_text(result, row: int = 0) -> str:
-    return result.as_numpy(T.ANSWER)[row, 0].decode("utf-8")
+def answer_text(result) -> str:
+    return result.as_numpy(T.ANSWER)[0, 0].decode("utf-8")
+
+
+def upstream_timings(result) -> dict[str, float]:
+    return dict(zip(T.UPSTREAM_STAGES, result.as_numpy(T.UPSTREAM_TIMINGS)[0].tolist(), strict=True))
 
 
 def served_tokens(client, mode: str, image: bytes, alpha: float | None = None) -> np.ndarray:
@@ -79,16 +127,21 @@ def served_tokens(client, mode: str, image: bytes, alpha: float | None = None) -
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_vqa_answers_with_a_letter_two_scores_and_every_stage_timing(client, photos, mode):
+def test_vqa_streams_tokens_then_a_letter_two_scores_and_every_stage_timing(client, photos, mode):
     result = ask(client, mode, photos[0], MAX_NEW_TOKENS=8)
-    assert isinstance(answer_text(result), str)
+    assert len(result.results) >= 2 and answer_text(result) == "".join(result.deltas)
     assert result.as_numpy(T.CHOSEN_OPTION)[0, 0].decode() in {"a", "b"}
     scores = result.as_numpy(T.OPTION_SCORES)
     assert scores.shape == (1, 2) and np.all(np.isfinite(scores)) and np.all(scores <= 0)
-    for name in (T.TIMING_PREPROCESS, *ENCODER_TIMINGS[mode], T.TIMING_FUSION, T.TIMING_LLM):
-        timing = result.as_numpy(name)
-        assert timing.shape == (1, 1) and timing[0, 0] >= 0, name
-    assert result.as_numpy(T.TIMING_LLM)[0, 0] > 0
+    upstream = upstream_timings(result)  # echoed by llm: a streaming ensemble outputs only its last step's tensors
+    for name in (T.TIMING_PREPROCESS, *ENCODER_TIMINGS[mode], T.TIMING_FUSION):
+        assert upstream[name] >= 0, name
+    assert all(np.isnan(v) for n, v in upstream.items() if n not in (T.TIMING_PREPROCESS, T.TIMING_FUSION,
+                                                                     *ENCODER_TIMINGS[mode]))
+    for name in (T.TIMING_LLM, T.TIMING_PREFILL, T.TIMING_DECODE):
+        assert result.as_numpy(name)[0, 0] > 0, name
+    assert result.as_numpy(T.FINISH_REASON)[0, 0] == b"length"  # random weights never emit EOS
+    assert result.as_numpy(T.COMPLETION_TOKENS)[0, 0] == 8
     # the visual tokens never leave Triton on this path
     outputs = {o.name for o in client.get_model_metadata(f"vqa_{mode}").outputs}
     assert T.VISUAL_TOKENS not in outputs and T.CLIP_FEATURES not in outputs and T.DINO_FEATURES not in outputs
@@ -100,6 +153,8 @@ def test_served_answer_equals_the_in_process_model_on_the_served_tokens(client, 
     result = ask(client, mode, image)  # the profile's default max_new_tokens, greedy
     want = vlm.answer(served_tokens(client, mode, image), QUESTION, OPTIONS)
     assert answer_text(result) == want.text
+    assert result.as_numpy(T.PROMPT_TOKENS)[0, 0] == want.prompt_tokens
+    assert result.as_numpy(T.COMPLETION_TOKENS)[0, 0] == want.generated_tokens
     assert result.as_numpy(T.CHOSEN_OPTION)[0, 0].decode() == want.chosen_option
     np.testing.assert_allclose(result.as_numpy(T.OPTION_SCORES)[0], want.option_scores, atol=1e-4)
 
@@ -136,23 +191,27 @@ def test_the_same_seed_samples_the_same_answer_through_the_server(client, vlm, p
     (T.OPTIONS, "Left or right", "BYTES", "options: expected MMVP-style '\\(a\\) ... \\(b\\) ...'"),
 ])
 def test_a_bad_value_fails_only_its_request_naming_the_field(client, photos, name, value, dtype, field):
+    """The llm model's errors travel as data on its final response (a stream's error keeps no status code)."""
     kwargs = {"options": value} if name == T.OPTIONS else {name: value}
-    with pytest.raises(InferenceServerException, match=field) as error:
-        ask(client, "clip", photos[0], **kwargs)
-    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    result = ask(client, "clip", photos[0], **kwargs)
+    assert result.as_numpy(T.FINISH_REASON)[0, 0] == b"error"
+    assert result.as_numpy(T.ERROR_CODE)[0, 0] == b"invalid_argument"
+    assert re.match(field, result.as_numpy(T.ERROR_MESSAGE)[0, 0].decode())
     assert answer_text(ask(client, "clip", photos[0], MAX_NEW_TOKENS=2)) is not None
 
 
-def test_rows_of_one_request_are_answered_each_as_if_alone(client, photos):
-    images, questions = photos[:2], [QUESTION.encode(), b"What color is the sky?"]
-    both = client.infer("vqa_dinov2", [text_input(T.IMAGE, images), text_input(T.QUESTION, questions),
-                                       text_input(T.OPTIONS, [OPTIONS.encode(), b""])])
-    scores = both.as_numpy(T.OPTION_SCORES)
-    assert scores.shape == (2, 2) and np.all(np.isnan(scores[1]))  # the row without options is padded
-    assert [c[0] for c in both.as_numpy(T.CHOSEN_OPTION)][1] == b""
-    alone = [ask(client, "dinov2", images[0]), ask(client, "dinov2", images[1], questions[1].decode(), None)]
-    assert [answer_text(both, 0), answer_text(both, 1)] == [answer_text(r) for r in alone]
-    np.testing.assert_allclose(scores[0], alone[0].as_numpy(T.OPTION_SCORES)[0], atol=1e-5)
+def test_an_image_the_pipeline_cannot_decode_is_an_error_response_naming_it(client):
+    with pytest.raises(InferenceServerException, match="image:"):
+        ask(client, "clip", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+
+
+def test_a_request_holds_one_sequence(client, photos):
+    """A stream is one sequence: two rows in one request are refused (send two requests)."""
+    both = stream(client, "vqa_dinov2", [text_input(T.IMAGE, photos[:2]),
+                                         text_input(T.QUESTION, [QUESTION.encode(), b"What color is the sky?"])])
+    assert both.as_numpy(T.FINISH_REASON)[0, 0] == b"error"
+    assert both.as_numpy(T.ERROR_CODE)[0, 0] == b"invalid_argument"
+    assert "one sequence per request" in both.as_numpy(T.ERROR_MESSAGE)[0, 0].decode()
 
 
 def test_concurrent_requests_all_succeed_with_the_answer_they_get_alone(tiny_triton, client, photos):

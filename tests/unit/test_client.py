@@ -136,3 +136,33 @@ def test_embed_text_request_wants_a_list_and_results_decode():
     assert result.logit_scale is None and result.provenance.profile == "tiny"
     message.logit_scale = 100.0
     assert TextEmbedResult.from_proto(message).logit_scale == 100.0
+
+
+def test_stream_messages_become_deltas_then_the_result():
+    from mofserve.clients import TokenDelta, Usage
+    from mofserve.clients.results import stream_item
+
+    assert stream_item(pb.AskStreamResponse(delta=pb.TokenDelta(text="Le", completion_tokens=1))) == TokenDelta("Le", 1)
+    final = stream_item(pb.AskStreamResponse(final=pb.AskResponse(
+        answer="Left", mode="clip", finish_reason="length",
+        usage=pb.Usage(prompt_tokens=300, completion_tokens=2, total_tokens=302),
+        timings=pb.StageTimings(prefill_ms=4, time_to_first_token_ms=9))))
+    assert isinstance(final, AskResult) and final.answer == "Left" and final.finish_reason == "length"
+    assert final.usage == Usage(300, 2, 302)
+    assert (final.timings.prefill_ms, final.timings.time_to_first_token_ms) == (4, 9)
+    assert json.loads(json.dumps(final.to_dict()))["usage"]["total_tokens"] == 302
+
+
+def test_ask_stream_flag_and_the_table_says_tokens_and_finish_reason(capsys):
+    from mofserve.clients.cli import run_ask
+
+    args = build_parser().parse_args(["ask", "--image", "x.png", "--question", "Q?", "--stream"])
+    assert args.stream and not args.compare
+    both = build_parser().parse_args(["ask", "--image", "x.png", "--question", "Q?", "--stream", "--compare", "clip"])
+    assert run_ask(both) == 2 and "--stream" in capsys.readouterr().err
+    from mofserve.clients import Usage
+
+    row = AskResult("Left", "a", [-1.0, -2.0], Timings(), "clip", None, Provenance(), Usage(300, 2, 302), "length")
+    table = format_table([row]).splitlines()
+    assert table[0].split()[-3:] == ["tokens", "finish", "answer"]
+    assert table[1].split()[-3:] == ["300+2", "length", "Left"]

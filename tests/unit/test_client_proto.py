@@ -24,18 +24,27 @@ METHODS = {
     "EmbedText": ("EmbedTextRequest", "EmbedTextResponse"),
     "GetServerInfo": ("GetServerInfoRequest", "ServerInfo"),
 }
+STREAMING = {"AskStream": ("AskRequest", "AskStreamResponse")}  # server-streaming
 
 
-def test_descriptor_has_the_service_and_its_unary_methods():
+def test_descriptor_has_the_service_and_its_methods():
     assert pb.DESCRIPTOR.package == "mofserve.v1"
     service = pb.DESCRIPTOR.services_by_name["MofServe"]
     assert service.full_name == "mofserve.v1.MofServe"
-    assert set(service.methods_by_name) == set(METHODS)
-    for name, (request, response) in METHODS.items():
+    assert set(service.methods_by_name) == set(METHODS) | set(STREAMING)
+    for name, (request, response) in {**METHODS, **STREAMING}.items():
         method = service.methods_by_name[name]
         assert (method.input_type.name, method.output_type.name) == (request, response)
-        assert not method.client_streaming and not method.server_streaming
+        assert not method.client_streaming and method.server_streaming == (name in STREAMING)
     assert hasattr(pb_grpc, "MofServeStub") and hasattr(pb_grpc, "add_MofServeServicer_to_server")
+
+
+def test_ask_stream_messages_are_deltas_then_one_final_answer():
+    event = pb.AskStreamResponse.DESCRIPTOR.oneofs_by_name["event"]
+    assert [f.name for f in event.fields] == ["delta", "final"]
+    assert pb.AskStreamResponse(delta=pb.TokenDelta(text="Le", completion_tokens=1)).WhichOneof("event") == "delta"
+    final = pb.AskStreamResponse(final=pb.AskResponse(answer="Left", finish_reason="stop"))
+    assert final.WhichOneof("event") == "final" and final.final.answer == "Left"
 
 
 @pytest.mark.parametrize(("message", "field"), [
@@ -52,9 +61,12 @@ def test_optional_scalars_tell_unset_from_zero(message, field):
 
 def test_ask_response_carries_answer_option_timings_and_provenance():
     fields = set(pb.AskResponse.DESCRIPTOR.fields_by_name)
-    assert {"answer", "chosen_option", "option_scores", "timings", "mode", "alpha", "provenance"} <= fields
+    assert {"answer", "chosen_option", "option_scores", "timings", "mode", "alpha", "provenance", "usage",
+            "finish_reason"} <= fields
     assert set(pb.StageTimings.DESCRIPTOR.fields_by_name) == {
-        "preprocess_ms", "encoders_ms", "clip_ms", "dinov2_ms", "fusion_ms", "llm_ms", "total_ms"}
+        "preprocess_ms", "encoders_ms", "clip_ms", "dinov2_ms", "fusion_ms", "llm_ms", "total_ms", "llm_queue_ms",
+        "prefill_ms", "decode_ms", "time_to_first_token_ms"}
+    assert set(pb.Usage.DESCRIPTOR.fields_by_name) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert {"profile", "random_weights", "notice", "model_versions"} == set(pb.Provenance.DESCRIPTOR.fields_by_name)
 
 

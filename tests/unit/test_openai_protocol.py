@@ -11,7 +11,7 @@ from PIL import Image
 
 from mofserve.core.tensors import FusionMode
 from mofserve.server import openai_protocol as P
-from mofserve.server.engine import Answer, EngineError, Limits, ServingInfo, StageTimings
+from mofserve.server.engine import Answer, EngineError, Limits, ServingInfo, StageTimings, Usage
 
 LIMITS = Limits()
 
@@ -302,9 +302,10 @@ def test_engine_errors_map_status_and_param():
     assert P.from_engine_error(EngineError("not_found", "x")).code == "model_not_found"
 
 
-def answer(mode=FusionMode.ADDITIVE) -> Answer:
+def answer(mode=FusionMode.ADDITIVE, finish_reason: str = "stop") -> Answer:
     return Answer(mode, 0.5, "Left", "a", [-1.0, -2.0], StageTimings(preprocess_ms=1.0, clip_ms=2.0, llm_ms=3.0,
-                                                                     total_ms=7.0))
+                                                                     total_ms=7.0),
+                  Usage(prompt_tokens=300, completion_tokens=2), finish_reason)
 
 
 def test_chat_completion_shape():
@@ -316,7 +317,7 @@ def test_chat_completion_shape():
     choice = response["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "Left", "refusal": None}
     assert choice["finish_reason"] == "stop"
-    assert response["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert response["usage"] == {"prompt_tokens": 300, "completion_tokens": 2, "total_tokens": 302}
     ext = response["mofserve"]
     assert ext["chosen_option"] == "a" and ext["option_scores"] == [-1.0, -2.0]
     assert ext["mode"] == "additive" and ext["alpha"] == 0.5 and ext["random_weights"] is True
@@ -325,13 +326,55 @@ def test_chat_completion_shape():
     assert P.mofserve_extension(answer(), ServingInfo("paper", False), alpha=None)["notice"] is None
 
 
-def test_chunks_carry_the_whole_answer():
-    chat = P.parse_chat_request(body(stream=True, stream_options={"include_usage": True}), LIMITS)
-    chunks = P.chat_completion_chunks(chat, answer(FusionMode.CLIP), ServingInfo("tiny", True), ident="c",
-                                      created=1, alpha=None)
-    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "c" for c in chunks)
+def test_a_completion_cut_at_max_tokens_finishes_with_length():
+    chat = P.parse_chat_request(body(max_tokens=2), LIMITS)
+    response = P.chat_completion(chat, answer(finish_reason="length"), ServingInfo("tiny", True), ident="c",
+                                 created=1, alpha=None)
+    assert response["choices"][0]["finish_reason"] == "length"
+
+
+def streamed(include_usage: bool, pieces=("Le", "ft"), finish_reason: str = "stop") -> list[dict]:
+    """The chunks of a streamed answer, as ``http_api`` sends them, parsed back from their SSE bytes."""
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chat = P.parse_chat_request(body(stream=True, **options), LIMITS)
+    chunks = P.ChunkStream(chat, ident="chatcmpl-c", created=1)
+    events = [P.sse(chunks.start()), *(P.sse(chunks.content(p)) for p in pieces),
+              *(P.sse(c) for c in chunks.finish(answer(FusionMode.CLIP, finish_reason), ServingInfo("tiny", True),
+                                                alpha=None)), P.SSE_DONE]
+    wire = b"".join(events).decode()
+    assert wire.endswith("data: [DONE]\n\n")
+    frames = [frame for frame in wire.split("\n\n") if frame]
+    assert all(frame.startswith("data: ") for frame in frames)
+    return [json.loads(frame[len("data: "):]) for frame in frames[:-1]]
+
+
+def test_stream_chunks_role_then_content_deltas_then_finish():
+    chunks = streamed(include_usage=False)
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-c" and c["model"] == "mofserve-clip"
+               for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"]["content"] for c in chunks[1:3]] == ["Le", "ft"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:3])
+    last = chunks[-1]
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "stop"
+    assert last["mofserve"]["chosen_option"] == "a"
+    assert all("usage" not in c for c in chunks)  # as OpenAI: no usage without stream_options.include_usage
+
+
+def test_stream_include_usage_adds_a_usage_chunk_with_no_choices():
+    chunks = streamed(include_usage=True, finish_reason="length")
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 300, "completion_tokens": 2, "total_tokens": 302}
+    assert all(c["usage"] is None for c in chunks[:-1])  # OpenAI sends "usage": null on the others
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "Left"
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert chunks[2]["choices"][0]["finish_reason"] == "stop" and chunks[2]["mofserve"]["chosen_option"] == "a"
-    assert chunks[3]["choices"] == [] and chunks[3]["usage"]["total_tokens"] == 0
+
+
+def test_an_error_after_the_stream_began_is_an_error_event_in_openais_shape():
+    event = P.sse_error(P.from_engine_error(EngineError("deadline_exceeded", "deadline: vqa_clip did not finish")))
+    lines = event.decode().split("\n")
+    assert lines[0] == "event: error" and lines[1].startswith("data: ") and event.endswith(b"\n\n")
+    error = json.loads(lines[1][len("data: "):])["error"]
+    assert error["code"] == "deadline_exceeded" and error["type"] == "server_error"
+    assert error["message"].startswith("deadline:")
