@@ -534,7 +534,7 @@ def add_perf_analyzer_arguments(parser: argparse.ArgumentParser, standalone: boo
     load --perf-analyzer` shares those of the load benchmark)."""
     if standalone:
         where = parser.add_mutually_exclusive_group()
-        where.add_argument("--serve", metavar="PROFILE", choices=("tiny", "small", "paper"),
+        where.add_argument("--serve", metavar="PROFILE", choices=("tiny", "small", "paper-shaped", "paper"),
                            help="start `mofserve serve --profile PROFILE` on free loopback ports for the run and "
                                 "stop it afterwards (its log: OUT/serve.log); default tiny when no --triton-url")
         where.add_argument("--triton-url", metavar="HOST:PORT",

@@ -295,7 +295,7 @@ def write_report(report: Mapping, out: Path) -> list[Path]:
 
 
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="tiny", choices=("tiny", "small", "paper"))
+    parser.add_argument("--profile", default="tiny", choices=("tiny", "small", "paper-shaped", "paper"))
     parser.add_argument("--duration", type=float, default=600.0, metavar="S", help="timed seconds (default 600)")
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop workers (default 4)")
     parser.add_argument("--warmup", type=float, default=20.0, metavar="S",

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Settings: defaults < --config FILE (TOML) < MOFSERVE_* environment < flags. "
                     "See docs/api.md for every setting, including the request limits.")
     serve.add_argument("--config", type=Path, help="TOML file with settings (top level or [serve], [limits])")
-    serve.add_argument("--profile", choices=PROFILE_NAMES, help="tiny (default), small or paper")
+    serve.add_argument("--profile", choices=PROFILE_NAMES, help="tiny (default), small, paper-shaped or paper")
     serve.add_argument("--host", help="front-end bind address (default 127.0.0.1; Triton stays on loopback)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8080; 0 picks a free one)")
