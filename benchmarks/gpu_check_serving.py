@@ -225,6 +225,10 @@ def stage_serving(settings: Settings, part: Part, deadline: float) -> None:
               *(name for m in T.FusionMode if m not in kept for name in (T.fuse_model(m), T.tokens_model(m)))}
     specs = [s for s in repository_specs(profile, "gpu-torch", paths, shapes, {}) if s.name not in unused]
     for spec in specs:
+        if "feature_cache_bytes" in spec.config.parameters:
+            # the sweep cycles through 16 images: with the encoders' feature cache on, it would time
+            # cache lookups instead of the encoders
+            spec.config.parameters["feature_cache_bytes"].string_value = "0"
         if settings.instance_kind == "cpu":  # the dry run: the same repository on CPU instances
             for group in spec.config.instance_group:
                 group.kind = mc.ModelInstanceGroup.KIND_CPU

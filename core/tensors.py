@@ -80,7 +80,7 @@ OPTION_SCORES = "OPTION_SCORES"  # FP32 [-1]: mean log-likelihood per option tok
 
 # Per-stage wall time in milliseconds, FP32 [1], emitted by each python-backend stage so that an
 # ensemble's response carries its own breakdown (an encoder answered from its feature cache
-# reports ~0). Native-backend encoders (gpu targets) emit none.
+# reports ~0). Native-backend encoders (gpu-onnx, gpu-trt) emit none.
 TIMING_PREPROCESS = "TIMING_PREPROCESS_MS"
 TIMING_CLIP = "TIMING_CLIP_MS"
 TIMING_DINOV2 = "TIMING_DINOV2_MS"
@@ -89,7 +89,8 @@ TIMING_LLM = "TIMING_LLM_MS"
 TIMING_TOKENIZE = "TIMING_TOKENIZE_MS"
 TIMING_CLIP_TEXT = "TIMING_CLIP_TEXT_MS"
 TIMING_PREFIX = "TIMING_"
-ENCODER_TIMINGS = {CLIP_VISION: TIMING_CLIP, DINOV2_VISION: TIMING_DINOV2, CLIP_TEXT: TIMING_CLIP_TEXT}  # cpu only
+# ENCODER_TIMINGS: emitted by the python encoders (cpu, gpu-torch); gpu-onnx / gpu-trt emit none
+ENCODER_TIMINGS = {CLIP_VISION: TIMING_CLIP, DINOV2_VISION: TIMING_DINOV2, CLIP_TEXT: TIMING_CLIP_TEXT}
 
 
 def is_timing(name: str) -> bool:
