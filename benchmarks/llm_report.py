@@ -26,17 +26,19 @@ def _f(value, digits: int = 1) -> str:
 
 
 def format_engines(engines: Mapping) -> str:
-    lines = ["| way | TTFT p50 ms | TTFT max ms | output tokens/s | decode tokens/s | sequences decoding at once "
-             "(mean) | wall s | tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| way | TTFT p50 ms | TTFT max ms | output tokens/s | decode tokens/s (prefills out) | decode "
+             "tokens/s with prefills | decode steps' tokens/s | sequences decoding at once (mean) | wall s | tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in WAYS:
         r = engines.get(key)
         if not r:
             continue
         if r.get("error"):
-            lines.append(f"| {label} | error: {r['error'].replace('|', '/')} |" + " - |" * 6)
+            lines.append(f"| {label} | error: {r['error'].replace('|', '/')} |" + " - |" * 8)
             continue
         lines.append(f"| {label} | {_f(r['ttft_ms']['p50'])} | {_f(r['ttft_ms']['max'])} | "
                      f"{_f(r['output_tokens_per_s'], 2)} | {_f(r['decode_tokens_per_s'], 2)} | "
+                     f"{_f(r['decode_tokens_per_s_with_prefills'], 2)} | {_f(r.get('step_tokens_per_s'), 2)} | "
                      f"{_f(r['decode_concurrency'], 2)} | {_f(r['wall_s'])} | {r['output_tokens']} |")
     steps = (engines.get("engine_batched") or {}).get("steps") or {}
     if steps:
@@ -97,7 +99,10 @@ def format_report(report: Mapping) -> str:
              f"{report['torch_threads']}; git {report['git_commit']}; load average {report['load_average']}.",
              f"{c['sequences']} sequences of {c['prompt_tokens']} prompt positions, {c['new_tokens']} new tokens, "
              "greedy. TTFT from each request's submission (submitted together, a request waits for the prefills "
-             "before it); decode tokens/s = tokens after each first token / time any sequence was decoding.", ""]
+             "before it); decode tokens/s with prefills = tokens after each first token / time any sequence was "
+             "decoding; prefills out: less the prefills run meanwhile (known for LLMEngine; transformers' "
+             "continuous batching mixes prefill and decode tokens in one forward); decode steps' tokens/s = the "
+             "engine's rows / its decode steps' time.", ""]
     if report.get("engines"):
         lines += ["## Engines", "", format_engines(report["engines"]), ""]
     if report.get("layers"):

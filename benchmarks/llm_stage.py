@@ -100,7 +100,7 @@ def _engine_class():
 
         def __init__(self, *args, **kwargs) -> None:
             self.step_log: list[tuple[int, float]] = []
-            self.prefill_log: list[float] = []
+            self.prefill_spans: list[tuple[float, float]] = []
             super().__init__(*args, **kwargs)
 
         def _step(self) -> None:
@@ -111,7 +111,7 @@ def _engine_class():
         def _prefill(self, s) -> None:
             t = time.perf_counter()
             super()._prefill(s)
-            self.prefill_log.append((time.perf_counter() - t) * 1e3)
+            self.prefill_spans.append((t, time.perf_counter()))
 
     return TimedEngine
 
@@ -157,8 +157,10 @@ def run_engine(vlm, requests: Sequence[dict], max_sequences: int, together: bool
     finally:
         engine.close()
     ordered = [streams[f"r{i}"] for i in range(len(requests))]
-    return {**summarise_streams(ordered, started), "steps": step_table(engine.step_log),
-            "prefill_ms": latency_summary(engine.prefill_log), "streams": ordered}
+    steps = engine.step_log
+    return {**summarise_streams(ordered, started, engine.prefill_spans), "steps": step_table(steps),
+            "step_tokens_per_s": sum(b for b, _ in steps) * 1e3 / sum(ms for _, ms in steps) if steps else math.nan,
+            "prefill_ms": latency_summary([(b - a) * 1e3 for a, b in engine.prefill_spans]), "streams": ordered}
 
 
 def step_table(steps: Sequence[tuple[int, float]]) -> dict[str, dict]:
@@ -171,14 +173,16 @@ def step_table(steps: Sequence[tuple[int, float]]) -> dict[str, dict]:
     return out
 
 
-def summarise_streams(streams: Sequence[Mapping], started: float) -> dict:
-    """TTFT (first token - submitted), output tokens/s over the wall time, decode figures."""
+def summarise_streams(streams: Sequence[Mapping], started: float, prefills: Sequence[tuple[float, float]] = ()) -> dict:
+    """TTFT (first token - submitted), output tokens/s over the wall time, decode figures (with the
+    prefills' spans, where known, taken out of the decode time)."""
     end = max(s.get("done", s.get("last", started)) for s in streams)
     tokens = sum(int(s.get("tokens", 0)) for s in streams)
     return {"sequences": len(streams), "wall_s": end - started, "output_tokens": tokens,
             "output_tokens_per_s": tokens / (end - started) if end > started else math.nan,
             "ttft_ms": latency_summary([(s["first"] - s["submitted"]) * 1e3 for s in streams if "first" in s]),
-            **decode_figures((s["first"], s["last"], int(s.get("tokens", 1)) - 1) for s in streams if "first" in s)}
+            **decode_figures(((s["first"], s["last"], int(s.get("tokens", 1)) - 1) for s in streams if "first" in s),
+                             prefills)}
 
 
 def run_hf_generate(vlm, requests: Sequence[dict]) -> dict:
@@ -316,9 +320,12 @@ def extrapolate(by_depth: Mapping[int, float], layers: int) -> dict:
 
 
 def layer_costs(vlm, prompt_tokens: int, batches: Sequence[int], depths: Sequence[int] = DEFAULT_DEPTHS,
-                layers: int = 32, repeats: int = 3) -> dict:
+                layers: int = 32, rounds: int = 4) -> dict:
     """Prefill of ``prompt_tokens`` positions and one decode step at each batch (context
-    ``prompt_tokens``) at each depth, median of ``repeats``; the fits and their value at ``layers``."""
+    ``prompt_tokens``) at each depth, in ``rounds`` rounds that visit the depths in a rotating order
+    (so that load from other processes lands on every depth alike); the best (min) time per depth
+    enters the fit (contention only adds time; the medians are kept too), and the fit's value at
+    ``layers`` is the extrapolation."""
     import torch
 
     from mofserve.core.kv_slots import SlotCache, SlotGeometry, decode_step
@@ -331,34 +338,41 @@ def layer_costs(vlm, prompt_tokens: int, batches: Sequence[int], depths: Sequenc
     generator = torch.Generator().manual_seed(0)
     scale = float(model.get_input_embeddings().weight.detach().float().std())
     embeds = (torch.randn(1, prompt_tokens, vlm.hidden_size, generator=generator) * scale).to(vlm.dtype)
-    prefill: dict[int, float] = {}
-    steps: dict[int, dict[int, float]] = {b: {} for b in batches}
-    for n in depths:
-        with depth(model, n), torch.inference_mode():
-            model(inputs_embeds=embeds[:, :64], use_cache=False, logits_to_keep=1)  # warm-up
-            times = []
-            for _ in range(repeats):
+    caches = {(n, b): SlotCache(SlotGeometry(n, kv_heads, head_dim, b, prompt_tokens + 8, vlm.dtype), vlm.device)
+              for n in depths for b in batches}
+    prefill: dict[int, list[float]] = {n: [] for n in depths}
+    steps: dict[int, dict[int, list[float]]] = {b: {n: [] for n in depths} for b in batches}
+
+    for r in range(rounds + 1):  # round 0 warms every depth up, untimed
+        for n in [*depths[r % len(depths):], *depths[:r % len(depths)]]:
+            with depth(model, n), torch.inference_mode():
                 t = time.perf_counter()
-                model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1)
-                times.append((time.perf_counter() - t) * 1e3)
-            prefill[n] = statistics.median(times)
-            for batch in batches:
-                cache = SlotCache(SlotGeometry(n, kv_heads, head_dim, batch, prompt_tokens + 8, vlm.dtype), vlm.device)
-                lengths = torch.full((batch,), prompt_tokens, dtype=torch.long)
-                step_in = embeds[0, :batch, None, :].expand(batch, 1, -1).contiguous()
-                decode_step(model, cache, step_in, lengths)  # warm-up
-                times = []
-                for _ in range(max(repeats, 5)):
-                    t = time.perf_counter()
-                    decode_step(model, cache, step_in, lengths)
-                    times.append((time.perf_counter() - t) * 1e3)
-                steps[batch][n] = statistics.median(times)
-                del cache
-        log(f"depth {n}: prefill {prefill[n]:.0f} ms, decode step " +
-            ", ".join(f"batch {b} {steps[b][n]:.0f} ms" for b in batches))
+                model(inputs_embeds=embeds if r else embeds[:, :64], use_cache=False, logits_to_keep=1)
+                if r:
+                    prefill[n].append((time.perf_counter() - t) * 1e3)
+                for batch in batches:
+                    lengths = torch.full((batch,), prompt_tokens, dtype=torch.long)
+                    step_in = embeds[0, :batch, None, :].expand(batch, 1, -1).contiguous()
+                    times = []
+                    for _ in range(3):
+                        t = time.perf_counter()
+                        decode_step(model, caches[n, batch], step_in, lengths)
+                        times.append((time.perf_counter() - t) * 1e3)
+                    if r:
+                        steps[batch][n].append(min(times))
+    del caches
+    for n in depths:
+        log(f"depth {n}: prefill best {min(prefill[n]):.0f} ms, decode step best " +
+            ", ".join(f"batch {b} {min(steps[b][n]):.0f} ms" for b in batches))
+
+    def fit(times: Mapping[int, list[float]]) -> dict:
+        out = extrapolate({n: min(v) for n, v in times.items()}, layers)
+        out["median_ms"] = {str(n): statistics.median(v) for n, v in times.items()}
+        return out
+
     return {"prompt_tokens": prompt_tokens, "own_layers": len(model.model.layers), "depths": list(depths),
-            "layers": layers, "prefill": extrapolate(prefill, layers),
-            "decode_step": {str(b): extrapolate(steps[b], layers) for b in batches}}
+            "layers": layers, "rounds": rounds, "prefill": fit(prefill),
+            "decode_step": {str(b): fit(steps[b]) for b in batches}}
 
 
 def scale_factors(costs: Mapping) -> dict:

@@ -37,13 +37,14 @@ def format_token_table(points: Sequence[Mapping]) -> str | None:
         ttft, itl = t.get("ttft_ms") or {}, t.get("itl_ms") or {}
         rows.append(f"| {_label(p)} | {t.get('output_tokens', 0)} | {_f(t.get('output_tokens_per_s'), 2)} | "
                     f"{_f(ttft.get('p50'))} | {_f(ttft.get('p99'))} | {_f(itl.get('p50'))} | {_f(itl.get('p99'))} | "
-                    f"{_f(t.get('decode_tokens_per_s'), 2)} | {_f(t.get('decode_concurrency'), 2)} | "
+                    f"{_f(t.get('decode_tokens_per_s'), 2)} | {_f(t.get('decode_tokens_per_s_with_prefills'), 2)} | "
+                    f"{_f(t.get('decode_concurrency'), 2)} | "
                     f"{t.get('streamed', 0)} |")
     if not rows:
         return None
     return "\n".join(["| point | output tokens | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-                      "ITL p99 ms | decode tokens/s | streams decoding at once (mean) | streamed |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+                      "ITL p99 ms | decode tokens/s | decode tokens/s with prefills | streams decoding at once "
+                      "(mean) | streamed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
 
 
 def split_means(point: Mapping) -> dict[str, float] | None:
@@ -133,7 +134,9 @@ def token_sections(report: Mapping) -> list[str]:
     if tokens:
         lines += ["", "Tokens per point: TTFT = time to the first streamed text (from the request's start), ITL = "
                   "time between tokens (a message carrying k tokens counts k gaps); decode tokens/s = tokens after "
-                  "each stream's first over the time any stream was decoding:", "", tokens]
+                  "each stream's first over the time any stream was decoding, less the prefills the LLM ran "
+                  "meanwhile (each request's prefill_ms, ending at its first token); with prefills: over the whole "
+                  "time any stream was decoding:", "", tokens]
     split = format_split_table(report["points"])
     if split:
         lines += ["", "Where a request's time goes (mean ms; the server's timings, LLM = queue + prefill + decode; "

@@ -196,31 +196,57 @@ def inter_token_gaps(deltas: Sequence[Sequence[float]]) -> list[float]:
     return gaps
 
 
+def merged(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (start, end) intervals merged into disjoint, sorted ones (empty ones dropped)."""
+    out: list[list[float]] = []
+    for a, b in sorted((float(a), float(b)) for a, b in intervals if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
 def union_length(intervals: Iterable[tuple[float, float]]) -> float:
     """Total length covered by the (start, end) intervals, overlaps counted once."""
-    total, end = 0.0, -math.inf
-    for a, b in sorted((float(a), float(b)) for a, b in intervals if b > a):
-        if a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
+    return sum(b - a for a, b in merged(intervals))
+
+
+def overlap_length(first: Iterable[tuple[float, float]], second: Iterable[tuple[float, float]]) -> float:
+    """Length covered by both the union of ``first`` and the union of ``second``."""
+    a, b = merged(first), merged(second)
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
     return total
 
 
-def decode_figures(streams: Iterable[tuple[float, float, int]]) -> dict[str, float]:
+def decode_figures(streams: Iterable[tuple[float, float, int]],
+                   prefills: Iterable[tuple[float, float]] = ()) -> dict[str, float]:
     """From each stream's decode phase ``(first token at, last token at, tokens after the first)``
-    (seconds on one clock): the tokens, the time at least one stream was decoding (the union of
-    the phases), **decode tokens/s** = tokens / that time (at one stream at a time: 1 / the
-    inter-token latency; with B streams decoding together in one batch: up to B times that) and
-    the mean number of streams decoding at once (the phases' sum over their union)."""
+    (seconds on one clock): the tokens and
+
+    * the time at least one stream was decoding (the union of the phases) and **decode tokens/s
+      with prefills** = tokens / that time: while streams decode, the engine also runs the prefills
+      of requests that join (one prompt at a time, every decode step waiting for it), so this is
+      what the streams together saw, at one stream 1 / its inter-token latency;
+    * **decode tokens/s** = tokens / (that time minus the ``prefills``' intervals within it): the
+      LLM's decode steps' own rate (with B streams in one batch up to B times one stream's);
+    * the mean number of streams decoding at once (the phases' sum over their union)."""
     phases = [(float(a), float(b), int(n)) for a, b, n in streams]
     tokens = sum(n for _, _, n in phases)
-    covered = union_length((a, b) for a, b, _ in phases)
+    spans = [(a, b) for a, b, _ in phases]
+    covered = union_length(spans)
+    prefilling = overlap_length(spans, prefills)
     busy = sum(max(b - a, 0.0) for a, b, _ in phases)
-    return {"decode_tokens": tokens, "decode_s": covered,
-            "decode_tokens_per_s": tokens / covered if covered > 0 else math.nan,
+    decoding = covered - prefilling
+    return {"decode_tokens": tokens, "decode_s": covered, "prefill_within_decode_s": prefilling,
+            "decode_tokens_per_s": tokens / decoding if decoding > 0 else math.nan,
+            "decode_tokens_per_s_with_prefills": tokens / covered if covered > 0 else math.nan,
             "decode_concurrency": busy / covered if covered > 0 else math.nan}
 
 
@@ -228,19 +254,23 @@ def token_summary(records: Sequence[Mapping], elapsed_s: float) -> dict:
     """A point's token figures from its successful records: output tokens/s (completion tokens /
     elapsed), and for streamed records (``ttft_ms``, ``deltas``) the time to first token and
     inter-token latency summaries and the decode figures (``decode_figures``; a stream's decode phase
-    runs from its first delta to its last, on the phase's clock: ``t_s`` + ms / 1000)."""
+    runs from its first delta to its last, on the phase's clock: ``t_s`` + ms / 1000; its prefill,
+    the server's ``prefill_ms``, ends when its first delta arrives)."""
     counted = [r for r in records if r.get("completion_tokens") is not None]
     output = sum(int(r["completion_tokens"]) for r in counted)
     streamed = [r for r in records if r.get("ttft_ms") is not None and r.get("deltas")]
     phases = [(r["t_s"] + r["deltas"][0][0] / 1e3, r["t_s"] + r["deltas"][-1][0] / 1e3,
                int(r["deltas"][-1][1]) - int(r["deltas"][0][1])) for r in streamed]
+    # each request's prefill (the server's prefill_ms) ran just before its first token arrived
+    prefills = [(r["t_s"] + (r["ttft_ms"] - r["timings"]["prefill_ms"]) / 1e3, r["t_s"] + r["ttft_ms"] / 1e3)
+                for r in streamed if (r.get("timings") or {}).get("prefill_ms")]
     out = {"requests_counted": len(counted), "output_tokens": output,
            "output_tokens_per_s": output / elapsed_s if counted and elapsed_s > 0 else math.nan,
            "streamed": len(streamed),
            "ttft_ms": latency_summary([r["ttft_ms"] for r in streamed]),
            "itl_ms": latency_summary([g for r in streamed for g in inter_token_gaps(r["deltas"])]),
            "first_delta_tokens_max": max((int(r["deltas"][0][1]) for r in streamed), default=0),
-           **decode_figures(phases)}
+           **decode_figures(phases, prefills)}
     return out
 
 

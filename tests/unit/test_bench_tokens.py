@@ -28,9 +28,23 @@ def test_union_length_counts_overlaps_once():
     assert S.union_length([(3, 3), (2, 1)]) == 0.0 and S.union_length([]) == 0.0
 
 
+def test_merged_and_overlap_length():
+    assert S.merged([(3, 4), (0, 1), (0.5, 2), (5, 5)]) == [(0.0, 2.0), (3.0, 4.0)]
+    assert S.overlap_length([(0, 2), (3, 4)], [(1, 3.5), (10, 11)]) == pytest.approx(1.5)
+    assert S.overlap_length([], [(0, 1)]) == 0.0
+
+
+def test_decode_figures_take_the_prefills_run_meanwhile_out():
+    # two streams decode over [0, 4] with 20 tokens; a third request's prefill ran over [1, 2]
+    out = S.decode_figures([(0.0, 4.0, 10), (0.0, 4.0, 10)], prefills=[(1.0, 2.0), (-2.0, 0.0)])
+    assert out["prefill_within_decode_s"] == pytest.approx(1.0)
+    assert out["decode_tokens_per_s"] == pytest.approx(20 / 3) and out["decode_tokens_per_s_with_prefills"] == 5.0
+
+
 def test_decode_figures_one_stream_at_a_time_vs_streams_side_by_side():
     serial = S.decode_figures([(0.0, 1.0, 10), (1.0, 2.0, 10)])
     assert serial["decode_tokens_per_s"] == pytest.approx(10.0) and serial["decode_concurrency"] == pytest.approx(1.0)
+    assert serial["decode_tokens_per_s_with_prefills"] == serial["decode_tokens_per_s"]  # no prefill given
     together = S.decode_figures([(0.0, 2.0, 10)] * 4)  # four streams decoding at once, each at 5 tokens/s
     assert together["decode_tokens_per_s"] == pytest.approx(20.0)
     assert together["decode_concurrency"] == pytest.approx(4.0) and together["decode_s"] == pytest.approx(2.0)
@@ -103,6 +117,7 @@ def _point(value, rps, decode_tps=None, ttfts=(), ms=(100.0,)):
     point = S.summarise_point(records, elapsed_s=1.0)
     point.update(kind="concurrency", value=value, throughput_rps=rps, records=records)
     point["tokens"]["decode_tokens_per_s"] = decode_tps
+    point["tokens"]["decode_tokens_per_s_with_prefills"] = decode_tps / 2 if decode_tps else None
     return point
 
 
@@ -117,6 +132,7 @@ def test_point_targets_decode_scaling_and_c4_vs_c1():
     t = B.point_targets(points)
     assert t["throughput_c4_vs_c1"]["value"] == pytest.approx(0.9) and t["throughput_c4_vs_c1"]["verdict"] == "MISSED"
     assert t["decode_scaling"]["value"] == pytest.approx(3.6) and t["decode_scaling"]["verdict"] == "MET"
+    assert t["decode_scaling_with_prefills"]["value"] == pytest.approx(3.6)
     assert B.point_targets(points[:2])["decode_scaling"]["verdict"] is None  # no c=8 point
     assert B.point_targets([_point(1, 1.0), _point(4, 1.0)])["throughput_c4_vs_c1"]["verdict"] == "MET"  # >= 1
 
@@ -137,8 +153,9 @@ def test_target_rows_keep_the_order_and_say_which_profile_a_target_is_for():
     points = [_point(1, 2.0, decode_tps=10.0), _point(4, 2.5), _point(8, 3.0, decode_tps=20.0)]
     ratios = B.baseline_ratios({"eager": _baseline(1.0, 500.0)}, points)
     rows = B.target_rows(ratios, B.point_targets(points), "small")
-    assert [r["key"] for r in rows] == ["throughput", "throughput_c4_vs_c1", "decode_scaling"]
-    assert [r["this_profile"] for r in rows] == [True, True, False]
+    assert [r["key"] for r in rows] == ["throughput", "throughput_c4_vs_c1", "decode_scaling",
+                                        "decode_scaling_with_prefills"]
+    assert [r["this_profile"] for r in rows] == [True, True, False, False]
     assert rows[-1]["verdict"] == "MISSED" and rows[-1]["set_for"] == "paper-shaped"
     table = LT.format_targets(rows, "small")
     assert "| **MISSED** |" in table and "`paper-shaped` (this run: `small`)" in table
