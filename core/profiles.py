@@ -6,13 +6,31 @@ with them. ``tiny``, ``small`` and ``paper-shaped`` are *seeded*: their checkpoi
 from configs of the real architectures (small ones, or for ``paper-shaped`` exactly the paper's
 shapes with a shallower LM), saved in the real formats and then loaded back through the same code
 that loads ``paper``'s real checkpoints, so there is one loading path.
+
+A profile is data: ``profile_configs/<name>.toml`` (a model is a file, as in open_clip's
+``model_configs``), its reasons in comments beside its values. The dataclasses below are its
+typed form: a file is read into them with errors that name the file and the key (an unknown key,
+a value of the wrong type), and keys a file leaves out keep their defaults (and the reasons given
+here). What depends on the machine is resolved each time a profile is read, never when this
+module is imported, so that a test can change it: ``$MOFSERVE_HOME`` (the seeded checkpoints'
+folder) and a file's ``[variables]``, values read from the environment (``paper``'s
+``MOFSERVE_CLIP`` / ``MOFSERVE_DINOV2`` / ``MOFSERVE_LLAVA``, ``paper-shaped``'s LM depth) and
+referenced as ``"${name}"``. The serve settings then override the sources (``server/config.py``).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field, replace
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -139,133 +157,214 @@ class Profile:
         return replace(self, sources=replace(self.sources, **given)) if given else self
 
 
-def _seeded_sources(name: str, folder: str | None = None) -> Sources:
-    base = artifacts_dir() / "checkpoints" / (folder or name)
-    return Sources(clip=str(base / "clip"), dinov2=str(base / "dinov2"), llava=str(base / "llava"))
-
-
 def artifacts_dir() -> Path:
     """Root of built artefacts (checkpoints, ONNX graphs, repositories); git never sees it."""
     return Path(os.environ.get("MOFSERVE_HOME", Path.home() / ".cache" / "mofserve")).expanduser()
 
 
-def _tiny() -> Profile:
-    return Profile(
-        name="tiny",
-        image_size=224,
-        patch_size=14,
-        default_alpha=0.75,
-        sources=_seeded_sources("tiny"),
-        seeded=SeededSpec(
-            seed=0,
-            # DINOv2's native grid (70px = 5x5) differs from the serving size, so the tiny
-            # profile exercises the same position-embedding interpolation as dinov2-large.
-            clip=VisionSpec(32, 2, 4, 64, native_image_size=224, projection_dim=24),
-            dino=VisionSpec(32, 2, 4, 64, native_image_size=70),
-            llm=LanguageSpec(64, 2, 4, 2, 128, vocab_size=512, max_position_embeddings=2048),
-        ),
-        # llm_threads=1: a 64-wide LM gains nothing from intra-op threads, and with one it does not
-        # collapse (OpenMP spinning, 10x slower measured) when the CPUs are shared with other work
-        # onnxruntime fp32: the tests hold the served tokens to fp32 parity with PyTorch;
-        # one intra-op thread: 32-wide models gain nothing from more and suffer on shared CPUs
-        serving=ServingSpec(max_batch_size=8, preferred_batch_sizes=(4, 8), preprocess_instances=1,
-                            runtime="onnxruntime", intra_op_threads=1,
-                            max_new_tokens=16, llm_threads=1),
-        description="seeded random weights, small configs of the real architectures (tests, demo)",
-    )
+@dataclass(frozen=True)
+class ProfileVariable:
+    """A value of a profile file read from the environment when the profile is read: a file's
+    ``[variables.<name>]`` table, referenced in its strings as ``"${name}"``. Unset or blank takes
+    ``default``; an integer default makes the value an integer within ``[min, max]``."""
+
+    env: str
+    default: int | str
+    help: str = ""  # what the value means: the error for a bad one says it
+    min: int | None = None
+    max: int | None = None
+
+    def resolve(self, environ: Mapping[str, str]) -> int | str:
+        raw = environ.get(self.env)
+        if raw is None or not raw.strip():
+            return self.default
+        if isinstance(self.default, str):
+            return raw
+        raw = raw.strip()
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        low = -math.inf if self.min is None else self.min
+        high = math.inf if self.max is None else self.max
+        if value is None or not low <= value <= high:
+            meaning = f" ({self.help})" if self.help else ""
+            raise ValueError(f"{self.env}: expected an integer within [{low}, {high}]{meaning}, got {raw!r}")
+        return value
 
 
-def _small() -> Profile:
-    return Profile(
-        name="small",
-        image_size=224,
-        patch_size=14,
-        default_alpha=0.75,
-        sources=_seeded_sources("small"),
-        seeded=SeededSpec(
-            seed=0,
-            clip=VisionSpec(768, 12, 12, 3072, native_image_size=224, projection_dim=512),
-            dino=VisionSpec(768, 12, 12, 3072, native_image_size=518),
-            llm=LanguageSpec(512, 4, 8, 8, 1376, vocab_size=2048, max_position_embeddings=2048),
-        ),
-        # bf16 LM: the LM step is what a second fusion mode pays (encoders come from the feature
-        # cache); in-process 8-token answers after 512 visual tokens ran ~1.6x faster than fp32 here
-        serving=ServingSpec(llm_dtype="bfloat16"),
-        description="seeded random ViT-B/14-sized encoders and a small LM (CPU benchmarks)",
-    )
-
-
-def _paper() -> Profile:
-    return Profile(
-        name="paper",
-        image_size=336,
-        patch_size=14,
-        default_alpha=0.75,
-        sources=Sources(
-            clip=os.environ.get("MOFSERVE_CLIP", "openai/clip-vit-large-patch14-336"),
-            dinov2=os.environ.get("MOFSERVE_DINOV2", "facebook/dinov2-large"),
-            llava=os.environ.get("MOFSERVE_LLAVA", "MMVP/MoF_Models"),
-        ),
-        serving=ServingSpec(max_batch_size=8, preferred_batch_sizes=(8,), max_queue_delay_us=5000,
-                            llm_dtype="bfloat16"),
-        description="the paper's checkpoints (CLIP ViT-L/14-336, DINOv2 ViT-L/14, I-MoF LLaVA-1.5)",
-    )
-
-
-PAPER_SHAPED_LLM_LAYERS_ENV = "MOFSERVE_PAPER_SHAPED_LLM_LAYERS"
-PAPER_SHAPED_LLM_LAYERS = 2  # default depth: a 7B-wide LM that 2 CPU cores still serve
-LLAMA_7B_LAYERS = 32
-
-
-def paper_shaped_llm_layers() -> int:
-    """The paper-shaped LM's depth: ``MOFSERVE_PAPER_SHAPED_LLM_LAYERS`` (1..32), default 2."""
-    raw = os.environ.get(PAPER_SHAPED_LLM_LAYERS_ENV, "").strip()
-    if not raw:
-        return PAPER_SHAPED_LLM_LAYERS
-    try:
-        layers = int(raw)
-    except ValueError:
-        layers = 0
-    if not 1 <= layers <= LLAMA_7B_LAYERS:
-        raise ValueError(f"{PAPER_SHAPED_LLM_LAYERS_ENV}: expected an integer within [1, {LLAMA_7B_LAYERS}] "
-                         f"(the LM's layers; {LLAMA_7B_LAYERS} is LLaMA-7B's depth), got {raw!r}")
-    return layers
-
-
-def _paper_shaped() -> Profile:
-    layers = paper_shaped_llm_layers()
-    return Profile(
-        name="paper-shaped",
-        image_size=336,
-        patch_size=14,
-        default_alpha=0.75,
-        # one folder per LM depth, so that two depths never overwrite each other's checkpoints
-        sources=_seeded_sources("paper-shaped", folder=f"paper-shaped-llm{layers}"),
-        seeded=SeededSpec(
-            seed=0,
-            # openai/clip-vit-large-patch14-336: ViT-L/14 at 336, text tower 768 x 12, 49408 ids
-            clip=VisionSpec(1024, 24, 16, 4096, native_image_size=336, projection_dim=768),
-            clip_text=TextSpec(768, 12, 12, 3072, vocab_size=49408),
-            # facebook/dinov2-large: native 518 (37x37 grid), interpolated to 24x24 like the paper's
-            dino=VisionSpec(1024, 24, 16, 4096, native_image_size=518),
-            # LLaVA-1.5-7B's LLaMA (Vicuna-7B v1.5) at a configurable depth
-            llm=LanguageSpec(4096, layers, 32, 32, 11008, vocab_size=32000, max_position_embeddings=4096,
-                             rms_norm_eps=1e-5, dtype="bfloat16"),
-            tokenizer=LLAMA_SENTENCEPIECE,
-        ),
-        serving=ServingSpec(max_batch_size=8, preferred_batch_sizes=(8,), max_queue_delay_us=5000,
-                            runtime="openvino", llm_dtype="bfloat16", max_new_tokens=32),
-        description=f"seeded random weights in exactly the paper's shapes (CLIP ViT-L/14-336, DINOv2 "
-                    f"ViT-L/14, mlp2x_gelu 1024->4096, a 7B-wide LLaMA with {layers} of its 32 layers)",
-    )
-
-
-PROFILE_NAMES = ("tiny", "small", "paper", "paper-shaped")
+PROFILE_DIR = Path(__file__).resolve().parent / "profile_configs"
+PROFILE_NAMES = tuple(sorted(path.stem for path in PROFILE_DIR.glob("*.toml")))
 
 
 def get_profile(name: str) -> Profile:
-    """The named profile; sources are resolved lazily so MOFSERVE_HOME can change in tests."""
-    builders = {"tiny": _tiny, "small": _small, "paper": _paper, "paper-shaped": _paper_shaped}
-    if name not in builders:
+    """The named profile as its file, its variables (environment) and MOFSERVE_HOME say now: any
+    of them may change between two calls (tests do); a call that changes none is a cache hit."""
+    return load_profile(_profile_file(name))
+
+
+def load_profile(path: Path, environ: Mapping[str, str] | None = None) -> Profile:
+    """The profile a TOML file describes (named by the file); see the module doc for the format."""
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    mtime_ns = path.stat().st_mtime_ns
+    variables = _parse(path, mtime_ns)[1]
+    values = tuple((name, v.resolve(environ)) for name, v in variables.items())
+    return _typed_profile(path, mtime_ns, values, artifacts_dir())
+
+
+@cache
+def _typed_profile(path: Path, mtime_ns: int, values: tuple[tuple[str, int | str], ...], home: Path) -> Profile:
+    """The profile of one version of a file, one set of variable values and one MOFSERVE_HOME: what
+    a profile depends on, so that a profile read per request is built once (a frozen dataclass)."""
+    table = _substitute(_parse(path, mtime_ns)[0], dict(values), path, "")
+    if "name" in table:
+        raise ValueError(f"{path}: name: a profile is named by its file ({path.stem!r})")
+    sources = _sources(path, table.pop("sources", None), "seeded" in table, home)
+    return _dataclass(Profile, table, path, "", name=path.stem, sources=sources)
+
+
+def profile_variables(name: str) -> dict[str, ProfileVariable]:
+    """The environment variables a profile reads, by the name its file references them with."""
+    path = _profile_file(name)
+    return dict(_parse(path, path.stat().st_mtime_ns)[1])
+
+
+def profile_environment() -> frozenset[str]:
+    """Every environment variable a profile reads (the serve settings leave them to the profiles)."""
+    return frozenset(v.env for name in PROFILE_NAMES for v in profile_variables(name).values())
+
+
+def _profile_file(name: str) -> Path:
+    if name not in PROFILE_NAMES:
         raise ValueError(f"profile: unknown profile {name!r}; expected one of {', '.join(PROFILE_NAMES)}")
-    return builders[name]()
+    return PROFILE_DIR / f"{name}.toml"
+
+
+@cache
+def _parse(path: Path, mtime_ns: int) -> tuple[dict[str, Any], dict[str, ProfileVariable]]:
+    """One version of a file: its tables but ``[variables]``, and its variables."""
+    try:
+        with path.open("rb") as file:
+            table = tomllib.load(file)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML ({error})") from None
+    return table, _variables(path, table.pop("variables", {}))
+
+
+def _variables(path: Path, table: Any) -> dict[str, ProfileVariable]:
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: variables: expected a table, got {table!r}")
+    found = {}
+    for name, entry in table.items():
+        where = f"variables.{name}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: {where}: expected a table, got {entry!r}")
+        variable = _dataclass(ProfileVariable, entry, path, where)
+        if isinstance(variable.default, str) and (variable.min is not None or variable.max is not None):
+            raise ValueError(f"{path}: {where}: min and max bound an integer, but default is {variable.default!r}")
+        found[name] = variable
+    return found
+
+
+_REFERENCE = re.compile(r"\$\{(\w+)\}")
+
+
+def _substitute(value: Any, values: Mapping[str, int | str], path: Path, where: str) -> Any:
+    """``value`` with every ``${name}`` replaced; a string that is one reference takes the value's
+    own type (``num_layers = "${llm_layers}"`` is an integer)."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, values, path, f"{where}.{k}" if where else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, values, path, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(name: str) -> int | str:
+        if name not in values:
+            known = ", ".join(values) or "none"
+            raise ValueError(f"{path}: {where}: unknown variable {name!r} (its [variables]: {known})")
+        return values[name]
+
+    whole = _REFERENCE.fullmatch(value)
+    return lookup(whole[1]) if whole else _REFERENCE.sub(lambda m: str(lookup(m[1])), value)
+
+
+def _sources(path: Path, table: Any, seeded: bool, home: Path) -> Sources:
+    """``[sources]``: ``clip``, ``dinov2`` and ``llava``, or for a seeded profile ``folder`` under
+    ``$MOFSERVE_HOME/checkpoints`` (default: the profile's name) holding the three it builds."""
+    if table is None:
+        if not seeded:
+            raise ValueError(f"{path}: sources: missing (a profile that is not [seeded] names its checkpoints)")
+        table = {"folder": path.stem}
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: sources: expected a table, got {table!r}")
+    if "folder" not in table:
+        return _dataclass(Sources, table, path, "sources")
+    if len(table) > 1 or not seeded:
+        raise ValueError(f"{path}: sources: folder is where a [seeded] profile builds its checkpoints; "
+                         f"give either it alone or clip, dinov2 and llava")
+    base = home / "checkpoints" / _typed(str, table["folder"], path, "sources.folder")
+    return Sources(clip=str(base / "clip"), dinov2=str(base / "dinov2"), llava=str(base / "llava"))
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass(cls: type, table: Mapping[str, Any], path: Path, where: str, **given: Any) -> Any:
+    """``cls`` from a TOML table: every key a field, every value of the field's type."""
+    hints = _hints(cls)
+    own = {f.name: f for f in fields(cls) if f.name not in given}
+    for key in table:
+        if key not in own:
+            raise ValueError(f"{path}: {_join(where, key)}: unknown key; expected one of {', '.join(own)}")
+    for name, spec in own.items():
+        if name not in table and spec.default is MISSING and spec.default_factory is MISSING:
+            raise ValueError(f"{path}: {_join(where, name)}: missing (required)")
+    values = {k: _typed(hints[k], v, path, _join(where, k)) for k, v in table.items()}
+    return cls(**values, **given)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _typed(kind: Any, value: Any, path: Path, where: str) -> Any:
+    """``value`` as ``kind`` (a dataclass, ``X | None``, ``tuple[X, ...]``, int, float or str)."""
+    if is_dataclass(kind):
+        if isinstance(value, dict):
+            return _dataclass(kind, value, path, where)
+    elif typing.get_origin(kind) in (types.UnionType, typing.Union):
+        errors = []
+        for option in (a for a in typing.get_args(kind) if a is not type(None)):
+            try:
+                return _typed(option, value, path, where)
+            except ValueError as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+    elif typing.get_origin(kind) is tuple:
+        if isinstance(value, list):
+            return tuple(_typed(typing.get_args(kind)[0], v, path, f"{where}[{i}]") for i, v in enumerate(value))
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{path}: {where}: expected {_describe(kind)}, got {value!r} ({type(value).__name__})")
+
+
+def _describe(kind: Any) -> str:
+    if is_dataclass(kind):
+        return "a table"
+    if typing.get_origin(kind) is tuple:
+        return f"an array of {_describe(typing.get_args(kind)[0])}"
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(kind) if a is not type(None))
+    return {int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+# what tests and benchmarks set to change paper-shaped's LM depth (its file is the home of the name)
+PAPER_SHAPED_LLM_LAYERS_ENV = profile_variables("paper-shaped")["llm_layers"].env

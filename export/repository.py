@@ -35,6 +35,7 @@ from mofserve.core import tensors as T
 from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_config, read_logit_scale
 from mofserve.core.preprocessing import DEFAULT_LIMITS
 from mofserve.core.profiles import Profile
+from mofserve.core.targets import ENCODER_MODELS, mode_encoders
 from mofserve.core.tensors import FusionMode
 
 from .fingerprint import settings_digest
@@ -299,9 +300,8 @@ def _step(ensemble: mc.ModelConfig, model: str, inputs: dict[str, str], outputs:
 
 
 def _encoders(mode: FusionMode) -> tuple[str, ...]:
-    """The encoders a fusion mode needs (ensembles cannot branch: each runs only these)."""
-    return tuple(e for e, used in ((T.CLIP_VISION, mode is not FusionMode.DINOV2),
-                                   (T.DINOV2_VISION, mode is not FusionMode.CLIP)) if used)
+    """The encoder models a fusion mode needs (ensembles cannot branch: each runs only these)."""
+    return tuple(ENCODER_MODELS[e] for e in mode_encoders(mode))
 
 
 def tokens_spec(mode: FusionMode, models: dict[str, mc.ModelConfig], profile: Profile) -> ModelSpec:

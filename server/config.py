@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mofserve.core.profiles import profile_environment
+
 from .engine import Limits
 
 
@@ -91,9 +93,12 @@ def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]
     environ = os.environ if environ is None else environ
     names = {f.name for f in fields(ServeConfig)} | {f.name for f in fields(Limits)}
     names.discard("limits")
-    # MOFSERVE_CLIP/DINOV2/LLAVA are read by the paper profile itself; MOFSERVE_HOME is the artefact root
+    # a variable a profile reads is the profile's (paper's MOFSERVE_CLIP/DINOV2/LLAVA: its sources,
+    # which the clip/dinov2/llava settings of a file or flags then override); MOFSERVE_HOME is the
+    # artefact root
+    profiles = profile_environment()
     return {name: environ[ENV_PREFIX + name.upper()] for name in names
-            if ENV_PREFIX + name.upper() in environ and name not in ("clip", "dinov2", "llava")}
+            if ENV_PREFIX + name.upper() in environ and ENV_PREFIX + name.upper() not in profiles}
 
 
 def from_file(path: Path) -> dict[str, Any]:
