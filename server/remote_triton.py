@@ -3,18 +3,18 @@
 The split Kubernetes deployment (``deploy/kubernetes/overlays/split``) runs Triton in its own GPU
 Deployment (``mofserve triton``) and the front-ends in a stateless, horizontally scaled one. A
 front-end then has nothing to export and no process to restart: Triton's pod has its own probes,
-and the kubelet restarts it. What stays is readiness, decided the same way as with a supervised
-Triton (``TritonSupervisor.check``: a real probe inference through every model, server/probe.py),
+and the kubelet restarts it. What stays is readiness, decided by the same ``TritonSupervisor`` as
+with a Triton of our own (server/supervisor.py: a real probe inference through every model),
 re-probed every ``probe_interval_s`` while ready and every ``health_interval_s`` while not, so a
 front-end leaves its Service while the Triton behind it cannot answer and comes back by itself.
+``RemoteTriton`` is the supervisor's strategy for that Triton: nothing to start, stop or restart.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 
-from .app import TritonSupervisor
+from .supervisor import TritonEndpoints
 
 _URL = re.compile(r"grpc://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?")
 
@@ -38,35 +38,26 @@ def check_metrics_url(url: str | None) -> str | None:
     return url
 
 
-class RemoteTriton(TritonSupervisor):
-    """A supervisor without a process: same readiness verdict and ``check``, no export, no restarts."""
+class RemoteTriton:
+    """The ``TritonLifecycle`` of a Triton in another pod: reached, probed, never started or restarted."""
 
-    remote = True  # MofServeApp relays ``metrics_url`` (``--triton-metrics-url``) at /metrics/triton
+    restartable = False  # its pod restarts it; the supervisor re-dials after a failed probe
 
-    def __init__(self, triton_url: str, metrics_url: str | None, config, on_change, log) -> None:
-        super().__init__(None, config, on_change, log)
-        self.grpc_url = parse_triton_url(triton_url)
-        self.metrics_url = check_metrics_url(metrics_url)
+    def __init__(self, triton_url: str, metrics_url: str | None) -> None:
+        self._endpoints = TritonEndpoints(parse_triton_url(triton_url), check_metrics_url(metrics_url))
 
-    def start(self) -> RemoteTriton:
-        """Nothing to start (Triton runs in another pod); ``grpc_url`` / ``metrics_url`` are the endpoints."""
-        return self
+    def start(self) -> TritonEndpoints:
+        """Nothing to start (Triton runs in another pod): where it is, relayed metrics included
+        (``--triton-metrics-url``, or no relay)."""
+        return self._endpoints
 
-    async def watch(self, stopping: asyncio.Event, engine) -> None:
-        """Re-probe until stopped; a failed probe marks the front-end not ready, never restarts anything."""
-        c = self.config
-        while not stopping.is_set():
-            ready = self.readiness.ready
-            interval = c.probe_interval_s if ready and c.probe_interval_s > 0 else c.health_interval_s
-            try:
-                await asyncio.wait_for(stopping.wait(), interval)
-                return
-            except TimeoutError:
-                pass
-            if ready and c.probe_interval_s <= 0:
-                continue
-            if not await self.check(engine):
-                await engine.reconnect()  # a Triton pod replaced behind the Service: a fresh channel
+    def exited(self) -> str | None:
+        """Never: the process is not ours to watch; a failed probe is what tells."""
+        return None
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def restart(self, kill: bool) -> None:
+        """Never called (``restartable`` is False); refused rather than pretended."""
+        raise RuntimeError("a remote Triton is restarted by its own pod, not by this front-end")
+
+    def stop(self, timeout: float) -> None:
         """Nothing to stop: the remote Triton outlives this front-end."""

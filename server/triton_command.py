@@ -2,9 +2,10 @@
 
 The Triton Deployment of the split Kubernetes layout (``deploy/kubernetes/overlays/split``) runs
 this; its front-ends run ``mofserve serve --triton-url``. Triton is watched exactly as ``serve``
-watches its child (``TritonSupervisor``): restarted on the same ports when it dies, and when a real
-probe inference fails ``probe_failures_before_restart`` times in a row while Triton still says
-ready (a dead python-backend stub, which Triton's ``/v2/health/ready`` never reports). Without
+watches its child (``TritonSupervisor`` with a ``TritonProcess`` bound to ``host``,
+server/supervisor.py): restarted on the same ports when it dies, and when a real probe inference
+fails ``probe_failures_before_restart`` times in a row while Triton still says ready (a dead
+python-backend stub, which Triton's ``/v2/health/ready`` never reports). Without
 this, a Triton pod with a dead stub would stay "ready" and every front-end before it unready. After
 ``max_restarts`` the command exits 1 and the kubelet restarts the pod. Model control stays
 ``none`` (the repository is fixed at start, as in ``serve``); settings such as ``max_restarts``
@@ -20,49 +21,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable
 
 from mofserve.core.profiles import Profile
 
-from .app import TritonSupervisor
 from .config import ServeConfig, load_config
 from .engine import ServingInfo, TritonEngine
-from .launcher import TritonServer
+from .supervisor import Log, TritonProcess, TritonSupervisor
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # bound everywhere: probe it over loopback
-Log = Callable[[str], None]
 
 
 def stderr_log(message: str) -> None:
     print(f"[triton] {message}", file=sys.stderr, flush=True)
 
 
-class PodTriton(TritonSupervisor):
-    """The supervisor, with Triton bound to ``host`` (the pod IP in the split layout) on fixed ports."""
-
-    def __init__(self, repository, config: ServeConfig, host: str, log: Log, start_timeout_s: float) -> None:
-        super().__init__(repository, config, lambda ready: None, log)
-        self.host, self.start_timeout_s = host, start_timeout_s
-
-    def start(self) -> TritonServer:
-        ports = self.server.ports if self.server is not None else None
-        c = self.config
-        self.server = TritonServer(
-            self.repository, host=self.host,
-            http_port=ports.http if ports else (c.triton_http_port or None),
-            grpc_port=ports.grpc if ports else (c.triton_grpc_port or None),
-            metrics_port=ports.metrics if ports else (c.triton_metrics_port or None))
-        return self.server.start(timeout=self.start_timeout_s)
-
-    def local_grpc_url(self) -> str:
-        """Where this process reaches the gRPC endpoint (loopback when Triton binds every address)."""
-        host = WILDCARD.get(self.host, self.host)
-        return f"[{host}]:{self.server.ports.grpc}" if ":" in host else f"{host}:{self.server.ports.grpc}"
-
-
 async def _serve(profile: Profile, target: str, host: str, config: ServeConfig, start_timeout_s: float,
                  log: Log) -> int:
+    # here, not at the top: it imports torch (seconds), and the CLI's argument checks should not wait for it
     from mofserve.export.pipeline import export_profile
 
     loop = asyncio.get_running_loop()
@@ -70,12 +45,14 @@ async def _serve(profile: Profile, target: str, host: str, config: ServeConfig, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     built = await loop.run_in_executor(None, lambda: export_profile(profile, target=target, log=log))
-    supervisor = PodTriton(built.path, config, host, log, start_timeout_s)
+    process = TritonProcess(built.path, config, host=host, start_timeout_s=start_timeout_s)
+    supervisor = TritonSupervisor(process, config, log)  # no front-end here: readiness is only logged
     try:
-        server = await loop.run_in_executor(None, supervisor.start)
+        triton = await loop.run_in_executor(None, supervisor.start)
+        server = process.server
+        assert server is not None
         info = ServingInfo(profile=profile.name, random_weights=profile.random_weights)
-        engine = TritonEngine(supervisor.local_grpc_url(), info, config.limits,
-                              max_batch_size=profile.serving.max_batch_size)
+        engine = TritonEngine(triton.grpc_url, info, config.limits, max_batch_size=profile.serving.max_batch_size)
         try:
             answered = await supervisor.check(engine)
             log(f"Triton up ({profile.name}, {target}); probe inference {'answered' if answered else 'FAILED'}; "
