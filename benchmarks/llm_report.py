@@ -27,19 +27,20 @@ def _f(value, digits: int = 1) -> str:
 
 def format_engines(engines: Mapping) -> str:
     lines = ["| way | TTFT p50 ms | TTFT max ms | output tokens/s | decode tokens/s (prefills out) | decode "
-             "tokens/s with prefills | decode steps' tokens/s | sequences decoding at once (mean) | wall s | tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "tokens/s with prefills | decode steps' tokens/s | sequences decoding at once (mean) | wall s | tokens | "
+             "other processes' cores |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in WAYS:
         r = engines.get(key)
         if not r:
             continue
         if r.get("error"):
-            lines.append(f"| {label} | error: {r['error'].replace('|', '/')} |" + " - |" * 8)
+            lines.append(f"| {label} | error: {r['error'].replace('|', '/')} |" + " - |" * 9)
             continue
         lines.append(f"| {label} | {_f(r['ttft_ms']['p50'])} | {_f(r['ttft_ms']['max'])} | "
                      f"{_f(r['output_tokens_per_s'], 2)} | {_f(r['decode_tokens_per_s'], 2)} | "
                      f"{_f(r['decode_tokens_per_s_with_prefills'], 2)} | {_f(r.get('step_tokens_per_s'), 2)} | "
-                     f"{_f(r['decode_concurrency'], 2)} | {_f(r['wall_s'])} | {r['output_tokens']} |")
+                     f"{_f(r['decode_concurrency'], 2)} | {_f(r['wall_s'])} | {r['output_tokens']} | "
+                     f"{_f((r.get('cpu') or {}).get('others_cores'), 2)} |")
     steps = (engines.get("engine_batched") or {}).get("steps") or {}
     if steps:
         lines += ["", "LLMEngine's decode steps in the batched run (tokens/s = batch / step time):", "",
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
     import torch
 
     from .encoders import git_commit
-    from .frontend import load_average, versions
+    from .frontend import cpu_snapshot, cpu_usage, load_average, versions
+    from .load import TICKS_PER_S
     from .report import machine_info
 
     args = parse_args(argv)
@@ -177,6 +179,7 @@ def main(argv=None) -> int:
             if key not in args.ways:
                 continue
             S.log(f"engines: {key} ...")
+            cpu = cpu_snapshot()
             try:
                 if key == "engine_batched":
                     engines[key] = S.run_engine(vlm, requests, args.sequences, together=True)
@@ -190,6 +193,9 @@ def main(argv=None) -> int:
                 engines[key] = {"error": f"{type(error).__name__}: {error}"}
             report["load_average"][key] = load_average()
             r = engines[key]
+            after = cpu_snapshot()
+            if cpu is not None and after is not None:
+                r["cpu"] = cpu_usage(cpu, after, TICKS_PER_S)
             if not r.get("error"):
                 S.log(f"  TTFT p50 {r['ttft_ms']['p50']:.0f} ms, decode {r['decode_tokens_per_s']:.2f} tokens/s, "
                       f"output {r['output_tokens_per_s']:.2f} tokens/s")

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import datetime as _dt
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,7 @@ from .baselines import (  # noqa: F401 (re-exported: tests and reports read them
     run_baseline,
     run_baselines,
 )
+from .frontend import cpu_snapshot, cpu_usage
 from .serve_process import ServeProcess, parse_ready, triton_grpc_address, triton_metrics_url  # noqa: F401
 from .stats import (
     DEFAULT_MIX,
@@ -78,6 +80,7 @@ MAX_POINT_S = 600.0  # a point started with --requests only stops after this lon
 DEFAULT_TIMEOUT_S = 60.0
 MAX_IN_FLIGHT = 256
 FIRST_POOL = 32  # images made before the first point; later points top up from the rate seen
+TICKS_PER_S = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,17 +390,21 @@ class LoadRunner:
         # images for the timed phase are made now, not while it runs (made at ~10 ms each)
         self._top_up(self._expected(rps_guess, cap, c.requests))
         before = await self._scrape()
+        cpu_before = cpu_snapshot()
         started = time.time()
         if kind == "concurrency":
             records, elapsed = await self.closed_phase(int(value), cap, c.requests, label)
         else:
             records, elapsed = await self.open_phase(value, cap, c.requests, c.seed + int(value * 1000), label)
+        cpu_after = cpu_snapshot()
         after = await self._scrape()
         self.progress.show(self._status(label, elapsed, cap), final=True)
         point = {"kind": kind, "value": value, "started": _dt.datetime.fromtimestamp(started, _dt.UTC).isoformat(),
                  **summarise_point(records, elapsed)}
         if kind == "rate":
             point["offered_rps"] = value
+        if cpu_before is not None and cpu_after is not None:  # this process tree (with --serve, the server too)
+            point["cpu"] = cpu_usage(cpu_before, cpu_after, TICKS_PER_S)
         if isinstance(before, dict) and isinstance(after, dict):
             point["triton"] = triton_delta(before, after)
         elif c.triton_metrics:

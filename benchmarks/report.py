@@ -135,7 +135,7 @@ def _label(point: Mapping) -> str:
 
 def format_points_table(points: Sequence[Mapping]) -> str:
     head = ("| point | requests | ok | errors | req/s | " + " | ".join(f"p{q} ms" for q in PERCENTILES)
-            + " | max ms | repeated | encoders ms | LLM ms |")
+            + " | max ms | repeated | encoders ms | LLM ms | other processes' cores |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in points:
         lat, stages = p["latency_ms"], p.get("stages_ms") or {}
@@ -144,7 +144,8 @@ def format_points_table(points: Sequence[Mapping]) -> str:
         lines.append(f"| {_label(p)} | {p['requests']} | {p['ok']} | {errors} | {_f(p['throughput_rps'], 2)} | "
                      + " | ".join(_f(lat[f"p{q}"]) for q in PERCENTILES)
                      + f" | {_f(lat['max'])} | {_f(100 * p['repeated_share'], 0)}% | "
-                     f"{_f(stages.get('encoders_ms'))} | {_f(stages.get('llm_ms'))} |")
+                     f"{_f(stages.get('encoders_ms'))} | {_f(stages.get('llm_ms'))} | "
+                     f"{_f((p.get('cpu') or {}).get('others_cores'), 2)} |")
     return "\n".join(lines)
 
 
