@@ -1,7 +1,8 @@
 """The front-end's one way to Triton: typed, validated, deadline-bounded calls to the ensembles.
 
 Both transports (gRPC in ``grpc_service``, HTTP in ``http_api``) turn their wire requests into
-these dataclasses and call ``TritonEngine``; nothing else in the front-end spells a tensor name.
+the dataclasses of ``requests`` and call ``TritonEngine``; nothing else in the front-end spells a
+tensor name (but the engine's own parts: ``answers``, ``triton_stream``).
 Errors come out as ``EngineError`` with a transport-neutral ``code`` that each transport maps to
 its own status (see ``ERROR_CODES``).
 
@@ -14,13 +15,12 @@ one path to the language model. The stream mechanics (never cancelling a Triton 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import numpy as np
@@ -29,8 +29,6 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from mofserve.core import tensors as T
-from mofserve.core.conversation import parse_options
-from mofserve.core.fusion import check_alpha
 from mofserve.core.profiles import get_profile
 from mofserve.core.tensors import FusionMode
 
@@ -47,7 +45,8 @@ from .answers import (
     Usage,
 )
 from .errors import ERROR_CODES, EngineError, model_error, triton_error
-from .triton_stream import Input, TritonStream, channel_args, infer_request, send_cancel
+from .requests import GenerationParams, Limits, Question, Selection, check_image, check_question, check_utf8
+from .triton_stream import Input, TritonStream, cancel_request, channel_args, infer_request, send_cancel
 
 __all__ = ["ERROR_CODES", "Answer", "Delta", "Embeddings", "EngineError", "GenerationParams", "Limits", "Question",
            "Selection", "ServingInfo", "StageTimings", "TextEmbeddings", "Tokens", "TritonEngine", "Usage"]
@@ -55,67 +54,7 @@ __all__ = ["ERROR_CODES", "Answer", "Delta", "Embeddings", "EngineError", "Gener
 if TYPE_CHECKING:
     from .probe import Readiness
 
-@dataclass(frozen=True)
-class Limits:
-    """Request limits enforced before anything reaches Triton (the models re-check images)."""
-
-    max_image_bytes: int = 20 << 20
-    max_question_chars: int = 2000
-    max_options_chars: int = 2000
-    max_new_tokens: int = 512
-    max_compare_modes: int = 8
-    max_embed_images: int = 64
-    max_embed_texts: int = 64
-    max_text_chars: int = 2000
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-    def validate(self, limits: Limits) -> GenerationParams:
-        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= limits.max_new_tokens:
-            raise EngineError("invalid_argument", f"max_new_tokens: must be within [1, {limits.max_new_tokens}], "
-                                                  f"got {self.max_new_tokens}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
-            raise EngineError("invalid_argument", f"temperature: must be within [0, 2], got {self.temperature}")
-        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise EngineError("invalid_argument", f"top_p: must be within (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise EngineError("invalid_argument", f"seed: must be within [0, 2^63), got {self.seed}")
-        return self
-
-
-@dataclass(frozen=True)
-class Selection:
-    """A fusion mode and, for ``additive``, its DINOv2 proportion (None: the profile default)."""
-
-    mode: FusionMode
-    alpha: float | None = None
-
-    @classmethod
-    def parse(cls, mode: str, alpha: float | None = None) -> Selection:
-        try:
-            parsed = FusionMode.parse(mode)
-            if alpha is not None:
-                if parsed is not FusionMode.ADDITIVE:
-                    raise ValueError(f"alpha: only the additive mode takes alpha, not {parsed.value!r}")
-                alpha = check_alpha(alpha)
-        except ValueError as error:
-            raise EngineError("invalid_argument", str(error)) from None
-        return cls(parsed, alpha)
-
-
-@dataclass(frozen=True)
-class Question:
-    image: bytes
-    question: str
-    options: str | None = None
-    generation: GenerationParams = field(default_factory=GenerationParams)
-
+R = TypeVar("R")
 
 @dataclass(frozen=True)
 class ServingInfo:
@@ -195,6 +134,7 @@ class TritonEngine:
         self._logit_scale: tuple[float | None] | None = None  # embed_text's parameter, asked once
         # Triton calls and streams in flight, abandoned ones included (see _infer, ask_stream)
         self._detached: set[asyncio.Future] = set()
+        self._live: set[TritonStream] = set()  # streams a caller is reading (see _llm_died)
         # the supervisor's verdict (server/probe.py); None: ask Triton (see ready)
         self.readiness: Readiness | None = None
 
@@ -245,41 +185,10 @@ class TritonEngine:
     # ---- validation ------------------------------------------------------------------------
 
     def _check_image(self, image: bytes, field_name: str = "image") -> None:
-        if not image:
-            raise EngineError("invalid_argument", f"{field_name}: empty; send the encoded image bytes")
-        if len(image) > self.limits.max_image_bytes:
-            raise EngineError("too_large", f"{field_name}: {len(image)} bytes exceeds the limit of "
-                                           f"{self.limits.max_image_bytes} bytes (max_image_bytes)")
-
-    @staticmethod
-    def _check_utf8(text: str, field_name: str) -> None:
-        """Strings go to Triton as UTF-8: one holding an unpaired surrogate (JSON's ``"\\ud800"``
-        decodes to one) cannot be sent, and is the caller's error, not the server's."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            where = f"unpaired surrogate U+{ord(text[error.start]):04X} at character {error.start}"
-            raise EngineError("invalid_argument", f"{field_name}: not valid UTF-8 ({where})") from None
+        check_image(image, self.limits, field_name)
 
     def _check_question(self, q: Question) -> None:
-        self._check_image(q.image)
-        self._check_utf8(q.question, "question")
-        if q.options is not None:
-            self._check_utf8(q.options, "options")
-        if not q.question.strip():
-            raise EngineError("invalid_argument", "question: empty; ask something about the image")
-        if len(q.question) > self.limits.max_question_chars:
-            raise EngineError("invalid_argument", f"question: {len(q.question)} characters exceeds the limit of "
-                                                  f"{self.limits.max_question_chars} (max_question_chars)")
-        if q.options is not None and q.options.strip():
-            if len(q.options) > self.limits.max_options_chars:
-                raise EngineError("invalid_argument", f"options: {len(q.options)} characters exceeds the limit "
-                                                      f"of {self.limits.max_options_chars} (max_options_chars)")
-            try:
-                parse_options(q.options)
-            except ValueError as error:
-                raise EngineError("invalid_argument", str(error)) from None
-        q.generation.validate(self.limits)
+        check_question(q, self.limits)
 
     # ---- calls -----------------------------------------------------------------------------
 
@@ -355,13 +264,47 @@ class TritonEngine:
                 inputs.append(Input.scalar(name, value, dtype))
         return inputs
 
-    async def _io_or_error(self, model: str, timeout: float | None) -> tuple[frozenset[str], frozenset[str]]:
+    async def _checked(self, call: Awaitable[R]) -> R:
+        """A Triton metadata or config call, its failures as ``EngineError``."""
         try:
-            return await self._model_io(model, timeout)
+            return await call
         except InferenceServerException as error:
             raise triton_error(error.message() or str(error), str(error.status())) from None
         except Exception as error:  # connection refused, channel closed while Triton restarts
             raise EngineError("unavailable", f"triton: not reachable at {self.triton_url} ({error})") from None
+
+    def _llm_died(self, error: EngineError) -> None:
+        """When ``error`` says the ``llm`` stub is dead, fail every stream being read, as unavailable:
+        Triton 2.51 never ends the sequences a dead decoupled stub was running (measured: no final
+        response, no error), so their callers would wait out their deadlines. The supervisor's
+        probe (``ping_llm``) finds a dead stub within a second; Triton is then restarted."""
+        if error.code == "unavailable" and f"'{T.LLM}_" in error.message and "is not healthy" in error.message:
+            for stream in list(self._live):
+                stream.fail(EngineError("unavailable", f"llm: {error.message} (answers in progress are lost); "
+                                                       "retry"))
+
+    async def ping_llm(self, timeout: float | None = None) -> None:
+        """A round trip to the ``llm`` model itself: a CANCEL for a sequence that does not exist,
+        answered at once; ``EngineError`` if the model does not answer (a dead stub: see
+        ``_llm_died``). Nothing to do for a repository whose ``llm`` does not stream."""
+        inputs, _ = await self._checked(self._model_io(T.LLM, timeout))
+        if T.CANCEL not in inputs:
+            return
+        stream = TritonStream(self.stream_stub, cancel_request(f"ping-{uuid.uuid4().hex}"), self._detached,
+                              self.triton_url)
+        try:
+            while (response := await stream.next(timeout)) is not None:
+                if response.error is not None:
+                    error = triton_error(response.error)
+                    self._llm_died(error)
+                    raise error
+                if response.final:
+                    return
+        except TimeoutError:
+            raise EngineError("deadline_exceeded", f"deadline: {T.LLM} did not answer within {timeout:.3f} s") from None
+        finally:
+            if not stream.done:
+                stream.abandon()
 
     async def ask_stream(self, q: Question, selection: Selection,
                          timeout: float | None = None) -> AsyncIterator[Delta | Answer]:
@@ -380,7 +323,7 @@ class TritonEngine:
         deadline = None if timeout is None else time.monotonic() + timeout
         model = T.vqa_model(selection.mode)
         started = time.perf_counter()
-        inputs, available = await self._io_or_error(model, timeout)
+        inputs, available = await self._checked(self._model_io(model, timeout))
         request_id = uuid.uuid4().hex if T.REQUEST_ID in inputs else ""
         request = self._ask_inputs(q, selection)
         if request_id:
@@ -389,6 +332,7 @@ class TritonEngine:
         stream = TritonStream(self.stream_stub, infer_request(model, request, outputs, request_id), self._detached,
                               self.triton_url)
         builder = AnswerBuilder(started)
+        self._live.add(stream)
         try:
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -400,13 +344,16 @@ class TritonEngine:
                 if response is None:  # the RPC ended
                     break
                 if response.error is not None:
-                    raise triton_error(response.error)
+                    error = triton_error(response.error)
+                    self._llm_died(error)
+                    raise error
                 delta = builder.add(response.result)
                 if delta is not None:
                     yield delta
                 if response.final:
                     break
         finally:
+            self._live.discard(stream)
             if not stream.done:  # the caller went away, its deadline passed, or an error came mid-stream
                 cancel = (lambda: send_cancel(self.stream_stub, request_id, self._detached, self.triton_url)) \
                     if request_id else None
@@ -477,12 +424,7 @@ class TritonEngine:
         if self._logit_scale is None:
             if timeout is not None and timeout <= 0:
                 raise EngineError("deadline_exceeded", "deadline: expired before the request reached Triton")
-            try:
-                response = await self.client.get_model_config(T.EMBED_TEXT, client_timeout=timeout)
-            except InferenceServerException as error:
-                raise triton_error(error.message() or str(error), str(error.status())) from None
-            except Exception as error:  # connection refused, channel closed while Triton restarts
-                raise EngineError("unavailable", f"triton: not reachable at {self.triton_url} ({error})") from None
+            response = await self._checked(self.client.get_model_config(T.EMBED_TEXT, client_timeout=timeout))
             parameter = response.config.parameters.get(T.LOGIT_SCALE_PARAMETER)
             self._logit_scale = (float(parameter.string_value) if parameter is not None else None,)
         return self._logit_scale[0]
@@ -498,7 +440,7 @@ class TritonEngine:
         for i, text in enumerate(texts):
             if not text.strip():
                 raise EngineError("invalid_argument", f"texts[{i}]: empty; send the text to embed")
-            self._check_utf8(text, f"texts[{i}]")
+            check_utf8(text, f"texts[{i}]")
             if len(text) > self.limits.max_text_chars:
                 raise EngineError("invalid_argument", f"texts[{i}]: {len(text)} characters exceeds the limit of "
                                                       f"{self.limits.max_text_chars} (max_text_chars)")

@@ -11,6 +11,11 @@ report.
 The probe image is tiny and always the same, so after the first probe the encoders answer it from
 their feature cache: a probe then costs a cache lookup per encoder, the four projectors and one
 LLM token, yet still passes through every stub.
+
+The ``llm`` model streams (decoupled), and when its stub dies Triton never ends the sequences it
+was running, the probe's own included: so the probe also pings ``llm`` directly (a CANCEL round
+trip, ``TritonEngine.ping_llm``), which a dead stub fails within a second, and which then fails
+every stream in progress (the probe's question too) instead of leaving them to their deadlines.
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ async def probe_inference(engine: TritonEngine, timeout: float) -> ProbeResult:
 
     async def ask() -> None:
         question = Question(image, PROBE_QUESTION, generation=GenerationParams(max_new_tokens=1))
-        await engine.ask(question, Selection(FusionMode.INTERLEAVED), timeout=timeout)
+        # the ping names a dead llm stub quickly even if this question's sequence hangs in it
+        await asyncio.gather(engine.ask(question, Selection(FusionMode.INTERLEAVED), timeout=timeout),
+                             engine.ping_llm(timeout))
 
     async def text() -> None:
         if await asyncio.wait_for(engine.client.is_model_ready(T.EMBED_TEXT), timeout):

@@ -122,9 +122,10 @@ class StreamResponse:
     final: bool
 
 
+#: The status of a failed stream RPC (not of a response: those carry only text). Anything else,
+#: INTERNAL included (a reset connection when Triton dies mid-stream), is "unavailable": retry.
 _RPC_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument", grpc.StatusCode.NOT_FOUND: "not_found",
-              grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted", grpc.StatusCode.INTERNAL: "internal",
-              grpc.StatusCode.UNIMPLEMENTED: "internal"}
+              grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted", grpc.StatusCode.UNIMPLEMENTED: "internal"}
 
 
 def _response(message: service_pb2.ModelStreamInferResponse) -> StreamResponse:
@@ -231,12 +232,22 @@ class TritonStream:
                 self._queue.get_nowait()
 
 
+    def fail(self, error: EngineError) -> None:
+        """Hand ``error`` to the reader of ``next`` now (the responses still due will never come)."""
+        if not self.abandoned and not self.done:
+            self._queue.put_nowait(error)
+
+
+def cancel_request(request_id: str) -> service_pb2.ModelInferRequest:
+    """The request that ends the ``llm`` sequence ``request_id``: one final response, at once."""
+    return infer_request(T.LLM, [Input.text(T.REQUEST_ID, [request_id.encode()]), Input.scalar(T.CANCEL, True, "BOOL")],
+                         request_id=f"cancel-{request_id}")
+
+
 def send_cancel(stub: service_pb2_grpc.GRPCInferenceServiceStub, request_id: str,
                 detached: set[asyncio.Future], target: str = "triton") -> TritonStream:
     """Ask the ``llm`` model to end the sequence ``request_id`` (``FINISH_REASON`` "cancelled",
     its batch slot freed) through a stream of its own, read to its end in the background."""
-    request = infer_request(T.LLM, [Input.text(T.REQUEST_ID, [request_id.encode()]),
-                                    Input.scalar(T.CANCEL, True, "BOOL")], request_id=f"cancel-{request_id}")
-    stream = TritonStream(stub, request, detached, target)
+    stream = TritonStream(stub, cancel_request(request_id), detached, target)
     stream.abandon()  # nobody waits for its answer; an error is logged
     return stream

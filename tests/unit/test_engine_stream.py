@@ -52,6 +52,7 @@ class FakeTriton:
         self.requests: list[service_pb2.ModelInferRequest] = []
         self.release = asyncio.Event()
         self.ended: list[str] = []  # model of each stream read to its end
+        self.llm_dead = False  # a killed llm stub: Triton answers "not healthy" to new requests only
 
     def ModelStreamInfer(self, requests):  # Triton's name
         async def responses():
@@ -60,10 +61,15 @@ class FakeTriton:
                 model = request.model_name
                 self.requests.append(request)
                 if request.model_name == T.LLM:  # a CANCEL: one empty final response
+                    if self.llm_dead:
+                        yield response(final=True, error="Stub process 'llm_0_0' is not healthy.")
+                        continue
                     self.release.set()
                     yield response(final=True)
                     continue
                 for item in self.script:
+                    if item == "never":
+                        await asyncio.Event().wait()
                     if item == "wait":
                         await self.release.wait()
                     else:
@@ -79,6 +85,7 @@ def engine_with(script: list, request_id: bool = True) -> tuple[TritonEngine, Fa
     engine._stub = fake
     inputs = {T.IMAGE, T.QUESTION, T.OPTIONS} | ({T.REQUEST_ID} if request_id else set())
     engine._io[VQA] = (frozenset(inputs), frozenset(ASK_OUTPUTS))
+    engine._io[T.LLM] = (frozenset({T.REQUEST_ID, T.CANCEL, T.QUESTION}), frozenset(ASK_OUTPUTS))
     return engine, fake
 
 
@@ -237,3 +244,31 @@ def test_a_sequence_the_server_cancelled_is_unavailable_not_an_answer():
 ])
 def test_stream_errors_without_a_status_map_by_their_text(message, code):
     assert triton_error(message).code == code
+
+
+def test_ping_llm_is_a_cancel_round_trip():
+    engine, fake = engine_with([])
+    asyncio.run(engine.ping_llm(5))
+    assert [r.model_name for r in fake.requests] == [T.LLM]
+    assert {i.name for i in fake.requests[0].inputs} == {T.REQUEST_ID, T.CANCEL}
+
+
+def test_a_dead_llm_stub_fails_the_streams_it_left_hanging_at_once():
+    """Triton never ends the sequences of a killed decoupled stub; the ping finds it dead and every
+    stream being read fails as unavailable instead of waiting out its deadline."""
+    engine, fake = engine_with([STREAM[0], "never"])  # "never": no further response, ever
+
+    async def run():
+        hanging = asyncio.ensure_future(collect(engine, timeout=30))
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        fake.llm_dead = True
+        with pytest.raises(EngineError) as pinged:
+            await engine.ping_llm(5)
+        with pytest.raises(EngineError) as hung:
+            await asyncio.wait_for(hanging, 5)
+        return pinged.value, hung.value
+
+    pinged, hung = asyncio.run(run())
+    assert pinged.code == "unavailable" and "llm_0_0" in pinged.message
+    assert hung.code == "unavailable" and hung.message.startswith("llm: ")
