@@ -30,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from mofserve.core import tensors as T
 from mofserve.core.profiles import get_profile
+from mofserve.core.targets import mode_encoders
 from mofserve.core.tensors import FusionMode
 
 from .answers import (
@@ -102,8 +103,7 @@ def _timings(result, started: float) -> StageTimings:
 
 
 def _encoders(mode: FusionMode) -> frozenset[str]:
-    return frozenset(e for e, used in (("clip", mode is not FusionMode.DINOV2), ("dinov2", mode is not FusionMode.CLIP))
-                     if used)
+    return frozenset(mode_encoders(mode))
 
 
 def _covering_wave(selections: Sequence[Selection]) -> list[int]:
