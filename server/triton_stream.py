@@ -231,7 +231,6 @@ class TritonStream:
             while True:
                 self._queue.get_nowait()
 
-
     def fail(self, error: EngineError) -> None:
         """Hand ``error`` to the reader of ``next`` now (the responses still due will never come)."""
         if not self.abandoned and not self.done:
