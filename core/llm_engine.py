@@ -37,7 +37,7 @@ import copy
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +48,10 @@ from .kv_slots import SlotCache, decode_step, geometry
 from .language_model import Prompt, Sampling, VisualLanguageModel
 
 LOGGER = logging.getLogger(__name__)
+
+
+CANCEL_MEMORY = 4096  # ids cancelled before their request arrived, remembered ...
+CANCEL_MEMORY_S = 300.0  # ... for this long (a request's deadline is shorter)
 
 
 class CapacityError(RuntimeError):
@@ -137,6 +141,9 @@ class LLMEngine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # index == slot
         self._by_id: dict[str, _Sequence] = {}
+        # ids cancelled before they arrived (a caller that gave up while its request was still in
+        # the encoders): a late submit of one of them ends at once instead of taking a slot
+        self._cancelled_early: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Condition()
         self._closed = False
         self.steps = 0  # decode steps run
@@ -174,6 +181,8 @@ class LLMEngine:
                 raise CapacityError("llm: the engine is shutting down")
             if request_id in self._by_id:
                 raise ValueError(f"request_id: {request_id!r} is already running")
+            if self._cancelled_early.pop(request_id, None) is not None:
+                sequence.cancelled = True  # the loop ends it without a prefill
             if len(self._waiting) >= self.max_waiting:
                 raise CapacityError(f"llm: {len(self._waiting)} sequences are waiting for a slot (max_waiting); "
                                     "retry later")
@@ -186,10 +195,20 @@ class LLMEngine:
         with self._lock:
             sequence = self._by_id.get(request_id)
             if sequence is None:
+                self._remember_cancel(request_id)
                 return False
             sequence.cancelled = True
             self._lock.notify()
             return True
+
+    def _remember_cancel(self, request_id: str) -> None:
+        """Keep an unknown id for ``CANCEL_MEMORY_S`` (at most ``CANCEL_MEMORY``): its request may
+        still be on its way through the encoders."""
+        now = time.monotonic()
+        self._cancelled_early[request_id] = now
+        while self._cancelled_early and (len(self._cancelled_early) > CANCEL_MEMORY or
+                                         next(iter(self._cancelled_early.values())) < now - CANCEL_MEMORY_S):
+            self._cancelled_early.popitem(last=False)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking work, cancel everything queued or running, stop the loop."""

@@ -185,3 +185,17 @@ def test_batched_answers_equal_one_at_a_time_on_cuda(tiny_paths):
     alone, _ = run(cuda, requests, max_sequences=1)
     together, _ = run(cuda, requests, max_sequences=8)
     assert [a.token_ids for a in alone] == [b.token_ids for b in together]
+
+
+def test_a_cancel_that_arrives_before_its_request_ends_it_without_a_prefill(vlm):
+    """The front-end may give up while the request is still in the encoders: the cancel for its id
+    comes first, and the late request must not take a slot."""
+    engine = LLMEngine(vlm, max_sequences=1)
+    try:
+        assert not engine.cancel("early")
+        (result,) = engine.generate_many([dict(request_id="early", visual_tokens=visual(64, 5), question=QUESTIONS[0],
+                                               options=None, sampling=vlm.sampling(max_new_tokens=8))], timeout=30)
+        assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+        assert engine.answer(visual(64, 6), QUESTIONS[1], max_new_tokens=2).finish_reason == "length"
+    finally:
+        engine.close()
