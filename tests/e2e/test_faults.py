@@ -74,9 +74,10 @@ class Load:
     asyncio loop in a thread, until ``stop()``; every outcome is kept."""
 
     def __init__(self, endpoints: dict[str, str], grpc_workers: int = 3, http_workers: int = 1,
-                 max_new_tokens: int = 4) -> None:
+                 max_new_tokens: int = 4, stream_workers: int = 0) -> None:
         self.endpoints = endpoints
-        self.workers = {"grpc": grpc_workers, "http": http_workers}
+        # "stream": gRPC AskStream workers (token deltas, then the final answer)
+        self.workers = {"grpc": grpc_workers, "http": http_workers, "stream": stream_workers}
         self.max_new_tokens = max_new_tokens
         self.outcomes: list[Outcome] = []
         self.in_flight: dict[tuple[str, int], float] = {}  # worker -> when its current call started
@@ -90,7 +91,8 @@ class Load:
         try:
             for scheme, count in self.workers.items():
                 if count:
-                    config = LoadConfig(target=parse_target(self.endpoints[scheme]), concurrency=[count],
+                    endpoint = self.endpoints["grpc" if scheme == "stream" else scheme]
+                    config = LoadConfig(target=parse_target(endpoint), concurrency=[count], stream=scheme == "stream",
                                         max_new_tokens=self.max_new_tokens, timeout_s=DEADLINE_S, progress=False)
                     transports[scheme] = make_transport(config.target, config, self.images)
                     await transports[scheme].open()
@@ -215,7 +217,7 @@ def test_killed_triton_fails_fast_restarts_and_service_recovers_without_losing_r
     http = served.endpoints["http"]
     frontend = served.process.pid
     before = service_processes(frontend)
-    with Load(served.endpoints) as load:
+    with Load(served.endpoints, grpc_workers=2, stream_workers=1) as load:
         load.wait_ok(8)
         killed_at = time.monotonic()
         os.kill(before["tritonserver"], signal.SIGKILL)
@@ -243,7 +245,7 @@ def test_killed_stub_leaves_triton_ready_but_probe_fails_and_supervisor_restarts
     frontend = served.process.pid
     before = service_processes(frontend)
     triton_url = _triton_grpc_url(served.log_path.read_text(errors="replace"))
-    with Load(served.endpoints) as load:
+    with Load(served.endpoints, grpc_workers=2, stream_workers=1) as load:
         load.wait_ok(8)
         killed_at = time.monotonic()
         os.kill(before["stub:llm"], signal.SIGKILL)
@@ -267,18 +269,19 @@ def test_killed_stub_leaves_triton_ready_but_probe_fails_and_supervisor_restarts
     _report("SIGKILL stub llm", outcomes, 0, recovery_s=f"{recovered_at - killed_at:.1f}")
 
 
-def test_sigterm_drains_in_flight_requests_on_both_transports_and_exits_within_the_grace(served):
-    # long answers, so that every worker has a request in flight when the signal comes
-    with Load(served.endpoints, grpc_workers=3, http_workers=1, max_new_tokens=128) as load:
-        load.wait_ok(4)
+def test_sigterm_drains_in_flight_requests_and_open_streams_and_exits_within_the_grace(served):
+    # long answers, so that every worker has a request in flight when the signal comes; two workers
+    # hold AskStream streams open (tokens arriving) while the server drains
+    with Load(served.endpoints, grpc_workers=2, http_workers=1, stream_workers=2, max_new_tokens=128) as load:
+        load.wait_ok(5)
         # every worker's call has been in flight a moment, so the server has taken it in already
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             in_flight = dict(load.in_flight)
-            if len(in_flight) == 4 and time.monotonic() - max(in_flight.values()) > 0.05:
+            if len(in_flight) == 5 and time.monotonic() - max(in_flight.values()) > 0.05:
                 break
             time.sleep(0.005)
-        assert {scheme for scheme, _ in in_flight} == {"grpc", "http"}, in_flight
+        assert {scheme for scheme, _ in in_flight} == {"grpc", "http", "stream"}, in_flight
         signalled = time.monotonic()
         served.process.send_signal(signal.SIGTERM)
         code = served.process.wait(GRACE_S + EXIT_MARGIN_S + 10)
@@ -287,9 +290,9 @@ def test_sigterm_drains_in_flight_requests_on_both_transports_and_exits_within_t
     assert code == 0
     assert exited < GRACE_S + EXIT_MARGIN_S, f"stopping took {exited:.1f} s"
     caught = [o for o in outcomes if o.started < signalled < o.ended]
-    assert len(caught) >= 3  # of 4 workers in flight (one may have finished as the signal went)
+    assert len(caught) >= 4  # of 5 workers in flight (one may have finished as the signal went)
     assert all(o.code == "OK" for o in caught), f"in-flight requests were not drained: {caught}"
-    assert {o.transport for o in caught} == {"grpc", "http"}
+    assert {"grpc", "http"} <= {o.transport for o in caught} and "stream" in {o.transport for o in caught}
     # after the signal: UNAVAILABLE (gRPC), or the HTTP port closed (refused, or an idle keep-alive
     # connection closed under a new request): all say "not here any more", none hangs
     late = [o for o in outcomes if o.started > signalled]
