@@ -161,6 +161,7 @@ class SoakConfig:
     tolerance: RssTolerance = field(default_factory=RssTolerance)
     seed: int = 0
     progress: bool = True  # bench load's status line every few seconds
+    stream: bool = True  # Ask through AskStream (token streams held open, as apps use it)
 
     def __post_init__(self) -> None:
         if not self.duration_s > 0:
@@ -182,7 +183,8 @@ async def soak(target: str, frontend_pid: int, config: SoakConfig, log=None) -> 
     log = log or (lambda message: print(f"[soak] {message}", file=sys.stderr, flush=True))
     load = LoadConfig(target=parse_target(target), concurrency=[config.concurrency], duration_s=None,
                       requests=None, warmup_s=config.warmup_s, mix=dict(config.mix), repeat_ratio=config.repeat_ratio,
-                      timeout_s=config.timeout_s, seed=config.seed, progress=config.progress)
+                      timeout_s=config.timeout_s, seed=config.seed, progress=config.progress,
+                      stream=config.stream)
     images = ImagePool()
     images.ensure(config.images)
     transport = make_transport(load.target, load, images)
