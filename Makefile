@@ -10,7 +10,7 @@ export MOFSERVE_HOME ?= $(CURDIR)/.mofserve
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration lint bench-encoders bench-load bench-load-paper-shaped bench-llm bench-perf-analyzer soak fuzz gpu-check clean
+.PHONY: install browser demo test test-unit test-integration lint bench-encoders bench-load bench-load-paper-shaped bench-llm bench-perf-analyzer soak fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -21,7 +21,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
 	$(PY) -m mofserve.protogen --force
+	@$(MAKE) --no-print-directory browser
 	touch $@
+
+# Debian's chromium for the playground's browser test (Playwright drives it; no browser download). Once: skipped when
+# chromium is there; never fails the install (no apt, not root, offline): tests/e2e/test_playground.py then skips, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt-get) for the playground's browser test"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null; } || echo "note: apt-get could not install chromium; the browser test will skip"; \
+	else echo "note: chromium is not installed and apt-get as root is not available; the browser test will skip"; fi
 
 demo: install
 	$(VENV)/bin/mofserve demo

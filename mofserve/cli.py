@@ -103,7 +103,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in ("profile", "host", "grpc_port", "http_port", "clip", "dinov2",
                                                      "llava", "max_restarts", "target")}
     flags.update({name: getattr(args, name) for name in SERVE_LIMIT_AND_SECURITY_FLAGS})
-    flags.update({name: getattr(args, name) for name in ("triton_url", "triton_metrics_url")})
+    flags.update({name: getattr(args, name) for name in ("triton_url", "triton_metrics_url", "playground")})
     return serve(load_config(args.config, flags))
 
 
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "no export, no Triton child")
     serve.add_argument("--triton-metrics-url", metavar="http://HOST:PORT/metrics",
                        help="with --triton-url: that Triton's metrics page, relayed at /metrics/triton")
+    serve.add_argument("--no-playground", dest="playground", action="store_const", const=False,
+                       help="no web playground at / of the HTTP port (default: served, behind the same auth)")
     _add_limit_and_security_args(serve)
     serve.set_defaults(func=_cmd_serve)
 

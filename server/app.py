@@ -28,6 +28,7 @@ from .metrics import FrontendMetrics
 from .remote_triton import RemoteTriton
 from .security import GrpcBearerAuth, Security, http_bearer_auth
 from .supervisor import Log, TritonLifecycle, TritonProcess, TritonSupervisor
+from .web_routes import add_web_routes, open_http_paths
 
 
 def stderr_log(message: str) -> None:
@@ -92,7 +93,10 @@ class MofServeApp:
         await self._grpc_server.start()
         app = build_http_app(self.engine, self.metrics, triton_metrics_url=lambda: triton.metrics_url,
                              max_body_bytes=c.max_body_bytes or None, admission=admission,
-                             middlewares=[http_bearer_auth(security.token, self.metrics)] if security.token else ())
+                             middlewares=[http_bearer_auth(security.token, self.metrics, open_http_paths(c.playground))]
+                             if security.token else ())
+        add_web_routes(app, self.engine, self.metrics, admission, c, profile, auth=security.token is not None,
+                       tls=security.tls, triton_metrics=triton.metrics_url is not None)  # info, similarity, playground
         self._http_runner, http_port = await start_http(app, host=c.host, port=c.http_port,
                                                         shutdown_timeout_s=c.shutdown_grace_s,
                                                         ssl_context=security.http_ssl_context())
@@ -139,6 +143,8 @@ class MofServeApp:
             self.log(f"serving profile {profile.name}: gRPC {endpoints.grpc}, HTTP {endpoints.http} "
                      f"(OpenAI-compatible /v1/chat/completions), metrics {endpoints.http}/metrics; "
                      f"Triton gRPC {endpoints.triton_grpc}, Triton metrics {endpoints.triton_metrics}")
+            if self.config.playground:
+                self.log(f"playground: {endpoints.http}/")
             if profile.random_weights:
                 self.log(f"profile {profile.name} has seeded RANDOM weights: answers are not meaningful")
             print(f"READY grpc={endpoints.grpc} http={endpoints.http}", flush=True)

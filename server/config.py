@@ -54,6 +54,7 @@ class ServeConfig:
     tls_client_ca_file: str | None = None  # mutual TLS: clients need a certificate this CA signed
     auth_token: str | None = field(default=None, repr=False)  # a secret: never printed
     auth_token_file: str | None = None  # the token's file (first line), instead of auth_token
+    playground: bool = True  # the web playground at / of the HTTP port (server/playground; serve --no-playground)
     limits: Limits = field(default_factory=Limits)
 
     def merged(self, values: Mapping[str, Any]) -> ServeConfig:
@@ -75,6 +76,15 @@ class ServeConfig:
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
     text = str(kind)
+    if text == "bool":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
     try:
         if text.startswith("int"):
             return int(value)
