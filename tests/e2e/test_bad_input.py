@@ -487,6 +487,51 @@ def test_bad_input_over_http_names_the_field_and_the_server_goes_on(frontends, c
     good_http(frontends)
 
 
+ASK_CASES = [c for c in CASES if c.grpc and c.grpc()[0] == "Ask"]
+
+
+def _streamed_chat(case: Case) -> bytes | None:
+    """The case's chat body with ``"stream": true``, or None when it is not a JSON object."""
+    body, content_type = case.http()
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if content_type != "application/json" or not isinstance(payload, dict):
+        return None
+    return json_bytes({**payload, "stream": True})
+
+
+STREAM_HTTP_CASES = [c for c in CASES if c.http and _streamed_chat(c) is not None]
+
+
+@pytest.mark.parametrize("case", ASK_CASES, ids=[c.name for c in ASK_CASES])
+def test_bad_input_over_ask_stream_gets_the_status_of_ask_and_the_server_goes_on(frontends, case):
+    """The same refusals when the answer would stream: the status comes before any token."""
+    _, request = case.grpc()
+    raw = request if isinstance(request, bytes) else request.SerializeToString()
+    call = frontends.channel.unary_stream(f"/{SERVICE_NAME}/AskStream")(raw, timeout=60)
+    with pytest.raises(grpc.RpcError) as error:
+        for _ in call:
+            pass
+    details = error.value.details() or ""
+    assert error.value.code() == grpc.StatusCode[case.grpc_status], f"{case.name}: {error.value.code()} {details}"
+    for fragment in case.grpc_fragments:
+        assert fragment in details, f"{case.name}: {fragment!r} not in {details!r}"
+    good_grpc(frontends)
+
+
+@pytest.mark.parametrize("case", STREAM_HTTP_CASES, ids=[c.name for c in STREAM_HTTP_CASES])
+def test_bad_input_with_stream_true_keeps_its_http_status_and_the_server_goes_on(frontends, case):
+    """An error before the first SSE chunk is an ordinary HTTP error, as without streaming."""
+    status, payload = post(frontends.http_port, _streamed_chat(case), "application/json")
+    assert status == case.http_status, f"{case.name}: {status} {payload}"
+    assert payload["error"]["param"] == case.param, f"{case.name}: {payload}"
+    for fragment in case.http_fragments:
+        assert fragment in payload["error"]["message"], f"{case.name}: {fragment!r} not in {payload}"
+    good_http(frontends)
+
+
 def test_unknown_protobuf_fields_are_ignored_as_protobuf_intends(frontends):
     """A newer client's extra field (number 99 here) must not break an older server."""
     raw = ask_pb(max_new_tokens=1).SerializeToString() + b"\x98\x06\x01"  # field 99, varint 1
