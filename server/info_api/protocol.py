@@ -4,9 +4,10 @@ serve settings the caller hands over)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cache
+from importlib import metadata
 from typing import Any
 
-from mofserve import __version__
 from mofserve.core.profiles import get_profile
 from mofserve.core.targets import mode_encoders
 from mofserve.core.tensors import FusionMode
@@ -32,6 +33,16 @@ class ServerFacts:
     split: bool = False  # serve --triton-url: a Triton this front-end does not own
 
 
+@cache
+def _version() -> str:
+    """The installed distribution's version (read from its metadata: the server floor does not
+    import the ``mofserve`` top package)."""
+    try:
+        return metadata.version("mofserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def info_body(info: ServingInfo, limits: Limits, facts: ServerFacts, *, ready: bool) -> dict[str, Any]:
     try:
         profile = get_profile(info.profile)
@@ -41,7 +52,7 @@ def info_body(info: ServingInfo, limits: Limits, facts: ServerFacts, *, ready: b
         image = None
     return {
         "object": OBJECT,
-        "version": __version__,
+        "version": _version(),
         "ready": ready,
         "profile": info.profile,
         "random_weights": info.random_weights,

@@ -122,6 +122,11 @@ def _modes(page, form: str, keep: set[str]) -> None:
         box.set_checked(box.get_attribute("value") in keep)
 
 
+def _shot(page, path: Path, full: bool = True) -> None:
+    page.evaluate("window.scrollTo(0, 0)")  # the sticky warning banner at the top of a full-page shot
+    page.screenshot(path=str(path), full_page=full)
+
+
 def _no_page_errors(page) -> None:
     assert not [p for p in page.problems if p.startswith("pageerror")], page.problems
 
@@ -134,7 +139,7 @@ def test_ask_in_four_modes_streams_answers_side_by_side(served, browser, photo, 
     _ready(page)
     assert "RANDOM WEIGHTS" in page.inner_text("#weights-warning")
     page.set_input_files("input[name=ask-image]", str(photo))
-    assert page.locator(".ask-form img.preview").is_visible()
+    page.wait_for_selector(".ask-form img.preview", state="visible")  # the preview
     page.fill("textarea[name=question]", "Is the cat looking at the camera?")
     page.fill("input[name=options]", "(a) Yes (b) No")
     _modes(page, ".ask-form", {"clip", "dinov2", "additive", "interleaved"})
@@ -171,7 +176,7 @@ def test_ask_in_four_modes_streams_answers_side_by_side(served, browser, photo, 
     assert all(a["stream"] is True and a["options"] == "(a) Yes (b) No" and a["max_tokens"] == 12 for a in asks)
     assert [a.get("alpha") for a in asks if a["model"] == "mofserve-additive"] == [0.75]
     _no_page_errors(page)
-    page.screenshot(path=str(shots / "ask.png"), full_page=True)
+    _shot(page, shots / "ask.png")
     page.close()
 
 
@@ -213,7 +218,7 @@ def test_pair_view_on_a_photo_and_its_mirror(served, browser, photo, shots):
     sims = [json.loads(body) for method, url, _, body in page.requests if url.endswith("/v1/mofserve/similarity")]
     assert len(sims) == 1 and len(sims[0]["images"]) == 2 and sims[0]["images"][0] != sims[0]["images"][1]
     _no_page_errors(page)
-    page.screenshot(path=str(shots / "pair.png"), full_page=True)
+    _shot(page, shots / "pair.png")
     page.close()
 
 
@@ -247,7 +252,7 @@ def test_server_panel_and_reports_of_real_runs(served, browser, shots, tmp_path)
     assert re.search(r"questions answered / failed\s+\d+ / \d+", figures), figures
     assert re.search(r"p50 latency, chat completions\s+\d+ ms", figures), figures
     assert re.search(r"feature-cache hit rate\s+\d+% \(\d+ of \d+ encoder lookups\)", figures), figures
-    page.screenshot(path=str(shots / "server.png"), full_page=True)
+    _shot(page, shots / "server.png")
 
     page.click("#tab-reports")
     pickers = page.locator(".report-picker input[type=file][multiple]:not([webkitdirectory])")
@@ -271,7 +276,7 @@ def test_server_panel_and_reports_of_real_runs(served, browser, shots, tmp_path)
     posts = [url for method, url, _, _ in page.requests if method != "GET"]
     assert posts == []  # read-only: the reports never leave the page
     _no_page_errors(page)
-    page.screenshot(path=str(shots / "reports.png"), full_page=True)
+    _shot(page, shots / "reports.png")
     page.close()
 
 
@@ -282,10 +287,10 @@ def test_with_auth_the_page_asks_for_the_token_and_keeps_it_out_of_urls(served, 
     page = _page(browser, served["auth"])
     page.wait_for_selector("#auth-panel:not([hidden])", timeout=30_000)
     assert "token needed" in page.inner_text("#server-status")
-    page.screenshot(path=str(shots / "auth.png"))
+    _shot(page, shots / "auth.png", full=False)
     page.fill("#token", "not-the-token-at-all")
     page.click("#auth-form button[type=submit]")
-    page.wait_for_function("document.querySelector('#auth-message').textContent.includes('refused')")
+    page.locator("#auth-message", has_text="refused").wait_for()  # (wait_for_function would eval: the CSP forbids it)
     page.fill("#token", TOKEN)
     page.click("#auth-form button[type=submit]")
     _ready(page)
@@ -338,7 +343,7 @@ def test_api_errors_are_shown_in_words(served, browser, shots, tmp_path):
     assert big.stat().st_size > MAX_IMAGE_BYTES
     words = _ask_one(page, big)
     assert "Too large for the server (HTTP 413, too_large)" in words and "max_image_bytes" in words, words
-    page.screenshot(path=str(shots / "error-413.png"))
+    _shot(page, shots / "error-413.png", full=False)
 
     for status, code in ((429, "resource_exhausted"), (503, "unavailable")):  # the server's words, busy / restarting
         body = json.dumps({"error": {"message": f"{code}: try later", "type": "server_error", "param": None,
@@ -372,6 +377,6 @@ def test_keyboard_labels_and_phone_width(served, browser, shots):
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 1, f"{tab}: {overflow} px wider than a phone"
     page.click("#tab-ask")
-    page.screenshot(path=str(shots / "phone.png"), full_page=True)
+    _shot(page, shots / "phone.png")
     _no_page_errors(page)
     page.close()

@@ -131,6 +131,7 @@ async function showSimilarity(root, result, a, b, info) {
       heatMap(a, grid, aspect, `${name} per-patch similarity over image A. ${summary}`),
       heatMap(b, grid, aspect, `${name} per-patch similarity over image B. ${summary}`)]);
     maps.append(h("figure", { class: "heat-pair", dataset: { encoder: key } },
+      h("h4", { text: `${name}: image A and image B` }),
       h("div", { class: "heat-row" }, ca, cb),
       h("figcaption", { text: summary })));
   }
