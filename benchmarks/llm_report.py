@@ -53,8 +53,10 @@ def format_engines(engines: Mapping) -> str:
 def format_layers(costs: Mapping) -> str:
     n = costs["layers"]
     depths = costs["depths"]
+    others = (costs.get("cpu") or {}).get("others_cores")
     lines = [f"Prompt of {costs['prompt_tokens']} positions; the LM has {costs['own_layers']} layers, timed cut or "
-             f"cycled to {', '.join(map(str, depths))}. **{n}-layer figures are an EXTRAPOLATION** "
+             f"cycled to {', '.join(map(str, depths))} in {costs.get('rounds', '?')} rotating rounds, best of each "
+             f"(other processes used {_f(others, 2)} cores meanwhile). **{n}-layer figures are an EXTRAPOLATION** "
              "(fixed + layers x per-layer cost, least squares), not a measurement.", "",
              "| phase | " + " | ".join(f"{d} layers ms" for d in depths) + " | fixed ms | per layer ms | fit worst "
              f"error | {n} layers ms (extrapolated) |", "|---|" + "---:|" * (len(depths) + 4)]
@@ -200,8 +202,12 @@ def main(argv=None) -> int:
                 S.log(f"  TTFT p50 {r['ttft_ms']['p50']:.0f} ms, decode {r['decode_tokens_per_s']:.2f} tokens/s, "
                       f"output {r['output_tokens_per_s']:.2f} tokens/s")
     if "layers" in args.sections:
+        cpu = cpu_snapshot()
         report["layers"] = S.layer_costs(vlm, args.prompt_tokens, sorted({1, args.sequences}),
                                          layers=args.extrapolate_layers)
+        after = cpu_snapshot()
+        if cpu is not None and after is not None:
+            report["layers"]["cpu"] = cpu_usage(cpu, after, TICKS_PER_S)
         report["load_average"]["layers"] = load_average()
     del vlm
     if "agreement" in args.sections:

@@ -320,7 +320,7 @@ def extrapolate(by_depth: Mapping[int, float], layers: int) -> dict:
 
 
 def layer_costs(vlm, prompt_tokens: int, batches: Sequence[int], depths: Sequence[int] = DEFAULT_DEPTHS,
-                layers: int = 32, rounds: int = 4) -> dict:
+                layers: int = 32, rounds: int = 6) -> dict:
     """Prefill of ``prompt_tokens`` positions and one decode step at each batch (context
     ``prompt_tokens``) at each depth, in ``rounds`` rounds that visit the depths in a rotating order
     (so that load from other processes lands on every depth alike); the best (min) time per depth

@@ -62,6 +62,7 @@ from .serve_process import ServeProcess, parse_ready, triton_grpc_address, trito
 from .stats import (
     DEFAULT_MIX,
     ImagePicker,
+    first_token_ms,
     parse_mix,
     parse_prometheus,
     poisson_arrivals,
@@ -274,7 +275,6 @@ class LoadRunner:
             if answer.get("deltas"):  # times from the request's start (an open loop's scheduled arrival)
                 offset = (sent - start) * 1e3
                 record["deltas"] = [[round(ms + offset, 3), n] for ms, n in answer["deltas"]]
-                record["ttft_ms"] = record["deltas"][0][0]  # the first streamed text
             record["ok"] = True
         except RequestFailed as error:
             record["code"] = error.code
@@ -283,6 +283,8 @@ class LoadRunner:
         finally:
             self.in_flight -= 1
         record["ms"] = (loop.time() - start) * 1000.0
+        if record["ok"]:
+            record["ttft_ms"] = first_token_ms(record["ms"], record.get("deltas"), record["timings"])
         self._live.append(record)
         return record
 

@@ -39,12 +39,13 @@ def format_token_table(points: Sequence[Mapping]) -> str | None:
                     f"{_f(ttft.get('p50'))} | {_f(ttft.get('p99'))} | {_f(itl.get('p50'))} | {_f(itl.get('p99'))} | "
                     f"{_f(t.get('decode_tokens_per_s'), 2)} | {_f(t.get('decode_tokens_per_s_with_prefills'), 2)} | "
                     f"{_f(t.get('decode_concurrency'), 2)} | "
-                    f"{t.get('streamed', 0)} |")
+                    f"{t.get('streamed', 0)} ({t.get('ttft_from_first_message', 0)}) |")
     if not rows:
         return None
     return "\n".join(["| point | output tokens | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
                       "ITL p99 ms | decode tokens/s | decode tokens/s with prefills | streams decoding at once "
-                      "(mean) | streamed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+                      "(mean) | streamed (first message = first token) |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
 
 
 def split_means(point: Mapping) -> dict[str, float] | None:
@@ -132,11 +133,13 @@ def token_sections(report: Mapping) -> list[str]:
     lines: list[str] = []
     tokens = format_token_table(report["points"])
     if tokens:
-        lines += ["", "Tokens per point: TTFT = time to the first streamed text (from the request's start), ITL = "
-                  "time between tokens (a message carrying k tokens counts k gaps); decode tokens/s = tokens after "
-                  "each stream's first over the time any stream was decoding, less the prefills the LLM ran "
-                  "meanwhile (each request's prefill_ms, ending at its first token); with prefills: over the whole "
-                  "time any stream was decoding:", "", tokens]
+        lines += ["", "Tokens per point: TTFT = time to the first token from the request's start (the first "
+                  "streamed message when it carries exactly one token; else, where the server held whitespace or "
+                  "part of a character back, the client's latency less the server's time after its first token); "
+                  "ITL = time between streamed messages per token (a message carrying k tokens counts k gaps); "
+                  "decode tokens/s = tokens after each request's first over the time any request was decoding, "
+                  "less the prefills the LLM ran meanwhile (each request's prefill_ms, ending at its first token); "
+                  "with prefills: over the whole time any request was decoding:", "", tokens]
     split = format_split_table(report["points"])
     if split:
         lines += ["", "Where a request's time goes (mean ms; the server's timings, LLM = queue + prefill + decode; "

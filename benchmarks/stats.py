@@ -250,28 +250,44 @@ def decode_figures(streams: Iterable[tuple[float, float, int]],
             "decode_concurrency": busy / covered if covered > 0 else math.nan}
 
 
+def first_token_ms(ms: float, deltas: Sequence[Sequence[float]] | None, timings: Mapping | None) -> float | None:
+    """When the client got the request's first token (ms from its start).
+
+    The first streamed message when it carries exactly the first token. The server streams text,
+    and holds a token back while its text is not printable yet (whitespace, part of a UTF-8
+    character: then the first message carries several tokens, or none comes when the whole answer is
+    such text); then the client's latency less what the server's front-end timed after the first
+    token (``total_ms - time_to_first_token_ms``). None when neither is known (older servers)."""
+    if deltas and int(deltas[0][1]) == 1:
+        return float(deltas[0][0])
+    timings = timings or {}
+    server_ttft, total = timings.get("time_to_first_token_ms") or 0.0, timings.get("total_ms") or 0.0
+    if server_ttft > 0 and total >= server_ttft:
+        return max(float(ms) - (total - server_ttft), 0.0)
+    return float(deltas[0][0]) if deltas else None
+
+
 def token_summary(records: Sequence[Mapping], elapsed_s: float) -> dict:
     """A point's token figures from its successful records: output tokens/s (completion tokens /
-    elapsed), and for streamed records (``ttft_ms``, ``deltas``) the time to first token and
-    inter-token latency summaries and the decode figures (``decode_figures``; a stream's decode phase
-    runs from its first delta to its last, on the phase's clock: ``t_s`` + ms / 1000; its prefill,
-    the server's ``prefill_ms``, ends when its first delta arrives)."""
+    elapsed); time to first token (``ttft_ms``: ``first_token_ms``) and inter-token latency (gaps
+    between streamed messages, ``inter_token_gaps``) summaries; the decode figures
+    (``decode_figures``: a request's decode phase runs from its first token to its answer, on the
+    phase's clock ``t_s`` + ms / 1000, with ``completion_tokens`` - 1 tokens; its prefill, the
+    server's ``prefill_ms``, ends at its first token)."""
     counted = [r for r in records if r.get("completion_tokens") is not None]
     output = sum(int(r["completion_tokens"]) for r in counted)
-    streamed = [r for r in records if r.get("ttft_ms") is not None and r.get("deltas")]
-    phases = [(r["t_s"] + r["deltas"][0][0] / 1e3, r["t_s"] + r["deltas"][-1][0] / 1e3,
-               int(r["deltas"][-1][1]) - int(r["deltas"][0][1])) for r in streamed]
-    # each request's prefill (the server's prefill_ms) ran just before its first token arrived
+    timed = [r for r in counted if r.get("ttft_ms") is not None]
+    phases = [(r["t_s"] + r["ttft_ms"] / 1e3, r["t_s"] + r["ms"] / 1e3, max(int(r["completion_tokens"]) - 1, 0))
+              for r in timed]
     prefills = [(r["t_s"] + (r["ttft_ms"] - r["timings"]["prefill_ms"]) / 1e3, r["t_s"] + r["ttft_ms"] / 1e3)
-                for r in streamed if (r.get("timings") or {}).get("prefill_ms")]
-    out = {"requests_counted": len(counted), "output_tokens": output,
-           "output_tokens_per_s": output / elapsed_s if counted and elapsed_s > 0 else math.nan,
-           "streamed": len(streamed),
-           "ttft_ms": latency_summary([r["ttft_ms"] for r in streamed]),
-           "itl_ms": latency_summary([g for r in streamed for g in inter_token_gaps(r["deltas"])]),
-           "first_delta_tokens_max": max((int(r["deltas"][0][1]) for r in streamed), default=0),
-           **decode_figures(phases, prefills)}
-    return out
+                for r in timed if (r.get("timings") or {}).get("prefill_ms")]
+    streamed = [r for r in records if r.get("deltas")]
+    return {"requests_counted": len(counted), "output_tokens": output,
+            "output_tokens_per_s": output / elapsed_s if counted and elapsed_s > 0 else math.nan,
+            "streamed": len(streamed), "ttft_ms": latency_summary([r["ttft_ms"] for r in timed]),
+            "ttft_from_first_message": sum(1 for r in streamed if int(r["deltas"][0][1]) == 1),
+            "itl_ms": latency_summary([g for r in streamed for g in inter_token_gaps(r["deltas"])]),
+            **decode_figures(phases, prefills)}
 
 
 # --------------------------------------------------------------------------------------------

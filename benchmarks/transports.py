@@ -5,9 +5,8 @@ with a code (gRPC status name, ``"<status> <error.code>"``, ``client_timeout``, 
 
 ``ask(index, mode)`` returns what the load runner records of an answer: ``timings`` (the server's
 stage times, ms), ``completion_tokens`` / ``prompt_tokens`` (the usage, when the server reports it)
-and, for a streamed answer, ``ttft_ms`` (from the call to its first text) and ``deltas``:
-``[ms since the call, tokens written so far]`` per text message, the last one when the final
-result arrived (``stats.token_summary`` reads them).
+and, for a streamed answer, ``deltas``: ``[ms since the call, tokens written so far]`` per text
+message (``stats.first_token_ms`` and ``stats.token_summary`` read them).
 """
 
 from __future__ import annotations
@@ -90,7 +89,6 @@ class GrpcTransport:
             raise RequestFailed("stream_without_result")
         out = _result(final)
         if deltas:
-            out["ttft_ms"] = deltas[0][0]
             out["deltas"] = deltas
         return out
 

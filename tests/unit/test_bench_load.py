@@ -219,7 +219,6 @@ class FakeTransport:
             first = self.delay * 500
             step = (self.delay * 1000 - first) / max(self.tokens - 1, 1)
             out["deltas"] = [[first + i * step, i + 1] for i in range(self.tokens)]
-            out["ttft_ms"] = first
         return out
 
 

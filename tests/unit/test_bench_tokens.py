@@ -51,23 +51,37 @@ def test_decode_figures_one_stream_at_a_time_vs_streams_side_by_side():
     assert math.isnan(S.decode_figures([])["decode_tokens_per_s"])
 
 
-def _streamed(t_s, ttft, step, tokens, first_tokens=1, ok=True):
-    deltas = [[ttft, first_tokens]] + [[ttft + i * step, first_tokens + i] for i in range(1, tokens - first_tokens + 1)]
-    return {"t_s": t_s, "ok": ok, "ms": deltas[-1][0] + 1, "completion_tokens": tokens, "ttft_ms": ttft,
-            "deltas": deltas, "mode": "clip", "repeated": False, "code": None, "timings": {}}
+def _streamed(t_s, first, step, tokens, first_tokens=1, timings=None):
+    deltas = [[first, first_tokens]]
+    deltas += [[first + i * step, first_tokens + i] for i in range(1, tokens - first_tokens + 1)]
+    record = {"t_s": t_s, "ok": True, "ms": deltas[-1][0], "completion_tokens": tokens, "deltas": deltas,
+              "mode": "clip", "repeated": False, "code": None, "timings": timings or {}}
+    record["ttft_ms"] = S.first_token_ms(record["ms"], deltas, record["timings"])
+    return record
+
+
+def test_first_token_from_the_first_message_or_from_the_servers_timings():
+    assert S.first_token_ms(500.0, [[100.0, 1], [120.0, 2]], {}) == 100.0
+    # the first message carried 3 tokens: the server's front-end saw its first token 380 ms before the end
+    server = {"total_ms": 480.0, "time_to_first_token_ms": 100.0}
+    assert S.first_token_ms(500.0, [[150.0, 3]], server) == pytest.approx(120.0)
+    assert S.first_token_ms(500.0, None, server) == pytest.approx(120.0)  # no text at all, or unary Ask
+    assert S.first_token_ms(500.0, [[150.0, 3]], {}) == 150.0 and S.first_token_ms(500.0, None, {}) is None
 
 
 def test_token_summary_of_streamed_and_unary_records():
-    records = [_streamed(0.0, 100.0, 20.0, 5), _streamed(1.0, 300.0, 40.0, 5, first_tokens=2),
+    server = {"total_ms": 240.0, "time_to_first_token_ms": 100.0, "prefill_ms": 50.0}
+    records = [_streamed(0.0, 100.0, 20.0, 5), _streamed(1.0, 300.0, 40.0, 5, first_tokens=2, timings=server),
                {"t_s": 2.0, "ok": True, "ms": 50.0, "completion_tokens": 3, "mode": "clip", "repeated": False}]
     t = S.token_summary(records, elapsed_s=2.0)
     assert t["output_tokens"] == 13 and t["output_tokens_per_s"] == pytest.approx(6.5) and t["streamed"] == 2
-    assert t["ttft_ms"]["n"] == 2 and t["ttft_ms"]["p50"] == pytest.approx(200.0)
-    assert sorted(set(t["itl_ms"].values()) & {20.0, 40.0}) == [20.0, 40.0]  # min 20, max 40
-    assert t["first_delta_tokens_max"] == 2
-    # decode phases: [0.1, 0.18] with 4 tokens and [1.3, 1.42] with 3 tokens: no overlap
-    assert t["decode_tokens"] == 7 and t["decode_s"] == pytest.approx(0.2)
-    assert t["decode_concurrency"] == pytest.approx(1.0)
+    # the second's first token: 420 - (240 - 100) = 280 ms
+    assert t["ttft_ms"]["n"] == 2 and t["ttft_ms"]["p50"] == pytest.approx(190.0)
+    assert t["ttft_from_first_message"] == 1
+    assert t["itl_ms"]["min"] == 20.0 and t["itl_ms"]["max"] == 40.0 and t["itl_ms"]["n"] == 4 + 3
+    # decode phases [0.1, 0.18] (4 tokens) and [1.28, 1.42] (4 tokens); the second's prefill [1.23, 1.28]
+    assert t["decode_tokens"] == 8 and t["decode_s"] == pytest.approx(0.22)
+    assert t["decode_concurrency"] == pytest.approx(1.0) and t["prefill_within_decode_s"] == 0.0
     empty = S.token_summary([], elapsed_s=1.0)
     assert empty["output_tokens"] == 0 and math.isnan(empty["output_tokens_per_s"]) and empty["ttft_ms"]["n"] == 0
 
@@ -87,6 +101,7 @@ def test_streamed_answers_give_ttft_itl_and_decode_figures_per_point():
         t = point["tokens"]
         assert t["streamed"] == t["requests_counted"] == point["ok"] == 6 and t["output_tokens"] == 30
         assert 0 < t["ttft_ms"]["p50"] <= t["ttft_ms"]["p99"] and t["itl_ms"]["n"] == 6 * 4
+        assert t["ttft_from_first_message"] == 6
         assert t["decode_tokens"] == 6 * 4 and t["decode_tokens_per_s"] > 0
         for r in point["records"]:
             assert r["ttft_ms"] == r["deltas"][0][0] and r["deltas"][-1][1] == r["completion_tokens"] == 5
