@@ -69,7 +69,7 @@ def shots() -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_repository, browser) -> Iterator[dict]:
+def served(browser, tiny_repository) -> Iterator[dict]:  # browser first: a skip costs no export
     """``mofserve serve`` without auth (it owns Triton) and a ``serve --triton-url`` front-end with a
     token on the same Triton, both with a small image limit (for the 413 case)."""
     env = {"MOFSERVE_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "MOFSERVE_AUTH_TOKEN": ""}
@@ -372,6 +372,22 @@ def test_keyboard_labels_and_phone_width(served, browser, shots):
     # the file input is reachable by keyboard (visually hidden, not display:none)
     page.focus("input[name=ask-image]")
     assert page.evaluate("document.activeElement.name") == "ask-image"
+    # paste an image into Ask, drop one onto the pair view's image A (files made in the page)
+    page.click("#tab-ask")
+    page.evaluate("""async () => {
+        const canvas = document.createElement('canvas'); canvas.width = 64; canvas.height = 48;
+        const ctx = canvas.getContext('2d'); ctx.fillStyle = '#c33'; ctx.fillRect(0, 0, 32, 48);
+        const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+        const transfer = () => { const t = new DataTransfer(); t.items.add(new File([blob], 'made.png',
+            {type: 'image/png'})); return t; };
+        document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer(), bubbles: true}));
+        document.querySelector('#tab-pair').click();
+        document.querySelector('#panel-pair .drop-zone').dispatchEvent(new DragEvent('drop',
+            {dataTransfer: transfer(), bubbles: true, cancelable: true}));
+    }""")
+    assert "made.png" in page.inner_text("#panel-pair .pair-images .image-slot:first-child")
+    page.click("#tab-ask")
+    assert "made.png" in page.inner_text("#panel-ask .image-slot")
     for tab in ("ask", "pair", "server", "reports"):
         page.click(f"#tab-{tab}")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")

@@ -113,6 +113,13 @@ function wireAuth() {
   onAuthNeeded(() => showAuth(hasToken() ? "The server refused the token; enter it again." : null));
 }
 
+// A file dropped outside a drop zone must not replace the page with the file.
+for (const type of ["dragover", "drop"]) {
+  document.addEventListener(type, (event) => {
+    if (!event.target.closest?.(".drop-zone")) event.preventDefault();
+  });
+}
+
 wireTabs();
 wireAuth();
 start();

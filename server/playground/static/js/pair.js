@@ -4,7 +4,7 @@
 import { AnswerCard, modeName, modePicker, noteEncoded, parseOptions, runModes } from "./answers.js";
 import { ApiError, postJSON } from "./api.js";
 import { clear, fill, fmt, h, uid } from "./dom.js";
-import { heatLegend, heatMap, imageSlot, mirror, testCard } from "./images.js";
+import { heatLegend, heatMap, imageSlot, mirror, testCard, wirePaste } from "./images.js";
 
 function letterSelect(id, name) {
   return h("select", { id, name }, h("option", { value: "", text: "not given" }),
@@ -63,6 +63,7 @@ export function pairTab(root, info) {
       "its mirror." }),
     form, similarity, answers);
 
+  wirePaste(root, (file) => (slotA.image && !slotB.image ? slotB : slotA).take(file));
   sample.addEventListener("click", async () => slotA.set(await testCard("left")));
   mirrorButton.addEventListener("click", async () => {
     problem.hidden = true;
