@@ -87,6 +87,10 @@ class Delta:
 
 @dataclass
 class Answer:
+    """One question's answer. ``alpha`` is the effective alpha the fusion used (the request's, or for
+    ``additive`` the profile's default; None for the other modes), decided by the engine
+    (``TritonEngine.effective_alpha``): the transports report it as it is."""
+
     mode: FusionMode
     alpha: float | None
     answer: str
@@ -166,7 +170,8 @@ class AnswerBuilder:
 
     @property
     def error(self) -> tuple[str, str] | None:
-        """``(ERROR_CODE, ERROR_MESSAGE)`` when the model ended the request with an error."""
+        """``(ERROR_CODE, ERROR_MESSAGE)`` when the model ended the request with an error: data,
+        read as such (``errors.model_error``), never parsed."""
         if self.finish_reason != "error" and T.ERROR_CODE not in self.values:
             return None
         return text(self.values.get(T.ERROR_CODE)), text(self.values.get(T.ERROR_MESSAGE))
@@ -184,7 +189,8 @@ class AnswerBuilder:
                 setattr(timings, attr, value)
 
     def answer(self, mode: FusionMode, alpha: float | None) -> Answer:
-        """The final answer: the model's whole ``ANSWER`` (the deltas joined if it sent none)."""
+        """The final answer: the model's whole ``ANSWER`` (the deltas joined if it sent none);
+        ``alpha`` is the effective alpha (the engine's)."""
         total_ms = (time.perf_counter() - self.started) * 1e3
         timings = StageTimings(total_ms=total_ms,
                                time_to_first_token_ms=self.first_token_ms if self.first_token_ms is not None
@@ -201,6 +207,8 @@ class AnswerBuilder:
 
 @dataclass
 class Tokens:
+    """One image's visual tokens; ``alpha`` is the effective alpha, as in ``Answer``."""
+
     mode: FusionMode
     alpha: float | None
     tokens: np.ndarray  # [N, H] float32

@@ -3,8 +3,10 @@
 Both transports (gRPC in ``grpc_service``, HTTP in ``http_api``) turn their wire requests into
 the dataclasses of ``requests`` and call ``TritonEngine``; nothing else in the front-end spells a
 tensor name (but the engine's own parts: ``answers``, ``triton_stream``).
-Errors come out as ``EngineError`` with a transport-neutral ``code`` that each transport maps to
-its own status (see ``ERROR_CODES``).
+Errors come out as data, ``EngineError(code, message, field)``: a transport-neutral ``code`` (one of
+``ERROR_CODES``) that each transport maps to its own status in a table of its own, and the request
+``field`` at fault; answers carry the effective alpha (``effective_alpha``), so that no transport
+recomputes what the engine decided.
 
 Questions stream: ``ask_stream`` yields the answer's text as the ``llm`` model writes it, then the
 whole ``Answer``; ``ask`` (and ``compare``, ``probe``) read the same stream to its end, so there is
@@ -183,6 +185,15 @@ class TritonEngine:
             return False
 
     # ---- validation ------------------------------------------------------------------------
+
+    def effective_alpha(self, selection: Selection) -> float | None:
+        """The alpha the fusion of ``selection`` uses: the request's, or for ``additive`` the
+        profile's default (what the fuse model applies when no ``ALPHA`` is sent); None for the
+        modes that do not mix. Decided here, once, and carried by the answer, so that both
+        transports report the same value."""
+        if selection.mode is not FusionMode.ADDITIVE:
+            return None
+        return selection.alpha if selection.alpha is not None else self.info.default_alpha
 
     def _check_image(self, image: bytes, field_name: str = "image") -> None:
         check_image(image, self.limits, field_name)
@@ -364,7 +375,7 @@ class TritonEngine:
             raise model_error(*builder.error)
         if builder.finish_reason == "cancelled":  # not by this caller: the server is stopping the sequence
             raise EngineError("unavailable", f"llm: the sequence was cancelled by the server ({model}); retry")
-        yield builder.answer(selection.mode, selection.alpha)
+        yield builder.answer(selection.mode, self.effective_alpha(selection))
 
     async def ask(self, q: Question, selection: Selection, timeout: float | None = None) -> Answer:
         """The whole answer (``ask_stream`` read to its end)."""
@@ -380,10 +391,10 @@ class TritonEngine:
         DINOv2-only mode side by side); the other modes then find the image's features in the
         encoders' cache and run side by side."""
         if not selections:
-            raise EngineError("invalid_argument", "modes: give at least one fusion mode")
+            raise EngineError.refused("modes", "give at least one fusion mode")
         if len(selections) > self.limits.max_compare_modes:
-            raise EngineError("invalid_argument", f"modes: {len(selections)} exceeds the limit of "
-                                                  f"{self.limits.max_compare_modes} (max_compare_modes)")
+            raise EngineError.refused("modes", f"{len(selections)} exceeds the limit of "
+                                               f"{self.limits.max_compare_modes} (max_compare_modes)")
         self._check_question(q)
         deadline = None if timeout is None else time.monotonic() + timeout
         remaining = lambda: None if deadline is None else deadline - time.monotonic()  # noqa: E731
@@ -403,14 +414,14 @@ class TritonEngine:
         result = await self._infer(T.tokens_model(selection.mode), inputs,
                                    [T.VISUAL_TOKENS, *TIMING_FIELDS], timeout)
         tokens = np.ascontiguousarray(result.as_numpy(T.VISUAL_TOKENS)[0], dtype=np.float32)
-        return Tokens(selection.mode, selection.alpha, tokens, _timings(result, started))
+        return Tokens(selection.mode, self.effective_alpha(selection), tokens, _timings(result, started))
 
     async def embed(self, images: Sequence[bytes], timeout: float | None = None) -> Embeddings:
         if not images:
-            raise EngineError("invalid_argument", "images: give at least one image")
+            raise EngineError.refused("images", "give at least one image")
         if len(images) > self.limits.max_embed_images:
-            raise EngineError("invalid_argument", f"images: {len(images)} exceeds the limit of "
-                                                  f"{self.limits.max_embed_images} (max_embed_images)")
+            raise EngineError.refused("images", f"{len(images)} exceeds the limit of "
+                                                f"{self.limits.max_embed_images} (max_embed_images)")
         for i, image in enumerate(images):
             self._check_image(image, f"images[{i}]")
         chunks = [list(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
@@ -433,17 +444,17 @@ class TritonEngine:
         """CLIP text embeddings of ``texts`` (tokenised in Triton with the checkpoint's tokenizer,
         padded or truncated to CLIP's 77-token context), in order."""
         if not texts:
-            raise EngineError("invalid_argument", "texts: give at least one text")
+            raise EngineError.refused("texts", "give at least one text")
         if len(texts) > self.limits.max_embed_texts:
-            raise EngineError("invalid_argument", f"texts: {len(texts)} exceeds the limit of "
-                                                  f"{self.limits.max_embed_texts} (max_embed_texts)")
+            raise EngineError.refused("texts", f"{len(texts)} exceeds the limit of "
+                                               f"{self.limits.max_embed_texts} (max_embed_texts)")
         for i, text in enumerate(texts):
             if not text.strip():
-                raise EngineError("invalid_argument", f"texts[{i}]: empty; send the text to embed")
+                raise EngineError.refused(f"texts[{i}]", "empty; send the text to embed")
             check_utf8(text, f"texts[{i}]")
             if len(text) > self.limits.max_text_chars:
-                raise EngineError("invalid_argument", f"texts[{i}]: {len(text)} characters exceeds the limit of "
-                                                      f"{self.limits.max_text_chars} (max_text_chars)")
+                raise EngineError.refused(f"texts[{i}]", f"{len(text)} characters exceeds the limit of "
+                                                         f"{self.limits.max_text_chars} (max_text_chars)")
         started = time.monotonic()
         scale = await self._embed_text_logit_scale(timeout)
         if timeout is not None:

@@ -7,9 +7,9 @@ with the HTTP app on one asyncio loop. Every RPC
   and, when the ensemble reports them, its per-stage timings are observed;
 * passes the caller's remaining deadline to the engine as its Triton timeout, so an expired
   deadline ends the Triton call too;
-* maps ``EngineError.code`` to a gRPC status through ``ERROR_CODES`` with the engine's message
-  (which names the field first), and fails fast with UNAVAILABLE while Triton is down
-  (``GrpcHealth.set_serving(False)``);
+* maps ``EngineError.code`` to a gRPC status through this transport's own table, ``GRPC_STATUS``,
+  with the engine's message (which names the field first), and fails fast with UNAVAILABLE while
+  Triton is down (``GrpcHealth.set_serving(False)``);
 * answers a request that does not parse (a string field that is not UTF-8, broken framing) with
   INVALID_ARGUMENT naming the field, where python grpc would say UNKNOWN (``_tolerant``).
 
@@ -46,7 +46,6 @@ from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 
 from .admission import Admission, remaining, retry_after
 from .engine import (
-    ERROR_CODES,
     Answer,
     Delta,
     Embeddings,
@@ -68,6 +67,13 @@ DEFAULT_MODE = FusionMode.INTERLEAVED  # what an empty `mode` means
 MESSAGE_MARGIN_BYTES = 1 << 20
 TRANSPORT = "grpc"
 _MODES = frozenset(m.value for m in FusionMode)
+#: The gRPC status of each of the engine's error codes (``errors.ERROR_CODES``): this transport's own
+#: table (HTTP has ``openai_protocol.HTTP_STATUS``); anything else is INTERNAL.
+GRPC_STATUS: dict[str, grpc.StatusCode] = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT, "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED, "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE, "not_found": grpc.StatusCode.NOT_FOUND,
+    "internal": grpc.StatusCode.INTERNAL}
 
 R = TypeVar("R")
 
@@ -169,10 +175,14 @@ def _tensor(array: np.ndarray) -> pb.Tensor:
 
 
 class _Undecodable:
-    """A request message that did not parse; its handler answers INVALID_ARGUMENT with ``message``."""
+    """A request message that did not parse; its handler answers with ``error`` (INVALID_ARGUMENT)."""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    def __init__(self, error: EngineError) -> None:
+        self.error = error
+
+    @property
+    def message(self) -> str:
+        return self.error.message
 
 
 def _varint(raw: bytes, pos: int) -> tuple[int, int]:
@@ -185,10 +195,11 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _non_utf8_field(raw: bytes, descriptor, prefix: str = "") -> str | None:
-    """``"question: not valid UTF-8 (...)"`` for the first string field (nested and repeated ones
-    too, e.g. ``modes[1].mode``) whose bytes are not UTF-8; None if there is none or the framing
-    itself is broken. Walks the protobuf wire format, which protobuf's own error does not name."""
+def _non_utf8_field(raw: bytes, descriptor, prefix: str = "") -> EngineError | None:
+    """The refusal of the first string field (nested and repeated ones too, e.g. ``modes[1].mode``)
+    whose bytes are not UTF-8 (``"question: not valid UTF-8 (...)"``, field ``question``); None if
+    there is none or the framing itself is broken. Walks the protobuf wire format, which protobuf's
+    own error does not name."""
     seen: dict[int, int] = {}
     pos = 0
     try:
@@ -211,8 +222,9 @@ def _non_utf8_field(raw: bytes, descriptor, prefix: str = "") -> str | None:
                     try:
                         value.decode("utf-8")
                     except UnicodeDecodeError as error:
-                        return (f"{name}: not valid UTF-8 (byte 0x{value[error.start]:02x} at offset {error.start}); "
-                                "string fields must be UTF-8 (send bytes as bytes)")
+                        return EngineError.refused(name, f"not valid UTF-8 (byte 0x{value[error.start]:02x} at "
+                                                         f"offset {error.start}); string fields must be UTF-8 "
+                                                         "(send bytes as bytes)")
                 elif fd.type == fd.TYPE_MESSAGE:
                     found = _non_utf8_field(value, fd.message_type, name + ".")
                     if found:
@@ -234,8 +246,8 @@ def _tolerant(message_class):
             return message_class.FromString(raw)
         except DecodeError:
             full_name = message_class.DESCRIPTOR.full_name
-            return _Undecodable(_non_utf8_field(raw, message_class.DESCRIPTOR)
-                                or f"request: not a valid {full_name} message (truncated or corrupt protobuf)")
+            return _Undecodable(_non_utf8_field(raw, message_class.DESCRIPTOR) or EngineError(
+                "invalid_argument", f"request: not a valid {full_name} message (truncated or corrupt protobuf)"))
 
     return parse
 
@@ -256,11 +268,6 @@ class MofServeServicer(pb_grpc.MofServeServicer):
         return pb.Provenance(profile=info.profile, random_weights=info.random_weights, notice=info.notice,
                              model_versions=dict(info.versions))
 
-    def _alpha_used(self, selection: Selection) -> float | None:
-        if selection.mode is not FusionMode.ADDITIVE:
-            return None
-        return selection.alpha if selection.alpha is not None else self.engine.info.default_alpha
-
     async def _serve(self, context: grpc.aio.ServicerContext, method: str, mode: str,
                      work: Callable[[float | None], Awaitable[R]]) -> R:
         """Runs ``work(timeout)`` under the metrics and turns every failure into a gRPC status."""
@@ -276,12 +283,11 @@ class MofServeServicer(pb_grpc.MofServeServicer):
                     return await work(remaining(deadline))
             except EngineError as error:
                 outcome["status"] = error.code
-                status_name = ERROR_CODES.get(error.code, ERROR_CODES["internal"])[0]
                 advice = retry_after(error)
                 if advice is not None:  # retry advice: ours and gRPC's standard retry pushback
                     ms = str(max(1, math.ceil(advice * 1e3)))
                     context.set_trailing_metadata((("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)))
-                await context.abort(grpc.StatusCode[status_name], error.message)
+                await context.abort(GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL), error.message)
             except asyncio.CancelledError:  # the caller went away or its deadline passed
                 outcome["status"] = "cancelled"
                 raise
@@ -301,9 +307,8 @@ class MofServeServicer(pb_grpc.MofServeServicer):
                                                  completion_tokens=usage.completion_tokens,
                                                  total_tokens=usage.total_tokens),
                                   finish_reason=answer.finish_reason)
-        alpha = self._alpha_used(Selection(answer.mode, answer.alpha))
-        if alpha is not None:
-            response.alpha = alpha
+        if answer.alpha is not None:  # the effective alpha, as the engine decided it
+            response.alpha = answer.alpha
         return response
 
     @staticmethod
@@ -346,8 +351,9 @@ class MofServeServicer(pb_grpc.MofServeServicer):
             for i, m in enumerate(request.modes):
                 try:
                     selections.append(_selection(m.mode, _optional(m, "alpha")))
-                except EngineError as error:
-                    raise EngineError(error.code, f"modes[{i}].{error.message}") from None
+                except EngineError as error:  # "mode: ..." -> "modes[1].mode: ...", the field too
+                    field = f"modes[{i}].{error.field}" if error.field else f"modes[{i}]"
+                    raise EngineError(error.code, f"modes[{i}].{error.message}", field) from None
             answers = await self.engine.compare(self._question(request), selections, timeout)
             provenance = self._provenance()
             return pb.CompareResponse(answers=[self._answer(a, provenance) for a in answers])
@@ -361,9 +367,8 @@ class MofServeServicer(pb_grpc.MofServeServicer):
             self.metrics.observe_stages(tokens.mode.value, tokens.timings)
             response = pb.EncodeResponse(tokens=_tensor(tokens.tokens), timings=_timings(tokens.timings),
                                          mode=tokens.mode.value, provenance=self._provenance())
-            alpha = self._alpha_used(selection)
-            if alpha is not None:
-                response.alpha = alpha
+            if tokens.alpha is not None:  # the effective alpha, as the engine decided it
+                response.alpha = tokens.alpha
             return response
 
         return await self._serve(context, "Encode", _mode_label(request.mode), work)
@@ -431,7 +436,7 @@ def _add_servicer(servicer: MofServeServicer, server: grpc.aio.Server) -> None:
         async def handle(request, context):
             if isinstance(request, _Undecodable):
                 async def refuse(timeout: float | None):
-                    raise EngineError("invalid_argument", request.message)
+                    raise request.error
 
                 return await servicer._serve(context, name, "invalid", refuse)
             return await behaviour(request, context)

@@ -30,8 +30,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from mofserve.core.tensors import FusionMode
-
 from . import openai_protocol as P
 from .admission import Admission, remaining, retry_after
 from .engine import Answer, Delta, EngineError, TritonEngine
@@ -46,19 +44,10 @@ REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
 _DEADLINE = web.RequestKey("mofserve_deadline", float)  # the admitted request's deadline (time.monotonic())
 _OFFLOAD_BYTES = 1 << 20  # bodies above this are decoded in a worker thread, off the event loop
 
-# metrics status label of each HTTP error status (the engine's transport-neutral codes)
-_STATUS_LABELS = {400: "invalid_argument", 404: "not_found", 405: "invalid_argument", 413: "too_large",
-                  415: "invalid_argument", 429: "resource_exhausted", 503: "unavailable",
-                  504: "deadline_exceeded"}
-
 
 def default_max_body_bytes(max_image_bytes: int) -> int:
     """A body that can carry the largest allowed image base64-encoded, plus 1 MiB for the rest."""
     return (max_image_bytes + 2) // 3 * 4 + (1 << 20)
-
-
-def _status_label(status: int) -> str:
-    return _STATUS_LABELS.get(status, "internal" if status >= 500 else "invalid_argument")
 
 
 def _error_response(error: P.ProtocolError, retry_after_s: float | None = None) -> web.Response:
@@ -93,12 +82,12 @@ class _Frontend:
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise P.ProtocolError(413, f"body: {length} bytes exceeds the limit of {self.max_body_bytes} bytes "
-                                       "(max_body_bytes)", None, "too_large")
+                                       "(max_body_bytes)", None, "too_large", reason="too_large")
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise P.ProtocolError(413, f"body: exceeds the limit of {self.max_body_bytes} bytes (max_body_bytes)",
-                                  None, "too_large") from None
+                                  None, "too_large", reason="too_large") from None
         if not raw:
             raise P.ProtocolError(400, "body: empty; send a JSON object", None, "invalid_json")
         try:
@@ -118,7 +107,7 @@ class _Frontend:
         try:
             body, size = await self._read_json(request)
         except P.ProtocolError as error:
-            self._count(method, "", _status_label(error.status))
+            self._count(method, "", error.reason)
             return _error_response(error)
         mode = ""
         if isinstance(body, dict):
@@ -135,7 +124,7 @@ class _Frontend:
                     return await self._stream(request, chat, outcome)
                 answer = await self.engine.ask(chat.question, chat.selection, timeout=remaining(request[_DEADLINE]))
             except P.ProtocolError as error:
-                outcome["status"] = _status_label(error.status)
+                outcome["status"] = error.reason
                 return _error_response(error)
             except EngineError as error:
                 outcome["status"] = error.code
@@ -147,13 +136,7 @@ class _Frontend:
                 raise
             self.metrics.observe_answer("http", answer)
             return web.json_response(P.chat_completion(chat, answer, self.engine.info, ident=P.completion_id(),
-                                                       created=int(time.time()), alpha=self._alpha(answer)))
-
-    def _alpha(self, answer: Answer) -> float | None:
-        """The alpha an additive answer used (the profile's default when the request gave none)."""
-        if answer.alpha is None and answer.mode is FusionMode.ADDITIVE:
-            return self.engine.info.default_alpha
-        return answer.alpha
+                                                       created=int(time.time())))
 
     async def _stream(self, request: web.Request, chat: P.ChatRequest, outcome: dict[str, str]) -> web.StreamResponse:
         """``stream: true``: a ``chat.completion.chunk`` per piece of text as the model writes it.
@@ -175,7 +158,7 @@ class _Frontend:
                     await response.write(P.sse(chunks.content(item.text)))
                     item = await anext(stream)
                 self.metrics.observe_answer("http", item)
-                for chunk in chunks.finish(item, self.engine.info, alpha=self._alpha(item)):
+                for chunk in chunks.finish(item, self.engine.info):
                     await response.write(P.sse(chunk))
                 await response.write(P.SSE_DONE)
             except EngineError as error:
@@ -223,7 +206,7 @@ class _Frontend:
             try:
                 mode = P.resolve_model(request.match_info["model"])
             except P.ProtocolError as error:
-                outcome["status"] = _status_label(error.status)
+                outcome["status"] = error.reason
                 return _error_response(error)
             return web.json_response(P.model_card(mode, self.engine.info, self.created))
 
@@ -273,6 +256,9 @@ class _Frontend:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
+            # aiohttp's own refusals carry no engine code: the metrics count a missing path as not_found,
+            # any other as the caller's (invalid_argument) below 500 and ours (internal) above
+            reason = "internal" if exc.status >= 500 else "invalid_argument"
             if exc.status == 405:
                 allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
                 message = f"method: {request.method} is not allowed on {request.path}; use {allowed}"
@@ -280,17 +266,19 @@ class _Frontend:
             elif exc.status == 404:
                 message = (f"path: {request.path} not found; routes: POST /v1/chat/completions, GET /v1/models, "
                            "GET /healthz, GET /metrics")
-                code = "not_found"
+                code = reason = "not_found"
             else:
-                message, code = exc.text or exc.reason, _status_label(exc.status)
-            self._count("unmatched", "", _status_label(exc.status))
-            return _error_response(P.ProtocolError(exc.status, message, None, code))
+                if isinstance(exc, web.HTTPRequestEntityTooLarge):  # a body over client_max_size
+                    reason = "too_large"
+                message, code = exc.text or exc.reason, reason
+            self._count("unmatched", "", reason)
+            return _error_response(P.ProtocolError(exc.status, message, None, code, reason=reason))
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return _error_response(P.ProtocolError(500, "internal: unexpected server error (see the server log)",
-                                                   None, "internal"))
+                                                   None, "internal", reason="internal"))
 
 
 def build_http_app(engine: TritonEngine, metrics: FrontendMetrics, max_body_bytes: int | None = None,

@@ -4,7 +4,8 @@ Pure functions, no I/O: ``parse_chat_request`` turns a decoded JSON body into th
 typed request (``Question`` + ``Selection``) or raises ``ProtocolError`` naming the field;
 ``chat_completion`` / ``ChunkStream`` (the ``chat.completion.chunk`` objects of a streamed answer,
 as Server-Sent Events with ``sse``) / ``model_list`` build the responses; ``error_body`` and
-``from_engine_error`` give OpenAI's error shape. ``http_api`` does the serving.
+``from_engine_error`` give OpenAI's error shape, the HTTP status of an engine error coming from this
+transport's own table, ``HTTP_STATUS``. ``http_api`` does the serving.
 
 Decisions (docs/api.md, "HTTP (OpenAI-compatible)"):
 - ``model`` names the fusion mode: ``mofserve-<mode>`` or the bare mode name; else 404.
@@ -32,7 +33,7 @@ from typing import Any
 
 from mofserve.core.tensors import FusionMode
 
-from .engine import ERROR_CODES, Answer, EngineError, GenerationParams, Limits, Question, Selection, ServingInfo
+from .engine import Answer, EngineError, GenerationParams, Limits, Question, Selection, ServingInfo
 
 MODEL_PREFIX = "mofserve-"
 OWNED_BY = "mofserve"
@@ -45,17 +46,27 @@ def model_id(mode: FusionMode | str) -> str:
 
 MODEL_IDS = tuple(model_id(m) for m in FusionMode)
 
+#: The HTTP status of each of the engine's error codes (``errors.ERROR_CODES``): this transport's
+#: own table (gRPC has ``grpc_service.GRPC_STATUS``). Statuses are made from codes, never the reverse.
+HTTP_STATUS: dict[str, int] = {"invalid_argument": 400, "too_large": 413, "resource_exhausted": 429,
+                               "deadline_exceeded": 504, "unavailable": 503, "not_found": 404, "internal": 500}
+
 
 class ProtocolError(Exception):
-    """A request refused by the HTTP front-end; rendered in OpenAI's error shape by ``error_body``."""
+    """A request refused by the HTTP front-end; rendered in OpenAI's error shape by ``error_body``.
+
+    ``code`` is OpenAI's ``error.code`` (``unknown_parameter``, ``model_not_found``, ...);
+    ``reason`` is the engine's transport-neutral code of the refusal, what the metrics count (as
+    for an ``EngineError``): given where the error is made, never derived from ``status``."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_argument",
-                 kind: str | None = None) -> None:
+                 kind: str | None = None, *, reason: str = "invalid_argument") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.reason = reason
         self.type = kind or error_type(status)  # OpenAI's error.type
 
 
@@ -83,7 +94,7 @@ def resolve_model(name: Any) -> FusionMode:
         return FusionMode(bare)
     except ValueError:
         raise ProtocolError(404, f"model: {name!r} does not exist; available: " + ", ".join(MODEL_IDS),
-                            "model", "model_not_found") from None
+                            "model", "model_not_found", reason="not_found") from None
 
 
 # ---- data URLs ----------------------------------------------------------------------------
@@ -118,7 +129,7 @@ def decode_data_url(url: Any, param: str, max_bytes: int) -> bytes:
     size = len(data) * 3 // 4 - data[-2:].count("=")
     if size > max_bytes:
         raise ProtocolError(413, f"{param}: the image is {size} bytes, over the limit of {max_bytes} bytes "
-                                 "(max_image_bytes)", param, "too_large")
+                                 "(max_image_bytes)", param, "too_large", reason="too_large")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:
@@ -368,23 +379,19 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
 
 # ---- errors from the engine ---------------------------------------------------------------
 
-_FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_]+)(?:\[\d+\])?:")
 _ENGINE_OPENAI_CODES = {"not_found": "model_not_found"}
 
 
 def from_engine_error(error: EngineError, params: Mapping[str, str] | None = None) -> ProtocolError:
-    """An ``EngineError`` in OpenAI's shape: the status from ``ERROR_CODES``, ``param`` the wire field
-    named by the message's ``field:`` prefix (``image`` -> ``messages[0].content[1].image_url.url``)."""
-    status = ERROR_CODES.get(error.code, ERROR_CODES["internal"])[1]
-    match = _FIELD_PREFIX.match(error.message)
-    param = None
-    if match:
-        name = match["field"]
-        param = (params or {}).get(name, name if name in KNOWN_FIELDS else None)
-    code = _ENGINE_OPENAI_CODES.get(error.code, error.code)
+    """An ``EngineError`` in OpenAI's shape: the status from ``HTTP_STATUS`` (else 500), ``param`` the
+    wire name of ``error.field`` (``params``: ``image`` -> ``messages[0].content[1].image_url.url``),
+    or the field itself where the body has it, else None. The message is passed on, never read."""
+    status = HTTP_STATUS.get(error.code, HTTP_STATUS["internal"])
+    param = (params or {}).get(error.field, error.field if error.field in KNOWN_FIELDS else None)
     if error.code == "not_found":  # the mode's ensemble is not in this repository
         param = "model"
-    return ProtocolError(status, error.message, param, code)
+    return ProtocolError(status, error.message, param, _ENGINE_OPENAI_CODES.get(error.code, error.code),
+                         reason=error.code)
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -393,14 +400,12 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
-
-
-def mofserve_extension(answer: Answer, info: ServingInfo, *, alpha: float | None,
-                       warnings: list[str] | None = None) -> dict[str, Any]:
-    """What the answer says about itself beyond OpenAI's schema (the response's ``mofserve`` object)."""
+def mofserve_extension(answer: Answer, info: ServingInfo, *, warnings: list[str] | None = None) -> dict[str, Any]:
+    """What the answer says about itself beyond OpenAI's schema (the response's ``mofserve`` object);
+    ``alpha`` is the answer's effective alpha, as the engine decided it."""
     return {
         "mode": answer.mode.value,
-        "alpha": alpha,
+        "alpha": answer.alpha,
         "chosen_option": answer.chosen_option,
         "option_scores": answer.option_scores,
         "timings": answer.timings.as_dict(),
@@ -418,7 +423,7 @@ def usage(answer: Answer) -> dict[str, int]:
 
 
 def chat_completion(request: ChatRequest, answer: Answer, info: ServingInfo, *, ident: str,
-                    created: int, alpha: float | None) -> dict[str, Any]:
+                    created: int) -> dict[str, Any]:
     """A ``chat.completion`` object plus the ``mofserve`` extension."""
     return {
         "id": ident,
@@ -433,7 +438,7 @@ def chat_completion(request: ChatRequest, answer: Answer, info: ServingInfo, *, 
             "finish_reason": answer.finish_reason,
         }],
         "usage": usage(answer),
-        "mofserve": mofserve_extension(answer, info, alpha=alpha, warnings=request.warnings),
+        "mofserve": mofserve_extension(answer, info, warnings=request.warnings),
     }
 
 
@@ -466,8 +471,8 @@ class ChunkStream:
     def content(self, text: str) -> dict[str, Any]:
         return self._chunk(self._choice({"content": text}))
 
-    def finish(self, answer: Answer, info: ServingInfo, *, alpha: float | None) -> list[dict[str, Any]]:
-        extension = mofserve_extension(answer, info, alpha=alpha, warnings=self.request.warnings)
+    def finish(self, answer: Answer, info: ServingInfo) -> list[dict[str, Any]]:
+        extension = mofserve_extension(answer, info, warnings=self.request.warnings)
         chunks = [self._chunk(self._choice({}, answer.finish_reason), mofserve=extension)]
         if self.request.include_usage:
             chunks.append(self._chunk([], usage=usage(answer)))

@@ -1,6 +1,7 @@
 """What a request to the engine is (a question, a fusion mode, generation settings) and the limits
-checked before anything reaches Triton, each refusal naming its field first. Both transports
-build these; ``engine`` re-exports them."""
+checked before anything reaches Triton, each refusal an ``EngineError`` with the field at fault as
+data (``field``) and named first in its message. Both transports build these; ``engine``
+re-exports them."""
 
 from __future__ import annotations
 
@@ -37,14 +38,14 @@ class GenerationParams:
 
     def validate(self, limits: Limits) -> GenerationParams:
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= limits.max_new_tokens:
-            raise EngineError("invalid_argument", f"max_new_tokens: must be within [1, {limits.max_new_tokens}], "
-                                                  f"got {self.max_new_tokens}")
+            raise EngineError.refused("max_new_tokens", f"must be within [1, {limits.max_new_tokens}], "
+                                                        f"got {self.max_new_tokens}")
         if self.temperature is not None and not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
-            raise EngineError("invalid_argument", f"temperature: must be within [0, 2], got {self.temperature}")
+            raise EngineError.refused("temperature", f"must be within [0, 2], got {self.temperature}")
         if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise EngineError("invalid_argument", f"top_p: must be within (0, 1], got {self.top_p}")
+            raise EngineError.refused("top_p", f"must be within (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise EngineError("invalid_argument", f"seed: must be within [0, 2^63), got {self.seed}")
+            raise EngineError.refused("seed", f"must be within [0, 2^63), got {self.seed}")
         return self
 
 
@@ -59,12 +60,15 @@ class Selection:
     def parse(cls, mode: str, alpha: float | None = None) -> Selection:
         try:
             parsed = FusionMode.parse(mode)
-            if alpha is not None:
-                if parsed is not FusionMode.ADDITIVE:
-                    raise ValueError(f"alpha: only the additive mode takes alpha, not {parsed.value!r}")
+        except ValueError as error:  # "mode: unknown fusion mode ..."
+            raise EngineError("invalid_argument", str(error), "mode") from None
+        if alpha is not None:
+            if parsed is not FusionMode.ADDITIVE:
+                raise EngineError.refused("alpha", f"only the additive mode takes alpha, not {parsed.value!r}")
+            try:
                 alpha = check_alpha(alpha)
-        except ValueError as error:
-            raise EngineError("invalid_argument", str(error)) from None
+            except ValueError as error:  # "alpha: must be within [0, 1] ..."
+                raise EngineError("invalid_argument", str(error), "alpha") from None
         return cls(parsed, alpha)
 
 
@@ -78,10 +82,10 @@ class Question:
 
 def check_image(image: bytes, limits: Limits, field_name: str = "image") -> None:
     if not image:
-        raise EngineError("invalid_argument", f"{field_name}: empty; send the encoded image bytes")
+        raise EngineError.refused(field_name, "empty; send the encoded image bytes")
     if len(image) > limits.max_image_bytes:
-        raise EngineError("too_large", f"{field_name}: {len(image)} bytes exceeds the limit of "
-                                       f"{limits.max_image_bytes} bytes (max_image_bytes)")
+        raise EngineError.refused(field_name, f"{len(image)} bytes exceeds the limit of {limits.max_image_bytes} "
+                                              "bytes (max_image_bytes)", "too_large")
 
 
 def check_utf8(text: str, field_name: str) -> None:
@@ -91,7 +95,7 @@ def check_utf8(text: str, field_name: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         where = f"unpaired surrogate U+{ord(text[error.start]):04X} at character {error.start}"
-        raise EngineError("invalid_argument", f"{field_name}: not valid UTF-8 ({where})") from None
+        raise EngineError.refused(field_name, f"not valid UTF-8 ({where})") from None
 
 
 def check_question(q: Question, limits: Limits) -> None:
@@ -101,16 +105,16 @@ def check_question(q: Question, limits: Limits) -> None:
     if q.options is not None:
         check_utf8(q.options, "options")
     if not q.question.strip():
-        raise EngineError("invalid_argument", "question: empty; ask something about the image")
+        raise EngineError.refused("question", "empty; ask something about the image")
     if len(q.question) > limits.max_question_chars:
-        raise EngineError("invalid_argument", f"question: {len(q.question)} characters exceeds the limit of "
+        raise EngineError.refused("question", f"{len(q.question)} characters exceeds the limit of "
                                               f"{limits.max_question_chars} (max_question_chars)")
     if q.options is not None and q.options.strip():
         if len(q.options) > limits.max_options_chars:
-            raise EngineError("invalid_argument", f"options: {len(q.options)} characters exceeds the limit "
-                                                  f"of {limits.max_options_chars} (max_options_chars)")
+            raise EngineError.refused("options", f"{len(q.options)} characters exceeds the limit of "
+                                                 f"{limits.max_options_chars} (max_options_chars)")
         try:
             parse_options(q.options)
-        except ValueError as error:
-            raise EngineError("invalid_argument", str(error)) from None
+        except ValueError as error:  # "options: ..."
+            raise EngineError("invalid_argument", str(error), "options") from None
     q.generation.validate(limits)

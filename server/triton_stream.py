@@ -14,8 +14,9 @@ with a decoupled python model behind an ensemble):
   request-level errors (an unknown model, an unexpected input) carry no flag: only the RPC's end
   is certain. An error inside an ensemble comes back as one error response flagged final.
 * **Error responses carry no status code**, only Triton's text ("in ensemble 'vqa_clip', image:
-  ...": ``errors.triton_error`` recovers the code from it; the ``llm`` model sends its own errors
-  as data instead, ``ERROR_CODE`` and ``ERROR_MESSAGE``).
+  ...": ``errors.triton_error``, the one function that reads an error's text, turns it into data,
+  code, field and message; the ``llm`` model sends its own errors as data instead, ``ERROR_CODE``
+  and ``ERROR_MESSAGE``). This module hands that text over untouched (``StreamResponse.error``).
 * **A stream is never cancelled**: cancelling an in-flight gRPC call can crash Triton 2.51
   (triton-inference-server/server#7368, fixed in 24.12). A caller that goes away abandons its
   ``TritonStream`` (its responses are dropped) while a task keeps reading it to the end, and asks
@@ -114,8 +115,8 @@ def infer_request(model: str, inputs: Sequence[Input], outputs: Sequence[str] | 
 
 @dataclass(frozen=True)
 class StreamResponse:
-    """One response of a stream: outputs (``result``) or Triton's error text, and whether Triton
-    flagged it as the request's last."""
+    """One response of a stream: outputs (``result``) or Triton's error text (for
+    ``errors.triton_error``), and whether Triton flagged it as the request's last."""
 
     result: InferResult | None
     error: str | None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 
 from mofserve.server.admission import (
@@ -17,8 +18,10 @@ from mofserve.server.admission import (
     remaining,
     retry_after,
 )
-from mofserve.server.engine import ERROR_CODES, EngineError
+from mofserve.server.engine import EngineError
+from mofserve.server.grpc_service import GRPC_STATUS
 from mofserve.server.metrics import FrontendMetrics
+from mofserve.server.openai_protocol import HTTP_STATUS
 
 
 def run(coro):
@@ -62,7 +65,8 @@ def test_requests_beyond_in_flight_and_queue_are_rejected_at_once_naming_both_li
         return caught.value, log
 
     error, log = run(scenario())
-    assert error.code == "resource_exhausted" and ERROR_CODES[error.code] == ("RESOURCE_EXHAUSTED", 429)
+    assert error.code == "resource_exhausted" and GRPC_STATUS[error.code] is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert HTTP_STATUS[error.code] == 429
     assert "2 requests in flight (max_in_flight=2)" in error.message
     assert "1 queued (max_queue=1)" in error.message and "retry after" in error.message
     assert retry_after(error) == error.retry_after_s > 0

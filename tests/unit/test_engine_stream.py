@@ -13,6 +13,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
 from mofserve.core import tensors as T
+from mofserve.core.profiles import get_profile
 from mofserve.core.tensors import FusionMode
 from mofserve.server.answers import ASK_OUTPUTS, Answer, Delta
 from mofserve.server.engine import EngineError, GenerationParams, Question, Selection, ServingInfo, TritonEngine
@@ -216,6 +217,7 @@ def test_errors_as_data_keep_their_code_and_a_finished_stream_is_not_cancelled()
     with pytest.raises(EngineError) as error:
         asyncio.run(collect(engine))
     assert (error.value.code, error.value.message) == ("resource_exhausted", "llm: no KV room for 2000 tokens")
+    assert error.value.field is None  # the model sends no field: its message is not read for one
     assert [r.model_name for r in fake.requests] == [VQA]
 
 
@@ -225,6 +227,7 @@ def test_an_error_response_in_an_ensemble_maps_by_its_text():
     with pytest.raises(EngineError) as error:
         asyncio.run(collect(engine))
     assert error.value.code == "invalid_argument" and error.value.message.startswith("image: cannot decode")
+    assert error.value.field == "image"
 
 
 def test_a_sequence_the_server_cancelled_is_unavailable_not_an_answer():
@@ -234,16 +237,41 @@ def test_a_sequence_the_server_cancelled_is_unavailable_not_an_answer():
     assert error.value.code == "unavailable"
 
 
-@pytest.mark.parametrize(("message", "code"), [
-    ("in ensemble 'vqa_clip', image: cannot decode the image (truncated)", "invalid_argument"),
-    ("in ensemble 'vqa_clip', question: empty", "invalid_argument"),
-    ("Request for unknown model: 'vqa_nope' is not found", "not_found"),
-    ("Exceeds maximum queue size", "resource_exhausted"),
-    ("Stub process 'llm_0_0' is not healthy.", "unavailable"),
-    ("unexpected inference input 'REQUEST_ID' for model 'vqa_clip'", "internal"),
+@pytest.mark.parametrize(("message", "code", "field"), [
+    ("in ensemble 'vqa_clip', image: cannot decode the image (truncated)", "invalid_argument", "image"),
+    ("in ensemble 'vqa_clip', question: empty", "invalid_argument", "question"),
+    ("texts[3]: not valid UTF-8", "invalid_argument", "texts[3]"),
+    ("in ensemble 'embed', image: 7000x6000 pixels exceeds the limit of 1000 (max_pixels)", "too_large", "image"),
+    ("Request for unknown model: 'vqa_nope' is not found", "not_found", None),
+    ("Exceeds maximum queue size", "resource_exhausted", None),
+    ("Stub process 'llm_0_0' is not healthy.", "unavailable", None),
+    ("unexpected inference input 'REQUEST_ID' for model 'vqa_clip'", "internal", None),
+    ("deadline: not a request field", "internal", None),
 ])
-def test_stream_errors_without_a_status_map_by_their_text(message, code):
-    assert triton_error(message).code == code
+def test_stream_errors_without_a_status_map_by_their_text(message, code, field):
+    error = triton_error(message)
+    assert (error.code, error.field) == (code, field)
+    assert not message.startswith("in ensemble") or error.message == message.split(", ", 1)[1]
+
+
+def test_a_unary_errors_status_gives_the_code_and_its_text_the_field():
+    error = triton_error("in ensemble 'embed', image: cannot decode the image", "StatusCode.INVALID_ARGUMENT")
+    assert (error.code, error.field, error.message) == ("invalid_argument", "image", "image: cannot decode the image")
+    assert triton_error("boom", "StatusCode.UNAVAILABLE").field is None
+
+
+def test_the_answer_carries_the_effective_alpha():
+    """The request's alpha, the profile's default for additive, None for the other modes: decided by
+    the engine, read as is by both transports."""
+    engine, _ = engine_with(STREAM)
+    engine._io[T.vqa_model(FusionMode.ADDITIVE)] = engine._io[VQA]
+
+    async def run():
+        return [(await engine.ask(question(), selection, 10)).alpha
+                for selection in (Selection(FusionMode.ADDITIVE), Selection(FusionMode.ADDITIVE, 0.25),
+                                  Selection(FusionMode.CLIP))]
+
+    assert asyncio.run(run()) == [get_profile("tiny").default_alpha, 0.25, None]
 
 
 def test_ping_llm_is_a_cancel_round_trip():

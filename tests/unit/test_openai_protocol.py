@@ -11,7 +11,7 @@ from PIL import Image
 
 from mofserve.core.tensors import FusionMode
 from mofserve.server import openai_protocol as P
-from mofserve.server.engine import Answer, EngineError, Limits, ServingInfo, StageTimings, Usage
+from mofserve.server.engine import ERROR_CODES, Answer, EngineError, Limits, ServingInfo, StageTimings, Usage
 
 LIMITS = Limits()
 
@@ -38,6 +38,7 @@ def refused(request, status: int = 400, limits: Limits = LIMITS) -> P.ProtocolEr
     with pytest.raises(P.ProtocolError) as info:
         P.parse_chat_request(request, limits)
     assert info.value.status == status, info.value.message
+    assert P.HTTP_STATUS[info.value.reason] == status  # the engine code it is counted as, made with it
     return info.value
 
 
@@ -282,10 +283,12 @@ def test_engine_errors_map_status_and_param():
     params = {"image": "messages[0].content[1].image_url.url", "question": "messages[0].content",
               "max_new_tokens": "max_tokens"}
     cases = [
-        (EngineError("invalid_argument", "image: cannot decode"), 400, "messages[0].content[1].image_url.url"),
-        (EngineError("too_large", "image: 30 bytes exceeds the limit"), 413, "messages[0].content[1].image_url.url"),
-        (EngineError("invalid_argument", "options: expected '(a) ...'"), 400, "options"),
-        (EngineError("invalid_argument", "max_new_tokens: must be within"), 400, "max_tokens"),
+        (EngineError("invalid_argument", "image: cannot decode", "image"), 400, "messages[0].content[1].image_url.url"),
+        (EngineError.refused("image", "30 bytes exceeds the limit", "too_large"), 413,
+         "messages[0].content[1].image_url.url"),
+        (EngineError("invalid_argument", "options: expected '(a) ...'", "options"), 400, "options"),
+        (EngineError.refused("max_new_tokens", "must be within"), 400, "max_tokens"),
+        (EngineError.refused("images[1]", "empty"), 400, None),  # no such field in a chat completion
         (EngineError("resource_exhausted", "queue full"), 429, None),
         (EngineError("unavailable", "triton: not reachable"), 503, None),
         (EngineError("deadline_exceeded", "deadline: expired"), 504, None),
@@ -294,7 +297,7 @@ def test_engine_errors_map_status_and_param():
     ]
     for error, status, param in cases:
         mapped = P.from_engine_error(error, params)
-        assert (mapped.status, mapped.param) == (status, param), error.message
+        assert (mapped.status, mapped.param, mapped.reason) == (status, param, error.code), error.message
         shape = P.error_body(mapped)["error"]
         assert set(shape) == {"message", "type", "param", "code"} and shape["message"] == error.message
     assert P.from_engine_error(EngineError("resource_exhausted", "x")).type == "rate_limit_error"
@@ -302,16 +305,28 @@ def test_engine_errors_map_status_and_param():
     assert P.from_engine_error(EngineError("not_found", "x")).code == "model_not_found"
 
 
+def test_param_is_the_errors_field_never_its_text():
+    """A message that looks like "field: ..." names nothing: only ``EngineError.field`` does."""
+    assert P.from_engine_error(EngineError("invalid_argument", "alpha: must be within [0, 1]")).param is None
+    assert P.from_engine_error(EngineError("invalid_argument", "must be within [0, 1]", "alpha")).param == "alpha"
+
+
+def test_every_engine_code_has_an_http_status():
+    assert set(P.HTTP_STATUS) == ERROR_CODES
+    assert P.from_engine_error(EngineError("no_such_code", "x")).status == 500
+
+
 def answer(mode=FusionMode.ADDITIVE, finish_reason: str = "stop") -> Answer:
-    return Answer(mode, 0.5, "Left", "a", [-1.0, -2.0], StageTimings(preprocess_ms=1.0, clip_ms=2.0, llm_ms=3.0,
-                                                                     total_ms=7.0),
+    alpha = 0.5 if mode is FusionMode.ADDITIVE else None  # the effective alpha, as the engine decides it
+    return Answer(mode, alpha, "Left", "a", [-1.0, -2.0],
+                  StageTimings(preprocess_ms=1.0, clip_ms=2.0, llm_ms=3.0, total_ms=7.0),
                   Usage(prompt_tokens=300, completion_tokens=2), finish_reason)
 
 
 def test_chat_completion_shape():
     chat = P.parse_chat_request(body(model="additive", alpha=0.5, options="(a) Left (b) Right"), LIMITS)
     info = ServingInfo("tiny", True, {"llm": "1"})
-    response = P.chat_completion(chat, answer(), info, ident="chatcmpl-1", created=5, alpha=0.5)
+    response = P.chat_completion(chat, answer(), info, ident="chatcmpl-1", created=5)
     json.dumps(response)
     assert response["object"] == "chat.completion" and response["model"] == "mofserve-additive"
     choice = response["choices"][0]
@@ -323,13 +338,14 @@ def test_chat_completion_shape():
     assert ext["mode"] == "additive" and ext["alpha"] == 0.5 and ext["random_weights"] is True
     assert "not meaningful" in ext["notice"]
     assert ext["timings"]["encoders_ms"] == 2.0 and ext["timings"]["total_ms"] == 7.0
-    assert P.mofserve_extension(answer(), ServingInfo("paper", False), alpha=None)["notice"] is None
+    assert P.mofserve_extension(answer(), ServingInfo("paper", False))["notice"] is None
+    assert P.mofserve_extension(answer(FusionMode.CLIP), info)["alpha"] is None  # the answer's, as it is
 
 
 def test_a_completion_cut_at_max_tokens_finishes_with_length():
     chat = P.parse_chat_request(body(max_tokens=2), LIMITS)
     response = P.chat_completion(chat, answer(finish_reason="length"), ServingInfo("tiny", True), ident="c",
-                                 created=1, alpha=None)
+                                 created=1)
     assert response["choices"][0]["finish_reason"] == "length"
 
 
@@ -339,8 +355,8 @@ def streamed(include_usage: bool, pieces=("Le", "ft"), finish_reason: str = "sto
     chat = P.parse_chat_request(body(stream=True, **options), LIMITS)
     chunks = P.ChunkStream(chat, ident="chatcmpl-c", created=1)
     events = [P.sse(chunks.start()), *(P.sse(chunks.content(p)) for p in pieces),
-              *(P.sse(c) for c in chunks.finish(answer(FusionMode.CLIP, finish_reason), ServingInfo("tiny", True),
-                                                alpha=None)), P.SSE_DONE]
+              *(P.sse(c) for c in chunks.finish(answer(FusionMode.CLIP, finish_reason), ServingInfo("tiny", True))),
+              P.SSE_DONE]
     wire = b"".join(events).decode()
     assert wire.endswith("data: [DONE]\n\n")
     frames = [frame for frame in wire.split("\n\n") if frame]

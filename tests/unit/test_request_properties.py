@@ -98,6 +98,7 @@ def mutated_bodies(draw) -> dict:
 def check_refusal_names_a_field(error: P.ProtocolError) -> None:
     assert error.status in (400, 404, 413), error.message
     assert error.type == P.error_type(error.status)
+    assert P.HTTP_STATUS[error.reason] == error.status, (error.reason, error.message)
     if error.param is None:
         assert error.message.startswith("body: "), error.message
     else:
@@ -116,9 +117,9 @@ def parse_then_validate(body) -> P.ChatRequest | None:
         ENGINE._check_question(request.question)
     except EngineError as error:
         assert error.code in ERROR_CODES
-        assert FIELD_PATH.match(error.message), error.message
+        assert error.field in ENGINE_FIELDS and error.message.startswith(f"{error.field}: "), error.message
         mapped = P.from_engine_error(error, request.params)
-        assert mapped.status == ERROR_CODES[error.code][1] and mapped.param, (mapped.param, error.message)
+        assert mapped.status == P.HTTP_STATUS[error.code] and mapped.param, (mapped.param, error.message)
         return None
     request.question.question.encode("utf-8")  # what the engine sends to Triton
     return request
@@ -178,6 +179,8 @@ def test_any_bytes_parse_to_a_message_or_a_refusal_naming_a_field(cls, raw):
     parsed = _tolerant(cls)(raw)
     if isinstance(parsed, _Undecodable):
         assert FIELD_PATH.match(parsed.message), parsed.message
+        assert parsed.error.code == "invalid_argument"
+        assert parsed.error.field is None or parsed.message.startswith(f"{parsed.error.field}: "), parsed.message
         broken = f"request: not a valid {cls.DESCRIPTOR.full_name}"
         assert "UTF-8" in parsed.message or parsed.message.startswith(broken), parsed.message
     else:
@@ -236,6 +239,7 @@ def test_invalid_utf8_in_any_string_field_is_refused_naming_that_field(target, b
     parsed = _tolerant(cls)(raw)
     assert isinstance(parsed, _Undecodable)
     assert parsed.message.startswith(expected) and "not valid UTF-8" in parsed.message, parsed.message
+    assert parsed.error.field == expected[:-2]  # the field as data, not only in the text
 
 
 @derandomized(200)
