@@ -26,6 +26,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import FieldError
+
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -62,19 +64,19 @@ def _parse_json_options(text: str) -> list[Option]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"options: not valid JSON ({error.msg}); expected a list of strings such as "
+        raise FieldError("options", f"not valid JSON ({error.msg}); expected a list of strings such as "
                          f'["Standing", "Sitting"] or MMVP-style \'(a) ... (b) ...\'') from None
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ValueError("options: expected a JSON list of strings such as [\"Standing\", \"Sitting\"]")
+        raise FieldError("options", "expected a JSON list of strings such as [\"Standing\", \"Sitting\"]")
     if not 2 <= len(items) <= len(_LETTERS):
-        raise ValueError(f"options: expected a JSON list of 2 to {len(_LETTERS)} options, got {len(items)}")
+        raise FieldError("options", f"expected a JSON list of 2 to {len(_LETTERS)} options, got {len(items)}")
     options = []
     for letter, item in zip(_LETTERS, items, strict=False):
         marker = _MARKER.match(item.strip())
         if marker and marker.group(1).lower() == letter:  # ["(a) Standing", ...]: drop the marker
             item = item.strip()[marker.end():]
         if not _clean(item):
-            raise ValueError(f"options: option ({letter}) is empty; expected a JSON list of non-empty strings")
+            raise FieldError("options", f"option ({letter}) is empty; expected a JSON list of non-empty strings")
         options.append(Option(letter, _clean(item)))
     return options
 
@@ -87,7 +89,7 @@ def parse_options(options: str) -> list[Option]:
     is lettered in order. Raises ValueError naming ``options`` and what was expected.
     """
     if not isinstance(options, str):
-        raise ValueError(f"options: expected a string, got {type(options).__name__}")
+        raise FieldError("options", f"expected a string, got {type(options).__name__}")
     text = options.strip()
     if text.startswith("["):
         return _parse_json_options(text)
@@ -96,9 +98,9 @@ def parse_options(options: str) -> list[Option]:
         if len(markers) < len(_LETTERS) and match.group(1).lower() == _LETTERS[len(markers)]:
             markers.append(match)
     if len(markers) < 2:
-        raise ValueError(f"options: {_EXPECTED}, got {_shown(text)}")
+        raise FieldError("options", f"{_EXPECTED}, got {_shown(text)}")
     if markers[0].start() != 0:
-        raise ValueError(f"options: {_EXPECTED}; unexpected text {_shown(text[:markers[0].start()].strip())} "
+        raise FieldError("options", f"{_EXPECTED}; unexpected text {_shown(text[:markers[0].start()].strip())} "
                          "before '(a)'")
     parsed = []
     for i, match in enumerate(markers):
@@ -106,7 +108,7 @@ def parse_options(options: str) -> list[Option]:
         body = _clean(text[match.end():end])
         letter = _LETTERS[i]
         if not body:
-            raise ValueError(f"options: option ({letter}) has no text; {_EXPECTED}, got {_shown(text)}")
+            raise FieldError("options", f"option ({letter}) has no text; {_EXPECTED}, got {_shown(text)}")
         parsed.append(Option(letter, body))
     return parsed
 
@@ -121,9 +123,9 @@ def options_text(options: str) -> str:
 
 def check_question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("question: empty; ask something about the image")
+        raise FieldError("question", "empty; ask something about the image")
     if IMAGE_PLACEHOLDER in question:
-        raise ValueError(f"question: must not contain the {IMAGE_PLACEHOLDER} placeholder (the image goes there)")
+        raise FieldError("question", f"must not contain the {IMAGE_PLACEHOLDER} placeholder (the image goes there)")
     return question.strip()
 
 
@@ -132,7 +134,7 @@ def user_turn(question: str, options: str | None = None) -> str:
     text = check_question(question)
     if options is not None and options.strip():
         if IMAGE_PLACEHOLDER in options:
-            raise ValueError(f"options: must not contain the {IMAGE_PLACEHOLDER} placeholder")
+            raise FieldError("options", f"must not contain the {IMAGE_PLACEHOLDER} placeholder")
         text = text + " " + options_text(options)
     return IMAGE_PLACEHOLDER + "\n" + text
 

@@ -50,6 +50,7 @@ from .checkpoints import (
     read_config,
 )
 from .conversation import Option, build_prompt, clean_answer, parse_options, split_prompt
+from .errors import FieldError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class VisualLanguageModel:
     def __init__(self, model, tokenizer, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> None:
         if not 1 <= default_max_new_tokens <= max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens: default {default_max_new_tokens} must be within "
+            raise FieldError("max_new_tokens", f"default {default_max_new_tokens} must be within "
                              f"[1, {max_new_tokens_limit}]")
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -186,15 +187,15 @@ class VisualLanguageModel:
         if max_new_tokens is None:
             max_new_tokens = self.default_max_new_tokens
         if isinstance(max_new_tokens, float) or not 1 <= int(max_new_tokens) <= limit:
-            raise ValueError(f"max_new_tokens: must be an integer within [1, {limit}], got {max_new_tokens}")
+            raise FieldError("max_new_tokens", f"must be an integer within [1, {limit}], got {max_new_tokens}")
         temperature = 0.0 if temperature is None else float(temperature)
         if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):
-            raise ValueError(f"temperature: must be within [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {temperature}")
+            raise FieldError("temperature", f"must be within [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {temperature}")
         top_p = 1.0 if top_p is None else float(top_p)
         if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p: must be within (0, 1], got {top_p}")
+            raise FieldError("top_p", f"must be within (0, 1], got {top_p}")
         if seed is not None and not 0 <= int(seed) < 2**63:
-            raise ValueError(f"seed: must be within [0, 2^63), got {seed}")
+            raise FieldError("seed", f"must be within [0, 2^63), got {seed}")
         return Sampling(int(max_new_tokens), temperature, top_p, None if seed is None else int(seed))
 
     def _visual(self, visual_tokens) -> torch.Tensor:
@@ -204,9 +205,9 @@ class VisualLanguageModel:
             array = np.asarray(visual_tokens)
             tokens = torch.from_numpy(array if array.flags.writeable else array.copy())
         if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] != self.hidden_size:
-            raise ValueError(f"visual_tokens: expected [N, {self.hidden_size}] (N >= 1), got {list(tokens.shape)}")
+            raise FieldError("visual_tokens", f"expected [N, {self.hidden_size}] (N >= 1), got {list(tokens.shape)}")
         if not torch.is_floating_point(tokens) or not bool(torch.isfinite(tokens).all()):
-            raise ValueError("visual_tokens: expected finite floating-point values")
+            raise FieldError("visual_tokens", "expected finite floating-point values")
         return tokens.to(device=self.device, dtype=self.dtype)
 
     # ---- prompt ---------------------------------------------------------------------------------
@@ -231,10 +232,10 @@ class VisualLanguageModel:
     def check_room(self, prompt: Prompt, visual: int, max_new_tokens: int) -> None:
         length, context = prompt.length(visual), self.context_length
         if length >= context:
-            raise ValueError(f"question: the prompt is {length} tokens ({visual} of them visual), over the "
+            raise FieldError("question", f"the prompt is {length} tokens ({visual} of them visual), over the "
                              f"model's context of {context} tokens")
         if length + max_new_tokens > context:
-            raise ValueError(f"max_new_tokens: must be at most {context - length} for this prompt ({length} "
+            raise FieldError("max_new_tokens", f"must be at most {context - length} for this prompt ({length} "
                              f"tokens of a {context}-token context), got {max_new_tokens}")
 
     # ---- generation and scoring -------------------------------------------------------------------

@@ -55,7 +55,12 @@ CANCEL_MEMORY_S = 300.0  # ... for this long (a request's deadline is shorter)
 
 
 class CapacityError(RuntimeError):
-    """The request cannot be taken now (queue full) or ever (its KV does not fit a slot)."""
+    """The request cannot be taken now (queue full) or ever (its KV does not fit a slot);
+    ``field`` names the request field at fault when one is (``max_new_tokens``)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,8 @@ class LLMEngine:
         if needed > self.geometry.slot_tokens:
             raise CapacityError(f"max_new_tokens: the prompt ({embeds.shape[1]} tokens) and {sampling.max_new_tokens} "
                                 f"new tokens need {needed} KV positions; a sequence slot holds "
-                                f"{self.geometry.slot_tokens} (llm_kv_cache_mb / max_sequences)")
+                                f"{self.geometry.slot_tokens} (llm_kv_cache_mb / max_sequences)",
+                                field="max_new_tokens")
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=vlm.device)

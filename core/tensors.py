@@ -124,6 +124,7 @@ UPSTREAM_STAGES = ("TIMING_PREPROCESS_MS", "TIMING_CLIP_MS", "TIMING_DINOV2_MS",
 # streaming gRPC (ModelStreamInfer) keeps only an error's message, not its status code.
 ERROR_CODE = "ERROR_CODE"  # TYPE_STRING [1]: "invalid_argument" | "resource_exhausted" | "internal"
 ERROR_MESSAGE = "ERROR_MESSAGE"  # TYPE_STRING [1]: the field first, e.g. "max_new_tokens: ..."
+ERROR_FIELD = "ERROR_FIELD"  # TYPE_STRING [1]: the request field at fault as data ("" for none)
 
 
 def vqa_model(mode: FusionMode | str) -> str:

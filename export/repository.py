@@ -229,7 +229,8 @@ def llm_spec(shapes: ModelShapes, profile: Profile, paths: CheckpointPaths, targ
     _io(c.input, T.CANCEL, mc.TYPE_BOOL, [1], optional=True)
     for name in T.UPSTREAM_STAGES:  # read where the ensemble ran the stage, echoed as UPSTREAM_TIMINGS
         _io(c.input, name, _FP32, [1], optional=True)
-    for name in (T.TEXT_DELTA, T.ANSWER, T.CHOSEN_OPTION, T.FINISH_REASON, T.ERROR_CODE, T.ERROR_MESSAGE):
+    for name in (T.TEXT_DELTA, T.ANSWER, T.CHOSEN_OPTION, T.FINISH_REASON, T.ERROR_CODE, T.ERROR_MESSAGE,
+                 T.ERROR_FIELD):
         _io(c.output, name, _STRING, [1])
     _io(c.output, T.OPTION_SCORES, _FP32, [-1])
     _io(c.output, T.UPSTREAM_TIMINGS, _FP32, [len(T.UPSTREAM_STAGES)])

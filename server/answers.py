@@ -103,7 +103,7 @@ class Answer:
 
 #: What a ``vqa_<mode>`` request asks for (those the ensemble has: ``engine`` filters by its metadata).
 ASK_OUTPUTS = (T.TEXT_DELTA, T.ANSWER, T.CHOSEN_OPTION, T.OPTION_SCORES, T.FINISH_REASON, T.PROMPT_TOKENS,
-               T.COMPLETION_TOKENS, T.ERROR_CODE, T.ERROR_MESSAGE, T.UPSTREAM_TIMINGS, *TIMING_FIELDS)
+               T.COMPLETION_TOKENS, T.ERROR_CODE, T.ERROR_MESSAGE, T.ERROR_FIELD, T.UPSTREAM_TIMINGS, *TIMING_FIELDS)
 
 
 def text(array: np.ndarray | None) -> str:
@@ -169,12 +169,13 @@ class AnswerBuilder:
         return text(self.values.get(T.FINISH_REASON)) or "stop"
 
     @property
-    def error(self) -> tuple[str, str] | None:
-        """``(ERROR_CODE, ERROR_MESSAGE)`` when the model ended the request with an error: data,
-        read as such (``errors.model_error``), never parsed."""
+    def error(self) -> tuple[str, str, str] | None:
+        """``(ERROR_CODE, ERROR_MESSAGE, ERROR_FIELD)`` when the model ended the request with an error:
+        data, read as such (``errors.model_error``), never parsed."""
         if self.finish_reason != "error" and T.ERROR_CODE not in self.values:
             return None
-        return text(self.values.get(T.ERROR_CODE)), text(self.values.get(T.ERROR_MESSAGE))
+        return (text(self.values.get(T.ERROR_CODE)), text(self.values.get(T.ERROR_MESSAGE)),
+                text(self.values.get(T.ERROR_FIELD)))
 
     def _timings(self, timings: StageTimings) -> None:
         upstream = self.values.get(T.UPSTREAM_TIMINGS)

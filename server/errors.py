@@ -84,8 +84,9 @@ def triton_error(message: str, status: str | None = None) -> EngineError:
     return EngineError(code, message, field)
 
 
-def model_error(code: str, message: str) -> EngineError:
-    """An error the ``llm`` model sent as data (``ERROR_CODE``, ``ERROR_MESSAGE``): its code is one
-    of ours already; anything unexpected is internal. The model sends no field (its message names
-    it for humans only), so none is given."""
-    return EngineError(code if code in ERROR_CODES else "internal", message or f"llm: failed ({code or 'no code'})")
+def model_error(code: str, message: str, field: str = "") -> EngineError:
+    """An error the ``llm`` model sent as data (``ERROR_CODE``, ``ERROR_MESSAGE``, ``ERROR_FIELD``):
+    its code is one of ours already (anything unexpected is internal), its field the request field
+    at fault ("" for none; a repository older than ERROR_FIELD sends none)."""
+    return EngineError(code if code in ERROR_CODES else "internal", message or f"llm: failed ({code or 'no code'})",
+                       field or None)

@@ -22,6 +22,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mofserve.core import tensors as T
+from mofserve.core.errors import FieldError
 from mofserve.core.language_model import VisualLanguageModel
 from mofserve.core.llm_engine import CapacityError, Delta, Event, Failed, Finished, LLMEngine
 from mofserve.model_repository.common import model_config, set_torch_threads
@@ -36,7 +37,7 @@ def _text(value, name: str) -> str:
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{name}: must be UTF-8 text") from None
+            raise FieldError(name, "must be UTF-8 text") from None
     return str(value)
 
 
@@ -52,9 +53,9 @@ def _scores(values) -> pb_utils.Tensor:
     return pb_utils.Tensor(T.OPTION_SCORES, np.array([list(values)], dtype=np.float32).reshape(1, -1))
 
 
-def error_response(code: str, message: str) -> pb_utils.InferenceResponse:
+def error_response(code: str, message: str, field: str | None = None) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse([_string(T.FINISH_REASON, "error"), _string(T.ERROR_CODE, code),
-                                       _string(T.ERROR_MESSAGE, message)])
+                                       _string(T.ERROR_MESSAGE, message), _string(T.ERROR_FIELD, field or "")])
 
 
 class TritonPythonModel:
@@ -114,7 +115,7 @@ class TritonPythonModel:
             return None
         values = np.asarray(value).reshape(-1)
         if values.size != 1:
-            raise ValueError(f"{name.lower()}: expected one value per request, got {values.size}")
+            raise FieldError(name.lower(), f"expected one value per request, got {values.size}")
         return values[0].item() if hasattr(values[0], "item") else values[0]
 
     def _start(self, request, sender) -> None:
@@ -127,12 +128,12 @@ class TritonPythonModel:
             return
         visual = self._input(request, T.VISUAL_TOKENS)
         if visual is None:
-            raise ValueError("visual_tokens: required (only a CANCEL request goes without)")
+            raise FieldError("visual_tokens", "required (only a CANCEL request goes without)")
         if visual.shape[0] != 1:
-            raise ValueError(f"visual_tokens: one sequence per request (it streams), got a batch of {visual.shape[0]}")
+            raise FieldError("visual_tokens", f"one sequence per request (it streams), got {visual.shape[0]}")
         question = self._scalar(request, T.QUESTION)
         if question is None:
-            raise ValueError("question: required")
+            raise FieldError("question", "required")
         options = self._scalar(request, T.OPTIONS)
         settings = {key: self._scalar(request, name) for name, key in _OPTIONAL}
         sampling = self.engine.vlm.sampling(**settings)
@@ -182,10 +183,11 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self._start(request, sender)
-            except ValueError as error:
-                sender.send(error_response("invalid_argument", str(error)), flags=_FINAL)
+            except ValueError as error:  # FieldError names its field as data
+                sender.send(error_response("invalid_argument", str(error), getattr(error, "field", None)),
+                            flags=_FINAL)
             except CapacityError as error:
-                sender.send(error_response("resource_exhausted", str(error)), flags=_FINAL)
+                sender.send(error_response("resource_exhausted", str(error), error.field), flags=_FINAL)
             except Exception as error:  # a failure of one request never takes the model down
                 self.logger.log_error(f"llm: request failed: {error!r}")
                 sender.send(error_response("internal", f"llm: {error}"), flags=_FINAL)

@@ -217,8 +217,17 @@ def test_errors_as_data_keep_their_code_and_a_finished_stream_is_not_cancelled()
     with pytest.raises(EngineError) as error:
         asyncio.run(collect(engine))
     assert (error.value.code, error.value.message) == ("resource_exhausted", "llm: no KV room for 2000 tokens")
-    assert error.value.field is None  # the model sends no field: its message is not read for one
+    assert error.value.field is None  # no ERROR_FIELD (an older repository): the message is not read for one
     assert [r.model_name for r in fake.requests] == [VQA]
+
+
+def test_the_llm_models_error_field_is_data_that_reaches_the_engine_error():
+    engine, _ = engine_with([response(final=True, FINISH_REASON="error", ERROR_CODE="resource_exhausted",
+                                      ERROR_MESSAGE="max_new_tokens: a sequence slot holds 256",
+                                      ERROR_FIELD="max_new_tokens")])
+    with pytest.raises(EngineError) as error:
+        asyncio.run(collect(engine))
+    assert (error.value.code, error.value.field) == ("resource_exhausted", "max_new_tokens")
 
 
 def test_an_error_response_in_an_ensemble_maps_by_its_text():

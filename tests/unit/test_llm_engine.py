@@ -109,8 +109,12 @@ def test_a_request_that_cannot_fit_a_slot_is_refused_up_front(vlm):
     engine = LLMEngine(vlm, max_sequences=8, kv_cache_mb=1)
     try:
         assert engine.geometry.slot_tokens == 256
-        with pytest.raises(CapacityError, match=r"max_new_tokens: .* a sequence slot holds 256"):
+        with pytest.raises(CapacityError, match=r"max_new_tokens: .* a sequence slot holds 256") as refused:
             engine.submit("big", visual(512, 0), QUESTIONS[0], None, vlm.sampling(max_new_tokens=4), emit=print)
+        assert refused.value.field == "max_new_tokens"  # data, for ERROR_FIELD
+        with pytest.raises(ValueError) as bad:
+            vlm.sampling(max_new_tokens=10_000)
+        assert bad.value.field == "max_new_tokens"
         result = engine.answer(visual(128, 0), QUESTIONS[1], max_new_tokens=4)
         assert result.completion_tokens >= 1
     finally:
