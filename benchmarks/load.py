@@ -430,36 +430,44 @@ class LoadRunner:
 # Entry points
 
 
-async def run_load(config: LoadConfig, images: ImagePool | None = None) -> dict:
-    """Run every point of ``config`` against its target and return the report (not yet written)."""
+def run_in_process(config: LoadConfig, images: ImagePool, profile: str) -> dict:
+    """The in-process parts of a run, before its sweep: the baselines (``--baseline``) and the LM's
+    per-layer costs (``--extrapolate-layers``); blocking and CPU-bound."""
+    out: dict = {"baselines": run_baselines(config, images, profile) if config.baselines else {}, "layers": None}
+    if config.extrapolate_layers:
+        from .llm_stage import measure_for_load
+
+        out["layers"] = measure_for_load(profile, config)
+    return out
+
+
+async def run_load(config: LoadConfig, images: ImagePool | None = None, in_process: dict | None = None) -> dict:
+    """Run every point of ``config`` against its target and return the report (not yet written).
+    ``in_process``: what ``run_in_process`` measured already (``main`` runs it before it starts a
+    server for ``--serve``, so that the two never hold memory and cores at once); otherwise it runs
+    here, the server idling meanwhile."""
     from .report import build_report
 
     images = images or ImagePool()
     images.ensure(max(FIRST_POOL, config.baseline_requests + 1 if config.baselines else 0))
     transport = make_transport(config.target, config, images)
     await transport.open()
-    baselines: dict[str, dict] = {}
     try:
         server = await transport.info()
         began = time.time()
-        if config.baselines:
+        if in_process is None and (config.baselines or config.extrapolate_layers):
             profile = config.baseline_profile or server.get("profile")
             if not profile:
                 raise RuntimeError("baseline: the server did not say its profile; give --baseline-profile")
             # CPU-bound and blocking: off the loop, which may also serve the front-end (tests)
-            baselines = await asyncio.to_thread(run_baselines, config, images, profile)
-        layers = None
-        if config.extrapolate_layers:
-            from .llm_stage import measure_for_load
-
-            profile = config.baseline_profile or server.get("profile")
-            layers = await asyncio.to_thread(measure_for_load, profile, config)
+            in_process = await asyncio.to_thread(run_in_process, config, images, profile)
         runner = LoadRunner(config, transport, images)
         points = await runner.run()
     finally:
         await transport.close()
-    return build_report(config, server, points, began=began, images=len(images), baselines=baselines or None,
-                        layers=layers)
+    in_process = in_process or {}
+    return build_report(config, server, points, began=began, images=len(images),
+                        baselines=in_process.get("baselines") or None, layers=in_process.get("layers"))
 
 
 def default_out_dir(now: _dt.datetime | None = None) -> Path:
@@ -570,10 +578,14 @@ def main(args: argparse.Namespace) -> int:
     args.out = out = args.out or default_out_dir()
     try:
         if getattr(args, "serve", None):
+            images, in_process = ImagePool(), None
+            if config.baselines or config.extrapolate_layers:  # before the server holds memory and cores
+                images.ensure(max(FIRST_POOL, config.baseline_requests + 1))
+                in_process = run_in_process(config, images, config.baseline_profile or args.serve)
             with ServeProcess(args.serve, out / "serve.log") as served:
                 config.target = parse_target(served.endpoints[config.target.scheme])
                 config.triton_metrics = config.triton_metrics or served.triton_metrics
-                report = asyncio.run(run_load(config))
+                report = asyncio.run(run_load(config, images, in_process))
                 section = _perf_analyzer_section(args, config, served.triton_grpc)
         else:
             report = asyncio.run(run_load(config))
