@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from mofserve.core.feature_cache import CACHE_METRIC
+from mofserve.core.tensors import FusionMode
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -289,7 +290,9 @@ def _frontend_metric_names() -> set[str]:
     metrics = FrontendMetrics()
     with metrics.track("grpc", "Ask", "clip"):
         pass
-    metrics.observe_stages("clip", SimpleNamespace(**{f"{stage}_ms": 1.0 for stage in STAGES}))
+    timings = SimpleNamespace(**{f"{stage}_ms": 1.0 for stage in STAGES}, time_to_first_token_ms=1.0)
+    usage = SimpleNamespace(prompt_tokens=600, completion_tokens=8)
+    metrics.observe_answer("grpc", SimpleNamespace(mode=FusionMode.CLIP, timings=timings, usage=usage))
     text = metrics.exposition().decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
