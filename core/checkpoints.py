@@ -18,12 +18,16 @@ from pathlib import Path
 
 import torch
 
-from .fusion import PROJECTOR_TYPE, Fuser, Projector
+from .fusion import (
+    ADDITIVE_PROJECTOR_PREFIX,
+    CLIP_PROJECTOR_PREFIX,
+    DINO_PROJECTOR_PREFIX,
+    PROJECTOR_TYPE,
+    Fuser,
+    Projector,
+)
 from .profiles import Profile
-
-CLIP_PROJECTOR_PREFIX = "model.mm_projector."
-DINO_PROJECTOR_PREFIX = "model.dino_mm_projector."
-ADDITIVE_PROJECTOR_PREFIX = "model.additive_mm_projector."
+from .seeded import ensure_seeded_checkpoints
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -69,8 +73,6 @@ def resolve_source(source: str, what: str) -> Path:
 def resolve_profile(profile: Profile, build_seeded: bool = True) -> CheckpointPaths:
     """Checkpoint folders of a profile; seeded profiles are built (once) on first use."""
     if profile.seeded is not None and build_seeded:
-        from .seeded import ensure_seeded_checkpoints
-
         ensure_seeded_checkpoints(profile)
     return CheckpointPaths(
         clip=resolve_source(profile.sources.clip, "clip"),

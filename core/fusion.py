@@ -20,6 +20,12 @@ from torch import nn
 
 from .tensors import FusionMode
 
+# Where a LLaVA-format checkpoint keeps each projector's weights. Exact prefixes: a substring match
+# on "mm_projector" would also catch the DINOv2 projector's keys (PAPER.md).
+CLIP_PROJECTOR_PREFIX = "model.mm_projector."
+DINO_PROJECTOR_PREFIX = "model.dino_mm_projector."
+ADDITIVE_PROJECTOR_PREFIX = "model.additive_mm_projector."
+
 PROJECTOR_TYPE = "mlp2x_gelu"
 
 

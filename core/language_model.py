@@ -42,15 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import (
-    ADDITIVE_PROJECTOR_PREFIX,
-    CLIP_PROJECTOR_PREFIX,
-    DINO_PROJECTOR_PREFIX,
-    quiet_transformers,
-    read_config,
-)
+from .checkpoints import quiet_transformers, read_config
 from .conversation import Option, build_prompt, clean_answer, parse_options, split_prompt
 from .errors import FieldError
+from .fusion import ADDITIVE_PROJECTOR_PREFIX, CLIP_PROJECTOR_PREFIX, DINO_PROJECTOR_PREFIX
 
 LOGGER = logging.getLogger(__name__)
 

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CLIP_PROJECTOR_PREFIX, DINO_PROJECTOR_PREFIX
-from .fusion import PROJECTOR_TYPE, Projector
+from .fusion import CLIP_PROJECTOR_PREFIX, DINO_PROJECTOR_PREFIX, PROJECTOR_TYPE, Projector
 from .profiles import BYTE_LEVEL_BPE, CLIP_MEAN, CLIP_STD, LLAMA_SENTENCEPIECE, Profile, SeededSpec
 
 MARKER = ".mofserve-seeded.json"

@@ -19,7 +19,7 @@ def load_clip_tokenizer(path: Path | str):
     one; the seeded profiles train one offline, see ``core.seeded``)."""
     from transformers import AutoTokenizer
 
-    from .checkpoints import quiet_transformers
+    from .checkpoints import quiet_transformers  # lazy: checkpoints imports torch; tokenize_text runs without it
 
     quiet_transformers()
     try:

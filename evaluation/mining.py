@@ -39,9 +39,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from mofserve.clients import AsyncMofServeClient
 from mofserve.clients.client import DEFAULT_TARGET, MofServeError
+from mofserve.core.preprocessing import ImageError, ImageLimits, decode_image
 
-from .embedding_cache import EmbeddingCache, FileStamp, model_key, sha256
+from .embedding_cache import CacheLockedError, EmbeddingCache, FileStamp, model_key, sha256
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_CLIP_THRESHOLD = 0.95
@@ -319,8 +321,6 @@ class EmbedStats:
 
 def _prepare(ref: ImageRef, max_bytes: int) -> _Prepared | Failure:
     """Read the file and check it with the server's decoder, so that a bad image never fails a batch."""
-    from mofserve.core.preprocessing import ImageError, ImageLimits, decode_image
-
     try:
         stamp = FileStamp.of(ref.path)
         data = ref.path.read_bytes()
@@ -509,8 +509,6 @@ def _font(size: int):
 def _thumbnail(file: Path | None, thumb: int):
     from PIL import Image, ImageDraw
 
-    from mofserve.core.preprocessing import ImageError, decode_image
-
     canvas = Image.new("RGB", (thumb, thumb), (235, 235, 235))
     try:
         if file is None:
@@ -611,8 +609,6 @@ def _peak_rss_mib() -> float:
 
 
 def _default_client(target: str, timeout: float | None):
-    from mofserve.clients import AsyncMofServeClient
-
     return AsyncMofServeClient(target, timeout=timeout)
 
 
@@ -777,8 +773,6 @@ def format_report(report: MineReport) -> str:
 
 
 def run_mine(args: argparse.Namespace) -> int:
-    from .embedding_cache import CacheLockedError
-
     try:
         report = mine(options_from_args(args))
     except MofServeError as error:

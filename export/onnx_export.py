@@ -23,8 +23,11 @@ import numpy as np
 import torch
 
 from mofserve.core.checkpoints import CheckpointPaths
+from mofserve.core.preprocessing import preprocess_bytes
 from mofserve.core.profiles import Profile, artifacts_dir
 from mofserve.core.runtime import OnnxRunner
+from mofserve.core.samples import sample_photos
+from mofserve.core.text import load_clip_tokenizer, tokenize
 
 from . import configs as configs_module
 from .configs import ExportConfig, TextExportConfig
@@ -76,8 +79,6 @@ def export_digest(config: ExportConfig, paths: CheckpointPaths, profile: Profile
 
 def parity_batches(profile: Profile, seed: int = 0) -> dict[str, np.ndarray]:
     """Random tensors (batch 2) and real photos through the serving preprocessing (batch 3)."""
-    from mofserve.core.preprocessing import preprocess_bytes
-    from mofserve.core.samples import sample_photos
 
     rng = np.random.default_rng(seed)
     size = profile.image_size
@@ -101,8 +102,6 @@ def text_parity_batches(module: torch.nn.Module, paths: CheckpointPaths, seed: i
     wherever the graph's argmax lands), tokenizer-shaped random ids (batch 3: start, random tokens, end,
     then padding with end-of-text repeated, so the FIRST maximum must win) and real sentences through
     the checkpoint's tokenizer (batch 4)."""
-    from mofserve.core.text import load_clip_tokenizer, tokenize
-
     config = module.model.config
     length, vocab = int(config.max_position_embeddings), int(config.vocab_size)
     tokenizer = load_clip_tokenizer(paths.clip)

@@ -12,6 +12,7 @@ from mofserve.core.profiles import Profile, artifacts_dir
 from .configs import EXPORTS
 from .onnx_export import ExportedGraph, Log, export_vision, stderr_log
 from .repository import repository_specs, write_repository
+from .tensorrt_engine import attach_engines, build_engines, require_tensorrt
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,6 @@ def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
     started = time.perf_counter()
     builder = None
     if target == "gpu-trt":  # fail before the long ONNX export when no engine can be built here
-        from .tensorrt_engine import require_tensorrt
-
         builder = require_tensorrt()
     if profile.seeded is not None:
         log(f"profile {profile.name}: seeded random weights (answers are not meaningful)")
@@ -53,8 +52,6 @@ def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
     log(f"[{len(EXPORTS) + 1}/{len(EXPORTS) + 1}] model repository ({target})")
     specs = repository_specs(profile, target, paths, shapes, graphs)
     if builder is not None:  # gpu-trt: FP16 engines built on this GPU, gated, cached (export/tensorrt_engine.py)
-        from .tensorrt_engine import attach_engines, build_engines
-
         specs = attach_engines(specs, build_engines(graphs, profile, paths, log=log, force=force))
     root = output or artifacts_dir() / "repositories" / f"{profile.name}-{target}"
     path = write_repository(specs, root)

@@ -40,6 +40,7 @@ from mofserve.core.tensors import FusionMode
 
 from .fingerprint import settings_digest
 from .onnx_export import ExportedGraph
+from .torch_runtime import encoder_parameters
 
 TARGETS = ("cpu", "gpu-onnx", "gpu-trt", "gpu-torch")
 REPOSITORY_FORMAT = 1
@@ -121,8 +122,6 @@ def torch_encoder_spec(name: str, shapes: ModelShapes, profile: Profile, paths: 
     loaded from the checkpoint, gated against fp32 at start-up, padded to batch buckets. Like the
     cpu target's encoders it has the feature cache (on the device, ``feature_cache_mb`` per
     instance) and emits its timing."""
-    from .torch_runtime import encoder_parameters
-
     c = mc.ModelConfig(name=name)
     _encoder_io(c, name, shapes)
     _io(c.output, T.ENCODER_TIMINGS[name], _FP32, [1])

@@ -43,6 +43,8 @@ import numpy as np
 from mofserve.core import tensors as T
 from mofserve.core.checkpoints import CheckpointPaths
 from mofserve.core.profiles import Profile, artifacts_dir
+from mofserve.core.runtime import OnnxRunner
+from mofserve.core.text import load_clip_tokenizer, tokenize
 
 from .fingerprint import file_digest, settings_digest
 from .onnx_export import PARITY_SENTENCES, ExportedGraph, Log, parity_batches, stderr_log
@@ -598,8 +600,6 @@ def gate_batches(graph: ExportedGraph, profile: Profile, paths: CheckpointPaths,
     parity's inputs), tokenizer-shaped random ids and real sentences for CLIP's text tower."""
     if graph.model_name != T.CLIP_TEXT:
         return parity_batches(profile, seed)
-    from mofserve.core.text import load_clip_tokenizer, tokenize
-
     tokenizer = load_clip_tokenizer(paths.clip)
     length = _input_dims(graph)[T.INPUT_IDS][0]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -668,8 +668,6 @@ def build_engines(graphs: Mapping[str, ExportedGraph], profile: Profile, paths: 
                   settings: EngineSettings = EngineSettings(), log: Log = stderr_log,
                   force: bool = False) -> dict[str, BuiltEngine]:
     """An FP16 engine per exported graph, gated against ONNX Runtime FP32 and cached."""
-    from mofserve.core.runtime import OnnxRunner
-
     builder = require_tensorrt()
     log(f"TensorRT {builder.trt_version} on {builder.gpu_name}: FP16 engines "
         f"({builder.typing_for(settings)} typing), normalisations and softmax in FP32")

@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from mofserve.core.checkpoints import CheckpointPaths
-from mofserve.core.profiles import Profile
+from mofserve.core.profiles import CLIP_MEAN, CLIP_STD, Profile, Sources
 
-from .configs import ClipTextEmbeds, ExportConfig, TextExportConfig
+from .configs import EXPORTS, ClipTextEmbeds, ExportConfig, TextExportConfig
+from .onnx_export import parity_batches, text_parity_batches
 from .parity import BF16, OutputParity, ParityError, Tolerance, compare
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,8 +118,6 @@ def gate_batches(config: ExportConfig, module: nn.Module, paths: CheckpointPaths
     """The inputs of the accuracy gate: those of the export's parity check (random tensors and real
     photos; token ids and real sentences for the text tower). Where scikit-image's photos are not
     installed (a bare GPU machine), smooth synthetic images stand in for the photos."""
-    from .onnx_export import parity_batches, text_parity_batches
-
     if isinstance(config, TextExportConfig):
         if paths is None:
             raise ValueError("paths: the text tower's gate needs the checkpoint's tokenizer")
@@ -132,8 +131,6 @@ def gate_batches(config: ExportConfig, module: nn.Module, paths: CheckpointPaths
 def synthetic_batches(size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random normal tensors (batch 2) and smooth gradient images with a bright disc (batch 3),
     normalised like CLIP inputs: a stand-in for photos where none are installed."""
-    from mofserve.core.profiles import CLIP_MEAN, CLIP_STD
-
     rng = np.random.default_rng(seed)
     random = rng.standard_normal((2, 3, size, size)).astype(np.float32)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -322,10 +319,6 @@ def encoder_parameters(model_name: str, profile: Profile, paths: CheckpointPaths
 def load_from_parameters(params: Mapping[str, str], device: str | torch.device | None = None,
                          log: Log = stderr_log) -> TorchEncoder:
     """The encoder a gpu-torch config describes (``encoder_parameters``), gated and warmed up."""
-    from mofserve.core.profiles import Sources
-
-    from .configs import EXPORTS
-
     configs = {c.model_name: c for c in EXPORTS}
     if params.get("model") not in configs:
         raise ValueError(f"model: expected one of {', '.join(configs)}, got {params.get('model')!r}")

@@ -61,7 +61,7 @@ class MofServeApp:
             self._health.set_serving(serving)
 
     async def start(self) -> Endpoints:
-        # here, not at the top: it imports torch (seconds), which a front-end before a remote Triton never needs
+        # lazy: it imports torch (seconds), which a front-end before a remote Triton never needs
         from mofserve.export.pipeline import export_profile
 
         loop = asyncio.get_running_loop()

@@ -39,7 +39,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-import mofserve
 from mofserve.core.tensors import FusionMode
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
@@ -56,6 +55,7 @@ from .engine import (
     StageTimings,
     TritonEngine,
 )
+from .info_api.protocol import package_version
 from .metrics import FrontendMetrics
 
 LOGGER = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ class MofServeServicer(pb_grpc.MofServeServicer):
         async def work(timeout: float | None) -> pb.ServerInfo:
             lim = self.engine.limits
             info = pb.ServerInfo(
-                version=mofserve.__version__, modes=[m.value for m in FusionMode], default_mode=DEFAULT_MODE.value,
+                version=package_version(), modes=[m.value for m in FusionMode], default_mode=DEFAULT_MODE.value,
                 limits=pb.Limits(max_image_bytes=lim.max_image_bytes, max_question_chars=lim.max_question_chars,
                                  max_options_chars=lim.max_options_chars, max_new_tokens=lim.max_new_tokens,
                                  max_compare_modes=lim.max_compare_modes, max_embed_images=lim.max_embed_images,

@@ -37,7 +37,7 @@ def stderr_log(message: str) -> None:
 
 async def _serve(profile: Profile, target: str, host: str, config: ServeConfig, start_timeout_s: float,
                  log: Log) -> int:
-    # here, not at the top: it imports torch (seconds), and the CLI's argument checks should not wait for it
+    # lazy: it imports torch (seconds), and the CLI's argument checks should not wait for it
     from mofserve.export.pipeline import export_profile
 
     loop = asyncio.get_running_loop()

@@ -34,7 +34,7 @@ class ServerFacts:
 
 
 @cache
-def _version() -> str:
+def package_version() -> str:
     """The installed distribution's version (read from its metadata: the server floor does not
     import the ``mofserve`` top package)."""
     try:
@@ -52,7 +52,7 @@ def info_body(info: ServingInfo, limits: Limits, facts: ServerFacts, *, ready: b
         image = None
     return {
         "object": OBJECT,
-        "version": _version(),
+        "version": package_version(),
         "ready": ready,
         "profile": info.profile,
         "random_weights": info.random_weights,

@@ -17,6 +17,7 @@ from aiohttp import web
 from mofserve.server import openai_protocol as P
 from mofserve.server.admission import Admission, remaining, retry_after
 from mofserve.server.engine import EngineError, TritonEngine
+from mofserve.server.http_api import default_max_body_bytes
 from mofserve.server.metrics import FrontendMetrics
 
 from . import protocol, serving
@@ -61,8 +62,6 @@ def add_similarity_routes(app: web.Application, engine: TritonEngine, metrics: F
     """Adds ``POST /v1/mofserve/similarity`` to ``app`` (before it starts). ``max_body_bytes``: the
     HTTP app's limit (the default: ``http_api``'s, from the engine's image limit)."""
     if max_body_bytes is None:
-        from mofserve.server.http_api import default_max_body_bytes
-
         max_body_bytes = default_max_body_bytes(engine.limits.max_image_bytes)
 
     async def handle(request: web.Request) -> web.Response:
