@@ -74,3 +74,23 @@ def test_sigterm_stops_the_front_end_and_triton(served):
     for pid in tritons:
         status = Path(f"/proc/{pid}/status")
         assert not status.exists() or "zombie" in status.read_text().lower()
+
+
+def test_a_killed_front_end_takes_its_triton_with_it():
+    """SIGKILL (or the OOM killer) gives ``serve`` no chance to stop Triton: the kernel does
+    (``PR_SET_PDEATHSIG``), so no orphan Triton and stubs keep the machine's memory or GPU."""
+    from pathlib import Path
+
+    server = start_mofserve(["serve", "--grpc-port", "0", "--http-port", "0"])
+    process = server["process"]
+    (triton,) = children(process.pid, "tritonserver")
+    stubs = children(triton, "triton_python_backend_stub")
+    assert stubs
+    kill_process(process)
+    deadline = time.monotonic() + 60
+    alive = [triton, *stubs]
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+        time.sleep(0.2)
+    assert not alive, f"processes left behind by a killed front-end: {alive}"
