@@ -217,6 +217,18 @@ class Tokens:
 
 
 @dataclass
+class PatchEmbedding:
+    """One image seen by both encoders: pooled embeddings and per-patch features (CLS dropped, the
+    patch grid row-major), what the playground's CLIP-blind pair view compares patch by patch."""
+
+    clip: np.ndarray  # [E] CLIP image_embeds
+    dino: np.ndarray  # [Dd] DINOv2 normed CLS
+    clip_patches: np.ndarray  # [P, Dc]
+    dino_patches: np.ndarray  # [P, Dd]
+    timings: StageTimings
+
+
+@dataclass
 class Embeddings:
     clip: np.ndarray  # [n, E]
     dino: np.ndarray  # [n, D]

@@ -42,6 +42,7 @@ from .answers import (
     AnswerBuilder,
     Delta,
     Embeddings,
+    PatchEmbedding,
     StageTimings,
     TextEmbeddings,
     Tokens,
@@ -429,6 +430,29 @@ class TritonEngine:
                                                      [T.CLIP_EMBEDS, T.DINO_CLS], timeout) for chunk in chunks))
         return Embeddings(np.concatenate([r.as_numpy(T.CLIP_EMBEDS) for r in results]),
                           np.concatenate([r.as_numpy(T.DINO_CLS) for r in results]))
+
+    async def embed_patches(self, image: bytes, timeout: float | None = None,
+                            field: str = "image") -> PatchEmbedding:
+        """Both encoders' pooled embeddings and patch features of one image (the ``embed`` ensemble).
+        ``field`` names the image in errors (``images[1]`` for the second of a pair), as data."""
+        self._check_image(image, field)
+        started = time.perf_counter()
+        try:
+            result = await self._infer(T.EMBED, [_bytes_input(T.IMAGE, [image])],
+                                       [T.CLIP_EMBEDS, T.DINO_CLS, T.CLIP_FEATURES, T.DINO_FEATURES,
+                                        *TIMING_FIELDS], timeout)
+        except EngineError as error:
+            if error.field != "image":
+                raise
+            message = field + error.message[len("image"):] if error.message.startswith("image:") else error.message
+            raise EngineError(error.code, message, field) from None
+        outputs = {name: result.as_numpy(name) for name in (T.CLIP_EMBEDS, T.DINO_CLS, T.CLIP_FEATURES,
+                                                            T.DINO_FEATURES)}
+        missing = [name for name, array in outputs.items() if array is None]
+        if missing:
+            raise EngineError("internal", f"embed: no {', '.join(missing)} in Triton's answer")
+        return PatchEmbedding(*(np.asarray(a[0], dtype=np.float32) for a in outputs.values()),
+                              timings=_timings(result, started))
 
     async def _embed_text_logit_scale(self, timeout: float | None) -> float | None:
         """``exp(logit_scale)`` of the served CLIP checkpoint: a parameter of the ``embed_text`` config."""

@@ -50,7 +50,7 @@ def default_max_body_bytes(max_image_bytes: int) -> int:
     return (max_image_bytes + 2) // 3 * 4 + (1 << 20)
 
 
-def _error_response(error: P.ProtocolError, retry_after_s: float | None = None) -> web.Response:
+def error_response(error: P.ProtocolError, retry_after_s: float | None = None) -> web.Response:
     """OpenAI's error shape; 429 and 503 say when to retry (whole seconds, at least 1)."""
     headers = {"Retry-After": str(max(1, math.ceil(retry_after_s or 1)))} if error.status in (429, 503) else None
     return web.json_response(P.error_body(error), status=error.status, headers=headers)
@@ -108,7 +108,7 @@ class _Frontend:
             body, size = await self._read_json(request)
         except P.ProtocolError as error:
             self._count(method, "", error.reason)
-            return _error_response(error)
+            return error_response(error)
         mode = ""
         if isinstance(body, dict):
             with contextlib.suppress(P.ProtocolError):
@@ -125,12 +125,12 @@ class _Frontend:
                 answer = await self.engine.ask(chat.question, chat.selection, timeout=remaining(request[_DEADLINE]))
             except P.ProtocolError as error:
                 outcome["status"] = error.reason
-                return _error_response(error)
+                return error_response(error)
             except EngineError as error:
                 outcome["status"] = error.code
                 if error.code == "internal":
                     log.warning("chat completion failed: %s", error.message)
-                return _error_response(P.from_engine_error(error, chat.params if chat else None))
+                return error_response(P.from_engine_error(error, chat.params if chat else None))
             except asyncio.CancelledError:  # the client disconnected (its sequence is cancelled in Triton)
                 outcome["status"] = "cancelled"
                 raise
@@ -187,7 +187,7 @@ class _Frontend:
                 requested = math.nan
             if not (math.isfinite(requested) and requested > 0):
                 self._count("chat.completions", "", "invalid_argument")
-                return _error_response(P.ProtocolError(
+                return error_response(P.ProtocolError(
                     400, f"{REQUEST_TIMEOUT_HEADER.lower()}: must be a positive number of seconds, got {header!r}"))
         try:
             async with self.admission.admit(requested, "http") as deadline:
@@ -195,7 +195,7 @@ class _Frontend:
                 return await self.chat_completions(request)
         except EngineError as error:  # refused by admission: queue full, or the deadline passed while queued
             self._count("chat.completions", "", error.code)
-            return _error_response(P.from_engine_error(error), retry_after(error))
+            return error_response(P.from_engine_error(error), retry_after(error))
 
     async def models(self, request: web.Request) -> web.Response:
         with self.metrics.track("http", "models"):
@@ -207,7 +207,7 @@ class _Frontend:
                 mode = P.resolve_model(request.match_info["model"])
             except P.ProtocolError as error:
                 outcome["status"] = error.reason
-                return _error_response(error)
+                return error_response(error)
             return web.json_response(P.model_card(mode, self.engine.info, self.created))
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -272,12 +272,12 @@ class _Frontend:
                     reason = "too_large"
                 message, code = exc.text or exc.reason, reason
             self._count("unmatched", "", reason)
-            return _error_response(P.ProtocolError(exc.status, message, None, code, reason=reason))
+            return error_response(P.ProtocolError(exc.status, message, None, code, reason=reason))
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
-            return _error_response(P.ProtocolError(500, "internal: unexpected server error (see the server log)",
+            return error_response(P.ProtocolError(500, "internal: unexpected server error (see the server log)",
                                                    None, "internal", reason="internal"))
 
 

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +16,7 @@ from aiohttp import web
 from mofserve.server import openai_protocol as P
 from mofserve.server.admission import Admission, remaining, retry_after
 from mofserve.server.engine import EngineError, TritonEngine
-from mofserve.server.http_api import default_max_body_bytes
+from mofserve.server.http_api import default_max_body_bytes, error_response
 from mofserve.server.metrics import FrontendMetrics
 
 from . import protocol, serving
@@ -26,14 +25,8 @@ log = logging.getLogger(__name__)
 PATH = "/v1/mofserve/similarity"
 METHOD = "similarity"
 TIMEOUT_HEADER = "X-Request-Timeout"
-_IMAGE_PARAM = re.compile(r"^(images\[\d\]):")
-_STATUS_LABELS = {400: "invalid_argument", 404: "not_found", 413: "too_large", 415: "invalid_argument",
-                  429: "resource_exhausted", 503: "unavailable", 504: "deadline_exceeded"}
-
-
-def error_response(error: P.ProtocolError, retry_after_s: float | None = None) -> web.Response:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s or 1)))} if error.status in (429, 503) else None
-    return web.json_response(P.error_body(error), status=error.status, headers=headers)
+#: the engine names an image of the pair by its place in the body (data, ``EngineError.field``)
+_IMAGE_PARAMS = {f"images[{i}]": f"images[{i}]" for i in range(2)}
 
 
 async def read_json(request: web.Request, max_body_bytes: int) -> Any:
@@ -41,7 +34,7 @@ async def read_json(request: web.Request, max_body_bytes: int) -> Any:
         raise P.ProtocolError(415, "content-type: expected application/json, got "
                                    f"{request.headers.get('Content-Type', 'none')!r}", None, "unsupported_media_type")
     too_large = P.ProtocolError(413, f"body: exceeds the limit of {max_body_bytes} bytes (max_body_bytes; both "
-                                     "images together)", None, "too_large")
+                                     "images together)", None, "too_large", reason="too_large")
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise too_large
     try:
@@ -82,16 +75,13 @@ def add_similarity_routes(app: web.Application, engine: TritonEngine, metrics: F
                     parsed = protocol.parse_request(body, engine.limits)
                     result = await serving.similarity(engine, parsed.images, remaining(deadline))
             except P.ProtocolError as error:
-                outcome["status"] = _STATUS_LABELS.get(error.status, "invalid_argument")
+                outcome["status"] = error.reason
                 return error_response(error)
             except EngineError as error:
                 outcome["status"] = error.code
                 if error.code == "internal":
                     log.warning("similarity failed: %s", error.message)
-                refused = P.from_engine_error(error)
-                named = _IMAGE_PARAM.match(error.message)
-                refused.param = named.group(1) if named else refused.param
-                return error_response(refused, retry_after(error))
+                return error_response(P.from_engine_error(error, _IMAGE_PARAMS), retry_after(error))
             return web.json_response(protocol.similarity_response(parsed, result, engine.info, image_size=image_size,
                                                                   aspect=aspect))
 
