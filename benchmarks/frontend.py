@@ -44,6 +44,7 @@ budget, CPU accounting, tables, image variants, pooling) are unit-tested without
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as _dt
 import io
@@ -61,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mofserve.core.profiles import add_profile_arguments, profile_from_args
 
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline  # noqa: F401 (their home)
 from .stats import percentile
@@ -1106,7 +1109,30 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-if __name__ == "__main__":
-    from mofserve.cli import main as cli_main
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve bench frontend`` (profile ``small`` by default, as the encoder benchmark)."""
+    add_profile_arguments(parser)
+    parser.set_defaults(profile="small")
+    parser.add_argument("--requests", type=int, help="timed requests per mode and path (default 20)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds for the timed phases; on a busy machine they stop early (0: no limit)")
+    parser.add_argument("--modes", nargs="+", choices=DEFAULT_MODES,
+                        help="fusion modes, the first is Compare's first and the seen-image Ask's A "
+                             f"(default: {' '.join(DEFAULT_MODES)})")
+    parser.add_argument("--output", type=Path, help="write the JSON report here")
+    parser.add_argument("--pool", type=Path, nargs="+", metavar="REPORT",
+                        help="run nothing: pool these JSON reports (same profile and modes) and print the tables")
 
-    raise SystemExit(cli_main(["bench", "frontend", *sys.argv[1:]]))
+
+def run(args: argparse.Namespace) -> int:
+    """``mofserve bench frontend``: the benchmark, or with ``--pool`` only the pooling of earlier reports."""
+    if args.pool:
+        return pool_main(args.pool, output=args.output)
+    return main(profile_from_args(args), requests=args.requests, modes=args.modes, output=args.output,
+                budget_s=args.budget_s)
+
+
+if __name__ == "__main__":  # the command's own two functions: no import of the CLI above this floor
+    _parser = argparse.ArgumentParser(prog="python -m mofserve.benchmarks.frontend")
+    arguments(_parser)
+    raise SystemExit(run(_parser.parse_args()))

@@ -475,7 +475,8 @@ def default_out_dir(now: _dt.datetime | None = None) -> Path:
     return Path("results") / f"load-{now.strftime('%Y%m%d-%H%M%S')}"
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve bench load`` (with ``--perf-analyzer``'s, shared with that command)."""
     parser.add_argument("--target", default="grpc://127.0.0.1:50051",
                         help="grpc://HOST:PORT (Ask) or http://HOST:PORT (/v1/chat/completions); "
                              "default grpc://127.0.0.1:50051")
@@ -533,9 +534,10 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                              "(installs it into $MOFSERVE_HOME/tools on first use; needs --serve or --triton-url)")
     parser.add_argument("--triton-url", metavar="HOST:PORT",
                         help="Triton's gRPC address for --perf-analyzer without --serve")
-    from .perf_analyzer import add_perf_analyzer_arguments
+    # lazy: perf_analyzer imports this module (ServeProcess, the report): importing it at the top would be a cycle
+    from .perf_analyzer import arguments as perf_analyzer_arguments
 
-    add_perf_analyzer_arguments(parser, standalone=False)
+    perf_analyzer_arguments(parser, standalone=False)
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -571,7 +573,8 @@ def _perf_analyzer_section(args: argparse.Namespace, config: LoadConfig, triton_
         return {"error": str(error), "points": []}
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``mofserve bench load``: the sweeps the flags describe, then the JSON + Markdown + PNG report."""
     from .report import format_markdown, write_report
 
     config = config_from_args(args)

@@ -53,6 +53,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mofserve.core.profiles import PROFILE_NAMES
+
 TRITONCLIENT_VERSION = "2.51.0"  # the last wheel whose perf_analyzer runs on glibc 2.36 (Debian 12)
 CUDART_PACKAGE = "nvidia-cuda-runtime-cu12"
 CUDART_VERSION = "12.9.79"
@@ -529,12 +531,12 @@ def run_sweep(config: PerfAnalyzerConfig, tool: PerfAnalyzerTool | None = None, 
 # Command line
 
 
-def add_perf_analyzer_arguments(parser: argparse.ArgumentParser, standalone: bool = True) -> None:
+def arguments(parser: argparse.ArgumentParser, standalone: bool = True) -> None:
     """The perf_analyzer options; ``standalone`` adds the target, output and serving options (`bench
     load --perf-analyzer` shares those of the load benchmark)."""
     if standalone:
         where = parser.add_mutually_exclusive_group()
-        where.add_argument("--serve", metavar="PROFILE", choices=("tiny", "small", "paper-shaped", "paper"),
+        where.add_argument("--serve", metavar="PROFILE", choices=PROFILE_NAMES,
                            help="start `mofserve serve --profile PROFILE` on free loopback ports for the run and "
                                 "stop it afterwards (its log: OUT/serve.log); default tiny when no --triton-url")
         where.add_argument("--triton-url", metavar="HOST:PORT",
@@ -591,7 +593,8 @@ def default_out_dir(now: _dt.datetime | None = None) -> Path:
     return Path("results") / f"perf-analyzer-{now.strftime('%Y%m%d-%H%M%S')}"
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``mofserve bench perf-analyzer``: install it if needed, run it per ensemble, write the report."""
     from .load import ServeProcess
     from .report import format_markdown, write_report
 

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mofserve.core.profiles import PROFILE_NAMES
+
 from .stats import DEFAULT_MIX, parse_mix, summarise_point
 
 MIB = 1 << 20
@@ -296,8 +298,9 @@ def write_report(report: Mapping, out: Path) -> list[Path]:
 # CLI
 
 
-def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="tiny", choices=("tiny", "small", "paper-shaped", "paper"))
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve soak``."""
+    parser.add_argument("--profile", default="tiny", choices=PROFILE_NAMES)
     parser.add_argument("--duration", type=float, default=600.0, metavar="S", help="timed seconds (default 600)")
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop workers (default 4)")
     parser.add_argument("--warmup", type=float, default=20.0, metavar="S",
@@ -319,7 +322,7 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
                       tolerance=RssTolerance(args.rss_tolerance_mib, args.rss_tolerance_ratio))
 
 
-def run(config: SoakConfig, out: Path) -> tuple[dict, list[Path]]:
+def soak_service(config: SoakConfig, out: Path) -> tuple[dict, list[Path]]:
     """Serve ``config.profile``, soak it, stop it; returns the report and the files written."""
     from .load import ServeProcess
 
@@ -328,11 +331,12 @@ def run(config: SoakConfig, out: Path) -> tuple[dict, list[Path]]:
     return report, write_report(report, out)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``mofserve soak``: serve, load and sample; 1 on errors or RSS growth (what CI gates on)."""
     config = config_from_args(args)
     out = args.out or Path("results") / f"soak-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
-        report, written = run(config, out)
+        report, written = soak_service(config, out)
     except RuntimeError as error:
         print(f"mofserve soak: {error}", file=sys.stderr)
         return 1

@@ -22,7 +22,8 @@ STAGES = (("preprocess", "preprocess_ms"), ("encoders", "encoders_ms"), ("clip",
 ANSWER_WIDTH = 60
 
 
-def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve ask``."""
     parser.add_argument("--image", required=True, help="image file (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     parser.add_argument("--question", required=True, help="the question about the image")
     parser.add_argument("--options", help='MMVP-style options, e.g. "(a) Open (b) Closed"')
@@ -89,7 +90,8 @@ def stream_answer(client: MofServeClient, args: argparse.Namespace, generation: 
     return result
 
 
-def run_ask(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``mofserve ask``: answer in one mode (or each of ``--compare``'s), print a table or JSON; 2 on bad flags."""
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                   "seed": args.seed}
     if getattr(args, "stream", False) and args.compare:

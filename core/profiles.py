@@ -20,6 +20,7 @@ referenced as ``"${name}"``. The serve settings then override the sources (``ser
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -368,3 +369,18 @@ def _describe(kind: Any) -> str:
 
 # what tests and benchmarks set to change paper-shaped's LM depth (its file is the home of the name)
 PAPER_SHAPED_LLM_LAYERS_ENV = profile_variables("paper-shaped")["llm_layers"].env
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick a profile and override its sources, shared by every command that builds
+    models (export, demo, triton, the encoder and front-end benchmarks) so that they read alike."""
+    parser.add_argument("--profile", default="tiny", choices=PROFILE_NAMES,
+                        help="which models: tiny (seeded, default), small (seeded, benchmarks), paper")
+    parser.add_argument("--clip", help="CLIP checkpoint folder or HF id in the HF cache (paper profile)")
+    parser.add_argument("--dinov2", help="DINOv2 checkpoint folder or HF id in the HF cache (paper profile)")
+    parser.add_argument("--llava", help="LLaVA-format checkpoint with mm_projector and dino_mm_projector")
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    """The profile that :func:`add_profile_arguments`' flags name, with their source overrides."""
+    return get_profile(args.profile).with_sources(clip=args.clip, dinov2=args.dinov2, llava=args.llava)

@@ -720,7 +720,8 @@ def mine(options: MineOptions, client_factory: Callable[[str, float | None], Any
 # ---- command line -------------------------------------------------------------------------------------
 
 
-def add_mine_arguments(parser: argparse.ArgumentParser) -> None:
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve mine``."""
     parser.add_argument("--images", required=True, type=Path,
                         help="a folder (searched recursively for jpg/jpeg/png/webp/bmp/gif/tiff) or a text file "
                              "with one image path a line (relative paths: relative to the file's folder)")
@@ -772,7 +773,8 @@ def format_report(report: MineReport) -> str:
     return "\n".join(lines)
 
 
-def run_mine(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``mofserve mine``: 1 when the server fails mid-way (what was embedded stays cached for a rerun)."""
     try:
         report = mine(options_from_args(args))
     except MofServeError as error:

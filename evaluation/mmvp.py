@@ -829,7 +829,8 @@ def _mode_arg(text: str) -> ModeSpec:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_mmvp_arguments(parser: argparse.ArgumentParser) -> None:
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve eval mmvp``."""
     parser.add_argument("--data", type=Path, required=True,
                         help="MMVP folder: 'MMVP Images/1.jpg..300.jpg' and Questions.csv")
     parser.add_argument("--mode", dest="modes", type=_mode_arg, action="append", required=True, metavar="MODE",
@@ -853,7 +854,8 @@ def add_mmvp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``mofserve eval mmvp``: ask, score and write the report the flags describe."""
     config = MMVPConfig(data=args.data, specs=mode_specs(args.modes, args.alpha), server=args.server, out=args.out,
                         concurrency=args.concurrency, timeout=args.timeout, max_new_tokens=args.max_new_tokens,
                         fix_labels=args.fix_labels, limit=args.limit, judge_url=args.judge_url,

@@ -501,7 +501,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def add_mmvp_vlm_arguments(parser: argparse.ArgumentParser) -> None:
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve eval mmvp-vlm``."""
     parser.add_argument("--data", type=Path, required=True,
                         help="MMVP-VLM folder: Questions.csv (Question ID,Type,Statement) and "
                              "'MLLM_VLM Images/<Type>/<qid>.jpg'")
@@ -515,7 +516,8 @@ def add_mmvp_vlm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``mofserve eval mmvp-vlm``: score the server's CLIP and write the report the flags describe."""
     config = VLMConfig(data=args.data, server=args.server, out=args.out, concurrency=args.concurrency,
                        timeout=args.timeout, logit_scale=args.logit_scale, progress=not args.no_progress)
     try:

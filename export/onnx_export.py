@@ -10,8 +10,8 @@ second ``mofserve export`` with nothing changed reuses it. Large graphs keep the
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -42,8 +42,7 @@ GRAPH_FILE, DATA_FILE, MANIFEST_FILE = "model.onnx", "model.onnx.data", "export.
 Log = Callable[[str], None]
 
 
-def stderr_log(message: str) -> None:
-    print(f"[export] {message}", file=sys.stderr, flush=True)
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def _save_graph(tmp_graph: Path, final_dir: Path) -> None:
 
 
 def export_vision(config: ExportConfig, paths: CheckpointPaths, profile: Profile,
-                  log: Log = stderr_log, force: bool = False) -> ExportedGraph:
+                  log: Log = _logger.info, force: bool = False) -> ExportedGraph:
     """Export one encoder (a vision tower or CLIP's text tower; the name predates the text tower)."""
     digest = export_digest(config, paths, profile)
     folder = artifacts_dir() / "onnx" / f"{config.model_name}-{digest}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,11 @@ from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_shapes,
 from mofserve.core.profiles import Profile, artifacts_dir
 
 from .configs import EXPORTS
-from .onnx_export import ExportedGraph, Log, export_vision, stderr_log
+from .onnx_export import ExportedGraph, Log, export_vision
 from .repository import repository_specs, write_repository
 from .tensorrt_engine import attach_engines, build_engines, require_tensorrt
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class BuiltRepository:
     graphs: dict[str, ExportedGraph]
 
 
-def export_profile(profile: Profile, target: str = "cpu", log: Log = stderr_log,
+def export_profile(profile: Profile, target: str = "cpu", log: Log = _logger.info,
                    force: bool = False, output: Path | None = None) -> BuiltRepository:
     """Build (or reuse) everything a target needs to serve ``profile``."""
     started = time.perf_counter()

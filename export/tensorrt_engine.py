@@ -29,6 +29,7 @@ on the CPU machines; ``tensorrt`` is imported only inside the functions that bui
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,8 +48,10 @@ from mofserve.core.runtime import OnnxRunner
 from mofserve.core.text import load_clip_tokenizer, tokenize
 
 from .fingerprint import file_digest, settings_digest
-from .onnx_export import PARITY_SENTENCES, ExportedGraph, Log, parity_batches, stderr_log
+from .onnx_export import PARITY_SENTENCES, ExportedGraph, Log, parity_batches
 from .parity import OutputParity, ParityError, Tolerance, compare, summarise
+
+_logger = logging.getLogger(__name__)
 
 ENGINE_BUILDER_VERSION = 1  # bump when a change here changes the engines built
 PLAN_FILE, ENGINE_MANIFEST = "model.plan", "engine.json"
@@ -528,7 +531,7 @@ def _pin_fp32_layers(builder: GpuBuilder, network, keep: set[str], node_names: s
 
 
 def build_engine(builder: GpuBuilder, graph_path: Path, shapes: Mapping[str, ProfileShapes],
-                 settings: EngineSettings, log: Log = stderr_log) -> tuple[bytes, dict]:
+                 settings: EngineSettings, log: Log = _logger.info) -> tuple[bytes, dict]:
     """Parse, type and build one engine; returns the plan and what was kept in FP32."""
     import onnx
 
@@ -665,7 +668,7 @@ def engine_shapes(graph: ExportedGraph, profile: Profile) -> dict[str, ProfileSh
 
 
 def build_engines(graphs: Mapping[str, ExportedGraph], profile: Profile, paths: CheckpointPaths,
-                  settings: EngineSettings = EngineSettings(), log: Log = stderr_log,
+                  settings: EngineSettings = EngineSettings(), log: Log = _logger.info,
                   force: bool = False) -> dict[str, BuiltEngine]:
     """An FP16 engine per exported graph, gated against ONNX Runtime FP32 and cached."""
     builder = require_tensorrt()

@@ -21,7 +21,7 @@ loaded from the same checkpoints, so that every target serves the same features.
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,8 +46,7 @@ GATE: Tolerance = BF16  # min cosine >= 0.999 against fp32, the gate of every re
 Log = Callable[[str], None]
 
 
-def stderr_log(message: str) -> None:
-    print(f"[gpu-torch] {message}", file=sys.stderr, flush=True)
+_logger = logging.getLogger(__name__)
 
 
 class AccuracyGateError(ParityError):
@@ -190,7 +189,7 @@ class TorchEncoder:
     @classmethod
     def load(cls, config: ExportConfig, paths: CheckpointPaths, profile: Profile, *,
              device: str | torch.device | None = None, dtype: str = "auto", compile_mode: str = "none",
-             buckets: Sequence[int] = (), gate: Tolerance | None = GATE, log: Log = stderr_log) -> TorchEncoder:
+             buckets: Sequence[int] = (), gate: Tolerance | None = GATE, log: Log = _logger.info) -> TorchEncoder:
         """Load the wrapper from its checkpoint (``export.configs``), gate it against fp32, compile it."""
         started = time.perf_counter()
         resolved = resolve_device(device)
@@ -205,7 +204,7 @@ class TorchEncoder:
     def from_fp32(cls, module: nn.Module, config: ExportConfig, device: torch.device, dtype: torch.dtype, *,
                   compile_mode: str = "none", buckets: Sequence[int] = (), gate: Tolerance | None = GATE,
                   batches: Mapping[str, np.ndarray] | None = None, example: torch.Tensor | None = None,
-                  log: Log = stderr_log) -> TorchEncoder:
+                  log: Log = _logger.info) -> TorchEncoder:
         """Wrap an fp32 module; with ``gate``, its fp32 outputs on ``batches`` are taken on the device
         first, then the module is cast in place (one copy of the weights) and gated."""
         references = None
@@ -224,7 +223,7 @@ class TorchEncoder:
         return encoder
 
     def check_gate(self, batches: Mapping[str, np.ndarray], references: Mapping[str, Sequence[np.ndarray]],
-                   tolerance: Tolerance = GATE, log: Log = stderr_log) -> GateResult:
+                   tolerance: Tolerance = GATE, log: Log = _logger.info) -> GateResult:
         """Compare this encoder's outputs with fp32 ``references``; print the min cosine; raise
         :class:`AccuracyGateError` below the gate."""
         checks = []
@@ -247,7 +246,7 @@ class TorchEncoder:
         dtype = self.dtype if self.row_example.is_floating_point() else self.row_example.dtype
         return torch.zeros((rows, *self.row_example.shape[1:]), dtype=dtype, device=self.device)
 
-    def warm_up(self, log: Log = stderr_log) -> dict[int, float]:
+    def warm_up(self, log: Log = _logger.info) -> dict[int, float]:
         """Run every bucket once (compiling it when compiled); seconds per bucket."""
         seconds = {}
         for bucket in self.buckets:
@@ -317,7 +316,7 @@ def encoder_parameters(model_name: str, profile: Profile, paths: CheckpointPaths
 
 
 def load_from_parameters(params: Mapping[str, str], device: str | torch.device | None = None,
-                         log: Log = stderr_log) -> TorchEncoder:
+                         log: Log = _logger.info) -> TorchEncoder:
     """The encoder a gpu-torch config describes (``encoder_parameters``), gated and warmed up."""
     configs = {c.model_name: c for c in EXPORTS}
     if params.get("model") not in configs:

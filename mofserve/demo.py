@@ -9,13 +9,14 @@ per-stage timings, and stops everything.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import sys
 import threading
 import time
 
-from mofserve.core.profiles import Profile
+from mofserve.core.profiles import Profile, add_profile_arguments, get_profile, profile_from_args
 
 QUESTION = "Is the dog facing left or right from the camera's perspective?"
 OPTIONS = "(a) Left (b) Right"
@@ -56,10 +57,21 @@ HEADER = (f"   {'mode':<12} {'alpha':>5}  opt  {'answer':<26} {'prep ms':>7} {'e
           f"{'llm ms':>7} {'total ms':>8}")
 
 
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve demo``: which profile, and its checkpoint overrides."""
+    add_profile_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mofserve demo``: the whole product once, on the profile the flags name."""
+    return run_demo(profile_from_args(args))
+
+
 def run_demo(profile: Profile) -> int:
-    from mofserve.clients.client import MofServeClient
-    from mofserve.server.app import MofServeApp
-    from mofserve.server.config import ServeConfig
+    # the server and client pull grpc, Triton's client and torch, which `mofserve demo --help` must not wait for
+    from mofserve.clients.client import MofServeClient  # lazy: grpc (see above)
+    from mofserve.server.app import MofServeApp  # lazy: the server and, through export, torch
+    from mofserve.server.config import ServeConfig  # lazy: Triton's client (the engine's limits)
 
     say = lambda text="": print(text, flush=True)  # noqa: E731
     say(f"== mofserve demo: profile {profile.name} ({profile.description})")
@@ -107,6 +119,4 @@ def run_demo(profile: Profile) -> int:
 
 
 if __name__ == "__main__":
-    from mofserve.core.profiles import get_profile
-
     sys.exit(run_demo(get_profile("tiny")))

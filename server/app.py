@@ -12,8 +12,8 @@ and requests fail fast with UNAVAILABLE; when the supervisor has it back, servic
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -30,9 +30,7 @@ from .security import GrpcBearerAuth, Security, http_bearer_auth
 from .supervisor import Log, TritonLifecycle, TritonProcess, TritonSupervisor
 from .web_routes import add_web_routes, open_http_paths
 
-
-def stderr_log(message: str) -> None:
-    print(f"[serve] {message}", file=sys.stderr, flush=True)
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class Endpoints:
 
 
 class MofServeApp:
-    def __init__(self, config: ServeConfig, log: Log = stderr_log) -> None:
+    def __init__(self, config: ServeConfig, log: Log = _logger.info) -> None:
         self.config = config
         self.log = log
         self.metrics = FrontendMetrics()

@@ -18,27 +18,30 @@ that lets the front-end pods alone reach these ports (docs/deployment.md).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import signal
-import sys
+from typing import TYPE_CHECKING
 
-from mofserve.core.profiles import Profile
+from mofserve.core.profiles import Profile, add_profile_arguments, profile_from_args
+from mofserve.core.targets import TARGETS
 
-from .config import ServeConfig, load_config
-from .engine import ServingInfo, TritonEngine
-from .supervisor import Log, TritonProcess, TritonSupervisor
+if TYPE_CHECKING:
+    from .config import ServeConfig
+    from .supervisor import Log
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-def stderr_log(message: str) -> None:
-    print(f"[triton] {message}", file=sys.stderr, flush=True)
+_logger = logging.getLogger(__name__)
 
 
 async def _serve(profile: Profile, target: str, host: str, config: ServeConfig, start_timeout_s: float,
                  log: Log) -> int:
-    # lazy: it imports torch (seconds), and the CLI's argument checks should not wait for it
-    from mofserve.export.pipeline import export_profile
+    # `mofserve triton --help` and the CLI's argument checks should not wait for torch (seconds)
+    from mofserve.export.pipeline import export_profile  # lazy: torch
+
+    from .engine import ServingInfo, TritonEngine  # lazy: Triton's client, and torch through core.conversation
+    from .supervisor import TritonProcess, TritonSupervisor  # lazy: the engine (as above)
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -70,8 +73,10 @@ async def _serve(profile: Profile, target: str, host: str, config: ServeConfig, 
 
 def run_triton(profile: Profile, target: str = "cpu", host: str = "127.0.0.1", http_port: int = 8000,
                grpc_port: int = 8001, metrics_port: int = 8002, start_timeout_s: float = 600.0,
-               log: Log = stderr_log) -> int:
+               log: Log = _logger.info) -> int:
     """Serve ``profile`` for ``target`` until SIGTERM/SIGINT; 1 when Triton could not be kept alive."""
+    from .config import load_config  # lazy: the engine's limits (as in _serve)
+
     for name, port in (("http_port", http_port), ("grpc_port", grpc_port), ("metrics_port", metrics_port)):
         if not 0 <= port < 65536:
             raise ValueError(f"{name}: expected 0..65535 (0: a free port), got {port}")
@@ -81,3 +86,20 @@ def run_triton(profile: Profile, target: str = "cpu", host: str = "127.0.0.1", h
     config = load_config(flags={"triton_http_port": http_port, "triton_grpc_port": grpc_port,
                                 "triton_metrics_port": metrics_port})
     return asyncio.run(_serve(profile, target, host, config, start_timeout_s, log))
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mofserve triton``: the profile, the target, and where Triton listens."""
+    add_profile_arguments(parser)
+    parser.add_argument("--target", default="cpu", choices=TARGETS)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address Triton binds (default 127.0.0.1; 0.0.0.0 in a pod, behind a NetworkPolicy)")
+    parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP (default 8000; 0: a free port)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC (default 8001; 0: a free port)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics (default 8002; 0: free)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mofserve triton``: :func:`run_triton` on the profile and ports the flags name."""
+    return run_triton(profile_from_args(args), target=args.target, host=args.host, http_port=args.http_port,
+                      grpc_port=args.grpc_port, metrics_port=args.metrics_port)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mofserve.benchmarks.soak import RssTolerance, SoakConfig, rss_growth, run, verdict
+from mofserve.benchmarks.soak import RssTolerance, SoakConfig, rss_growth, soak_service, verdict
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_verdict_names_a_grown_process_and_a_vanished_one():
 def test_fixed_concurrency_load_has_no_errors_and_bounded_memory_in_every_process(tiny_repository, tmp_path):
     config = SoakConfig(profile="tiny", duration_s=15, concurrency=4, warmup_s=5, sample_every_s=5, images=64,
                         timeout_s=60, progress=False)
-    report, written = run(config, tmp_path)
+    report, written = soak_service(config, tmp_path)
     load = report["load"]
     print(f"\n[soak] {load['requests']} requests in {load['elapsed_s']:.1f} s at concurrency 4, errors "
           f"{load['errors_by_code']}; RSS growth MiB: "

@@ -71,7 +71,7 @@ def test_front_end_alone_answers_through_the_remote_triton(split):
         answer = client.ask(sample_photos()[0], "Is the dog facing left or right?", options="(a) Left (b) Right",
                             mode="clip")
     assert answer.chosen_option in ("a", "b")
-    assert not any("exporting" in line.lower() or "[export]" in line for line in frontend["lines"])
+    assert not any("exporting" in line.lower() or "[mofserve.export" in line for line in frontend["lines"])
 
 
 def test_front_end_relays_the_remote_tritons_metrics(split):

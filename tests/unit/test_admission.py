@@ -277,8 +277,9 @@ def test_metrics_show_queue_depth_executing_and_rejections():
 
 
 def test_serve_flags_environment_and_file_set_the_admission_and_security_settings(tmp_path):
-    from mofserve.cli import SERVE_LIMIT_AND_SECURITY_FLAGS, build_parser
+    from mofserve.cli import build_parser
     from mofserve.server.config import ServeConfig, load_config
+    from mofserve.server.serve_command import SERVE_LIMIT_AND_SECURITY_FLAGS
 
     args = build_parser().parse_args(["serve", "--max-in-flight", "3", "--max-queue", "0", "--default-deadline-s",
                                       "20", "--max-deadline-s", "40", "--max-message-bytes", "1000",

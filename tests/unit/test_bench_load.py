@@ -177,7 +177,7 @@ def test_cli_arguments_build_the_config():
     config = L.config_from_args(args)
     assert config.target.scheme == "http" and config.concurrency == [1, 2] and config.rates == [0.5]
     assert config.requests == 5 and config.duration_s is None and config.mix == {"clip": 0.25, "additive": 0.75}
-    assert config.options == "" and args.func.__name__ == "_cmd_bench_load"
+    assert config.options == "" and args.func.__module__ == "mofserve.benchmarks.load"
 
 
 def test_http_body_is_an_openai_chat_completion():
@@ -355,7 +355,7 @@ def test_triton_delta_gives_per_request_queue_and_compute_and_cache_counts():
 
 
 def test_triton_metrics_url_from_the_serve_log_and_the_ready_line():
-    log = ("[serve] serving profile small: gRPC 127.0.0.1:1, HTTP http://127.0.0.1:2 (...), metrics "
+    log = ("[mofserve.server.app] serving profile small: gRPC 127.0.0.1:1, HTTP http://127.0.0.1:2 (...), metrics "
            "http://127.0.0.1:2/metrics; Triton gRPC 127.0.0.1:3, Triton metrics http://127.0.0.1:4/metrics\n")
     assert L.triton_metrics_url(log) == "http://127.0.0.1:4/metrics"
     assert L.triton_metrics_url("nothing") is None
@@ -367,7 +367,7 @@ def test_triton_metrics_url_from_the_serve_log_and_the_ready_line():
 
 
 def test_triton_grpc_address_from_the_serve_log():
-    log = ("[serve] serving profile small: gRPC 127.0.0.1:1, HTTP http://127.0.0.1:2 (...); "
+    log = ("[mofserve.server.app] serving profile small: gRPC 127.0.0.1:1, HTTP http://127.0.0.1:2 (...); "
            "Triton gRPC 127.0.0.1:3, Triton metrics http://127.0.0.1:4/metrics\n")
     assert L.triton_grpc_address(log) == "127.0.0.1:3"
     assert L.triton_grpc_address("nothing") is None
@@ -396,7 +396,7 @@ def test_cli_baseline_and_perf_analyzer_options():
     assert args.perf_analyzer == ["vqa_clip"] and args.pa_requests == 5
     pa = build_parser().parse_args(["bench", "perf-analyzer", "--triton-url", "127.0.0.1:8001", "--models",
                                     "tokens_clip", "--concurrency", "1", "3"])
-    assert pa.func.__name__ == "_cmd_bench_perf_analyzer" and pa.concurrency == [1, 3]
+    assert pa.func.__module__ == "mofserve.benchmarks.perf_analyzer" and pa.concurrency == [1, 3]
 
 
 def test_baseline_plan_takes_the_first_images_and_modes_from_the_mix():

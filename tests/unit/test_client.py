@@ -154,7 +154,7 @@ def test_stream_messages_become_deltas_then_the_result():
 
 
 def test_ask_stream_flag_and_the_table_says_tokens_and_finish_reason(capsys):
-    from mofserve.clients.cli import run_ask
+    from mofserve.clients.cli import run as run_ask
 
     args = build_parser().parse_args(["ask", "--image", "x.png", "--question", "Q?", "--stream"])
     assert args.stream and not args.compare

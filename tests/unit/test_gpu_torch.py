@@ -177,11 +177,12 @@ def test_padded_and_chunked_batches_give_each_row_its_own_features(tiny_profile,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_gate_passes_bf16_and_prints_its_min_cosine(tiny_profile, tiny_paths, capsys):
+def test_gate_passes_bf16_and_prints_its_min_cosine(tiny_profile, tiny_paths, caplog):
+    caplog.set_level("INFO", logger="mofserve.export.torch_runtime")
     encoder = TorchEncoder.load(CLIP_VISION_EXPORT, tiny_paths, tiny_profile, device="cpu", dtype="bf16")
     assert encoder.dtype == torch.bfloat16 and encoder.gate.dtype == "bf16"
     assert GATE.min_cosine <= encoder.gate.min_cosine < 1.0  # bf16 is not exact, and passes
-    assert f"min cosine {encoder.gate.min_cosine:.6f}" in capsys.readouterr().err
+    assert f"min cosine {encoder.gate.min_cosine:.6f}" in caplog.text
 
 
 def test_gate_refuses_an_encoder_whose_weights_drift_from_fp32(tiny_profile, tiny_paths):
