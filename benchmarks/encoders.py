@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -36,9 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mofserve.core.logs import configure_logging
 from mofserve.core.profiles import add_profile_arguments, profile_from_args
 
 from .flops import VitShape, vit_flops, vit_macs_breakdown, vit_shape_from_config
+
+_logger = logging.getLogger(__name__)
 
 ACCEPTABLE_COSINE = 0.999
 PRECISIONS = ("fp32", "bf16")
@@ -366,8 +369,6 @@ def machine_info() -> dict:
 # Measurement
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def measure_matmul(sizes: Sequence[int] = MATMUL_SIZES, runs: int = MATMUL_RUNS,
@@ -455,15 +456,15 @@ def bench_encoder(config, paths, profile, photos: Sequence[np.ndarray], batch_si
     from mofserve.export.onnx_export import export_vision
 
     encoder = _encoder_label(config.model_name)
-    graph = export_vision(config, paths, profile, log=lambda m: log(f"export {m}"))
+    graph = export_vision(config, paths, profile, log=lambda m: _logger.info(f"export {m}"))
     module = config.build_module(paths, profile)
     shape = vit_shape_from_config(module.model.config, profile.image_size)
     flops = vit_flops(shape)
     info = {"model": config.model_name, "graph": str(graph.graph), "shape": asdict(shape),
             "flops_per_image": flops, "macs_breakdown": vit_macs_breakdown(shape),
             "export_parity_min_cosine": graph.manifest["parity"]["min_cosine"]}
-    log(f"{encoder}: {shape.tokens} tokens x {shape.num_layers} layers, width {shape.hidden_size} -> "
-        f"{flops / 1e9:.2f} GFLOPs/image")
+    _logger.info(f"{encoder}: {shape.tokens} tokens x {shape.num_layers} layers, width {shape.hidden_size} -> "
+                 f"{flops / 1e9:.2f} GFLOPs/image")
     runners: dict[str, Runner] = {}
     for spec in specs:
         if spec.engine == "pytorch":
@@ -471,7 +472,7 @@ def bench_encoder(config, paths, profile, photos: Sequence[np.ndarray], batch_si
         else:
             started = time.perf_counter()
             runners[spec.label] = _onnx_runner(graph.graph, spec, config.input_name, config.output_names, threads)
-            log(f"{encoder}: {spec.label} compiled in {time.perf_counter() - started:.1f} s")
+            _logger.info(f"{encoder}: {spec.label} compiled in {time.perf_counter() - started:.1f} s")
     results = []
     for batch_size in batch_sizes:
         batch = photo_batch(photos, batch_size)
@@ -484,10 +485,10 @@ def bench_encoder(config, paths, profile, photos: Sequence[np.ndarray], batch_si
             m = measurement(spec, encoder, batch_size, seconds[spec.label], flops, ceilings,
                             min_row_cosine(ref[0], got[0]), min_row_cosine(ref[1], got[1]))
             results.append(m)
-            log(f"{encoder} batch {batch_size} {spec.label:<16} median {m.median_ms:7.1f} ms/image, "
-                f"min {m.min_ms:7.1f}, {m.gflops_per_s:6.1f} GFLOP/s ({100 * m.share_of_ceiling:4.1f}% of "
-                f"{spec.precision} ceiling), min cos {m.min_cosine:.6f}")
-        log(f"{encoder} batch {batch_size}: {runs} rounds in {time.perf_counter() - started:.1f} s")
+            _logger.info(f"{encoder} batch {batch_size} {spec.label:<16} median {m.median_ms:7.1f} ms/image, "
+                         f"min {m.min_ms:7.1f}, {m.gflops_per_s:6.1f} GFLOP/s ({100 * m.share_of_ceiling:4.1f}% of "
+                         f"{spec.precision} ceiling), min cos {m.min_cosine:.6f}")
+        _logger.info(f"{encoder} batch {batch_size}: {runs} rounds in {time.perf_counter() - started:.1f} s")
     del runners, module
     return results, info
 
@@ -514,13 +515,15 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
     threads = profile.serving.intra_op_threads if threads is None else threads
     started = time.perf_counter()
     machine = machine_info()
-    log(f"{machine['cpu_model']} ({machine['usable_cpus']} usable CPUs, flags {' '.join(machine['cpu_flags'])}); "
-        f"torch {machine['torch']} ({machine['torch_threads']} threads), onnxruntime {machine['onnxruntime']}, "
-        f"openvino {machine['openvino']}")
+    _logger.info(f"{machine['cpu_model']} ({machine['usable_cpus']} usable CPUs, "
+                 f"flags {' '.join(machine['cpu_flags'])}); torch {machine['torch']} "
+                 f"({machine['torch_threads']} threads), onnxruntime {machine['onnxruntime']}, "
+                 f"openvino {machine['openvino']}")
     if profile.random_weights:
-        log(f"profile {profile.name}: seeded random weights (the speeds are real, the features are not meaningful)")
+        _logger.info(f"profile {profile.name}: seeded random weights "
+                     "(the speeds are real, the features are not meaningful)")
 
-    log("matmul ceiling (start)")
+    _logger.info("matmul ceiling (start)")
     first = measure_matmul()
     paths = resolve_profile(profile)
     photos = [preprocess_bytes(b, profile.image_size, aspect=profile.aspect) for b in sample_photos()]
@@ -532,14 +535,14 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
     load = [_loadavg()]
     for step, config in enumerate(VISION_EXPORTS):
         if step:
-            log("matmul ceiling (between encoders)")
+            _logger.info("matmul ceiling (between encoders)")
             ceiling_runs.append(measure_matmul())
         got, info = bench_encoder(config, paths, profile, photos, batch_sizes, repeats, ceilings, threads=threads)
         results.extend(got)
         encoders[_encoder_label(config.model_name)] = info
         load.append(_loadavg())
 
-    log("matmul ceiling (end)")
+    _logger.info("matmul ceiling (end)")
     ceiling_runs.append(measure_matmul())
     by_size = best_ceilings(*ceiling_runs)
     ceilings = ceiling_summary(by_size)
@@ -565,7 +568,7 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
     print()
     print(recommendation)
     elapsed = time.perf_counter() - started
-    log(f"done in {elapsed:.0f} s")
+    _logger.info(f"done in {elapsed:.0f} s")
 
     if output is not None:
         report = {
@@ -595,7 +598,7 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=_json_default))
-        log(f"report -> {path}")
+        _logger.info(f"report -> {path}")
     return 0
 
 
@@ -643,4 +646,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # the command's own two functions: no import of the CLI above this floor
     _parser = argparse.ArgumentParser(prog="python -m mofserve.benchmarks.encoders")
     arguments(_parser)
-    raise SystemExit(run(_parser.parse_args()))
+    _args = _parser.parse_args()
+    configure_logging()
+    raise SystemExit(run(_args))

@@ -49,10 +49,10 @@ import asyncio
 import datetime as _dt
 import io
 import json
+import logging
 import math
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -63,10 +63,13 @@ from typing import Any
 
 import numpy as np
 
+from mofserve.core.logs import configure_logging
 from mofserve.core.profiles import add_profile_arguments, profile_from_args
 
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline  # noqa: F401 (their home)
 from .stats import percentile
+
+_logger = logging.getLogger(__name__)
 
 QUESTION = "Is the dog facing left or right?"
 OPTIONS = "(a) Left (b) Right"
@@ -688,8 +691,6 @@ def cpu_snapshot() -> CpuSnapshot | None:
     return CpuSnapshot(busy, steal, total, tree_ticks(os.getpid(), processes), time.monotonic())
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,7 +834,7 @@ def warm_up(bench: Bench, modes: Sequence[str]) -> dict[str, dict]:
         answers = {p: r["answer"] for p, r in got.items()}
         agreement[mode] = {"chosen": chosen, "answers": answers,
                            "agree": len(set(chosen.values())) == 1 and len(set(answers.values())) == 1}
-        log(f"warm-up {mode}: " + ", ".join(f"{p} {r['ms']:.0f} ms ({r['chosen']})" for p, r in got.items()))
+        _logger.info(f"warm-up {mode}: " + ", ".join(f"{p} {r['ms']:.0f} ms ({r['chosen']})" for p, r in got.items()))
     return agreement
 
 
@@ -843,7 +844,7 @@ def run_paths(bench: Bench, modes: Sequence[str], requests: int, deadline: float
     records = []
     for r in range(requests):
         if out_of_time(deadline, r):
-            log(f"Ask phase: time budget spent after {r} of {requests} rounds")
+            _logger.info(f"Ask phase: time budget spent after {r} of {requests} rounds")
             break
         started = time.perf_counter()
         for j, mode in enumerate(rotated(modes, r)):
@@ -852,8 +853,9 @@ def run_paths(bench: Bench, modes: Sequence[str], requests: int, deadline: float
                 rec = bench.call(path, image, mode)
                 records.append({"phase": "ask", "round": r, "image": index, **rec})
                 time.sleep(PAUSE_S)
-        log(f"round {r + 1}/{requests} in {time.perf_counter() - started:.1f} s: " + ", ".join(
-            f"{p} {statistics.median(_ms(records, path=p, round=r)):.0f}" for p in PATHS) + " ms (median over modes)")
+        medians = ", ".join(f"{p} {statistics.median(_ms(records, path=p, round=r)):.0f}" for p in PATHS)
+        _logger.info(f"round {r + 1}/{requests} in {time.perf_counter() - started:.1f} s: {medians} ms "
+                     "(median over modes)")
     return records
 
 
@@ -863,7 +865,7 @@ def run_compare(bench: Bench, modes: Sequence[str], rounds: int, deadline: float
     records = []
     for r in range(rounds):
         if out_of_time(deadline, r):
-            log(f"Compare phase: time budget spent after {r} of {rounds} rounds")
+            _logger.info(f"Compare phase: time budget spent after {r} of {rounds} rounds")
             break
         for kind, k in rotated(items, r):
             index, image = bench.fresh()
@@ -874,9 +876,9 @@ def run_compare(bench: Bench, modes: Sequence[str], rounds: int, deadline: float
                 rec = bench.compare(image, modes[:k])
                 records.append({"phase": "compare", "kind": "compare", "k": k, "round": r, "image": index, **rec})
             time.sleep(PAUSE_S)
-        log(f"compare round {r + 1}/{rounds}: " + ", ".join(
-            f"{'ask' if x['kind'] == 'ask' else 'k=' + str(x['k'])} {x['ms']:.0f}" for x in records
-            if x["round"] == r) + " ms")
+        _logger.info(f"compare round {r + 1}/{rounds}: " + ", ".join(
+                     f"{'ask' if x['kind'] == 'ask' else 'k=' + str(x['k'])} {x['ms']:.0f}" for x in records
+                     if x["round"] == r) + " ms")
     return records
 
 
@@ -887,7 +889,7 @@ def run_second_mode(bench: Bench, pairs: Sequence[tuple[str, str]], rounds: int,
     records = []
     for r in range(rounds):
         if out_of_time(deadline, r, max(MIN_ROUNDS, len(pairs))):
-            log(f"second-mode phase: time budget spent after {r} of {rounds} rounds")
+            _logger.info(f"second-mode phase: time budget spent after {r} of {rounds} rounds")
             break
         a, b = pairs[r % len(pairs)]
         label = f"{a} -> {b}"
@@ -906,8 +908,8 @@ def run_second_mode(bench: Bench, pairs: Sequence[tuple[str, str]], rounds: int,
                 records.append({"phase": "second", "kind": "cold_b", "pair": label, "round": r, "image": index,
                                 **rec})
             time.sleep(PAUSE_S)
-        log(f"second-mode round {r + 1}/{rounds} ({label}): " + ", ".join(
-            f"{x['kind']} {x['ms']:.0f}" for x in records if x["round"] == r) + " ms")
+        _logger.info(f"second-mode round {r + 1}/{rounds} ({label}): " + ", ".join(
+                     f"{x['kind']} {x['ms']:.0f}" for x in records if x["round"] == r) + " ms")
     return records
 
 
@@ -951,7 +953,7 @@ def pool_main(reports: Sequence[Path | str], output: Path | str | None = None) -
 def _write(report: Mapping, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(report), indent=2, default=_json_default, allow_nan=False))
-    log(f"report -> {path}")
+    _logger.info(f"report -> {path}")
 
 
 def main(profile=None, requests: int | None = None, modes: Sequence[str] | None = None,
@@ -985,11 +987,11 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
     started = time.perf_counter()
     load: dict[str, list[float]] = {"start": load_average()}
     machine = machine_info()
-    log(f"{machine['cpu_model']} ({machine['usable_cpus']} usable CPUs); load average {load['start']}")
-    log(f"profile {profile.name}: modes {', '.join(modes)}; {requests} requests per mode and path, "
-        f"{compare_rounds} Compare rounds, {second_rounds} second-mode rounds")
+    _logger.info(f"{machine['cpu_model']} ({machine['usable_cpus']} usable CPUs); load average {load['start']}")
+    _logger.info(f"profile {profile.name}: modes {', '.join(modes)}; {requests} requests per mode and path, "
+                 f"{compare_rounds} Compare rounds, {second_rounds} second-mode rounds")
 
-    built = export_profile(profile, target="cpu", log=lambda m: log(f"export {m}"))
+    built = export_profile(profile, target="cpu", log=lambda m: _logger.info(f"export {m}"))
     count = images_needed(modes, requests, compare_rounds, second_rounds)
     t = time.perf_counter()
     photos = sample_photos()
@@ -998,24 +1000,24 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
         return content_key(preprocess_bytes(data, profile.image_size, aspect=profile.aspect))
 
     images = distinct_variants(photos, count, key=pixels_key)
-    log(f"{count} distinct images (by preprocessed pixels) in {time.perf_counter() - t:.1f} s")
+    _logger.info(f"{count} distinct images (by preprocessed pixels) in {time.perf_counter() - t:.1f} s")
 
     config = ServeConfig(profile=profile.name, grpc_port=0, http_port=0, clip=profile.sources.clip,
                          dinov2=profile.sources.dinov2, llava=profile.sources.llava)
     loop = LoopThread()
-    app = MofServeApp(config, log=lambda m: log(f"serve {m}"))
+    app = MofServeApp(config, log=lambda m: _logger.info(f"serve {m}"))
     bench: Bench | None = None
     try:
         t = time.perf_counter()
         endpoints = loop.run(app.start(), timeout=1800)
         startup_s = time.perf_counter() - t
-        log(f"serving in {startup_s:.1f} s: gRPC {endpoints.grpc}, Triton {endpoints.triton_grpc}")
+        _logger.info(f"serving in {startup_s:.1f} s: gRPC {endpoints.grpc}, Triton {endpoints.triton_grpc}")
         t = time.perf_counter()
         bench = Bench(profile, built, endpoints, images)
         inprocess_load_s = time.perf_counter() - t
         triton_version = bench.triton.get_server_metadata().version
-        log(f"in-process pipeline loaded in {inprocess_load_s:.1f} s ({bench.inprocess.runtime} "
-            f"{bench.inprocess.precision}); Triton {triton_version}")
+        _logger.info(f"in-process pipeline loaded in {inprocess_load_s:.1f} s ({bench.inprocess.runtime} "
+                     f"{bench.inprocess.precision}); Triton {triton_version}")
         load["serving"] = load_average()
 
         ticks = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
@@ -1028,7 +1030,7 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
             load[f"after_{name}"] = load_average()
             if before is not None and after is not None:
                 cpu[name] = cpu_usage(before, after, ticks)
-            log(f"{name} phase in {time.perf_counter() - t0:.0f} s; cores used: {cpu.get(name)}")
+            _logger.info(f"{name} phase in {time.perf_counter() - t0:.0f} s; cores used: {cpu.get(name)}")
             return result
 
         agreement = phase("warmup", lambda: warm_up(bench, modes))
@@ -1084,7 +1086,7 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
     }
     print()
     print(format_report(report))
-    log(f"done in {elapsed:.0f} s")
+    _logger.info(f"done in {elapsed:.0f} s")
     if output is not None:
         _write(report, Path(output))
     return 0
@@ -1135,4 +1137,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # the command's own two functions: no import of the CLI above this floor
     _parser = argparse.ArgumentParser(prog="python -m mofserve.benchmarks.frontend")
     arguments(_parser)
-    raise SystemExit(run(_parser.parse_args()))
+    _args = _parser.parse_args()
+    configure_logging()
+    raise SystemExit(run(_args))

@@ -39,6 +39,7 @@ import csv
 import datetime as _dt
 import io
 import json
+import logging
 import os
 import platform
 import shutil
@@ -54,6 +55,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mofserve.core.profiles import PROFILE_NAMES
+
+_logger = logging.getLogger(__name__)
 
 TRITONCLIENT_VERSION = "2.51.0"  # the last wheel whose perf_analyzer runs on glibc 2.36 (Debian 12)
 CUDART_PACKAGE = "nvidia-cuda-runtime-cu12"
@@ -86,8 +89,6 @@ class ToolUnavailable(RuntimeError):
     """perf_analyzer cannot be installed or run here; the message says which piece and why."""
 
 
-def log(message: str) -> None:
-    print(f"[perf_analyzer] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def _fetch_libb64(work: Path, lib: Path) -> str:
                 if attempt == "update+download":
                     if os.geteuid() != 0:
                         break
-                    log("apt-get download found no libb64-0d; running apt-get update (package lists only)")
+                    _logger.info("apt-get download found no libb64-0d; running apt-get update (package lists only)")
                     _run(["apt-get", "update", "-qq"], "apt-get update")
                 _run(["apt-get", "download", LIBB64_PACKAGE], f"apt-get download {LIBB64_PACKAGE}", cwd=work)
                 debs = sorted(work.glob(f"{LIBB64_PACKAGE}_*.deb"))
@@ -192,8 +193,8 @@ def _fetch_libb64(work: Path, lib: Path) -> str:
         reasons.append("no apt-get / dpkg-deb on this machine")
     system = _system_libb64()
     if system is None and shutil.which("apt-get") and os.geteuid() == 0:
-        log(f"could not unpack {LIBB64_PACKAGE} into the tools folder ({'; '.join(reasons)}); "
-            f"installing it system-wide with apt-get install -y {LIBB64_PACKAGE}")
+        _logger.info(f"could not unpack {LIBB64_PACKAGE} into the tools folder ({'; '.join(reasons)}); "
+                     f"installing it system-wide with apt-get install -y {LIBB64_PACKAGE}")
         try:
             _run(["apt-get", "install", "-y", "-qq", LIBB64_PACKAGE], f"apt-get install {LIBB64_PACKAGE}")
         except ToolUnavailable as error:
@@ -226,7 +227,7 @@ def install_perf_analyzer(root: Path | None = None, force: bool = False) -> Perf
         (staging / "lib").mkdir()
         work = staging / "download"
         work.mkdir()
-        log(f"installing perf_analyzer from tritonclient=={TRITONCLIENT_VERSION} into {folder}")
+        _logger.info(f"installing perf_analyzer from tritonclient=={TRITONCLIENT_VERSION} into {folder}")
         wheel = _pip_download(f"tritonclient=={TRITONCLIENT_VERSION}", work / "tritonclient")
         binary = staging / "bin" / "perf_analyzer"
         _extract_member(wheel, BINARY_IN_WHEEL, binary)
@@ -246,7 +247,7 @@ def install_perf_analyzer(root: Path | None = None, force: bool = False) -> Perf
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    log(f"installed: {manifest['version']} ({manifest['libb64']})")
+    _logger.info(f"installed: {manifest['version']} ({manifest['libb64']})")
     return PerfAnalyzerTool(folder / "bin" / "perf_analyzer", folder / "lib", manifest)
 
 
@@ -475,7 +476,7 @@ def run_point(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, co
 
 
 def run_sweep(config: PerfAnalyzerConfig, tool: PerfAnalyzerTool | None = None, work: Path | None = None,
-              images: Sequence[bytes] | None = None, progress: Callable[[str], None] = log) -> dict:
+              images: Sequence[bytes] | None = None, progress: Callable[[str], None] = _logger.info) -> dict:
     """Every model at every concurrency; returns the report's ``perf_analyzer`` section.
 
     Each point gets its own ``config.images`` images never sent before (a slice of one seeded
@@ -601,7 +602,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out_dir()
     try:
         tool = install_perf_analyzer()
-        log(tool.version())
+        _logger.info(tool.version())
         if args.triton_url:
             config = config_from_args(args, args.triton_url, args.models, args.concurrency, args.triton_metrics)
             section = run_sweep(config, tool, work=out / "perf_analyzer")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from mofserve.core.logs import LOG_LEVEL_ENV, configure_logging
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,6 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                                   "per visual pattern. See docs/evaluation.md."),
 }
 
-LOG_FORMAT = "[%(name)s] %(message)s"
-LOG_LEVEL_ENV = "MOFSERVE_LOG_LEVEL"
-
-
 def _chosen(path: tuple[str, ...], argv: Sequence[str] | None) -> bool:
     """Whether ``argv`` names the command at ``path`` (None: build every command, as tests do).
 
@@ -125,32 +121,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             module.arguments(command_parser)
             command_parser.set_defaults(func=module.run)
     return parser
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to the ``sys.stderr`` of the moment (a redirect, a test's capture), not to the one
-    there was when logging was configured, which may be closed by then."""
-
-    @property
-    def stream(self) -> object:  # what StreamHandler.emit writes to
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def configure_logging(verbose: bool = False) -> None:
-    """The one log format of every command, configured once here: ``[logger name] message`` on
-    stderr (stdout carries results and ``READY`` lines, which scripts and tests read)."""
-    level = "DEBUG" if verbose else os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
-    if not isinstance(logging.getLevelName(level), int):
-        raise ValueError(f"{LOG_LEVEL_ENV}: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logger = logging.getLogger("mofserve")  # the project's loggers only: a library's stay as it set them
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

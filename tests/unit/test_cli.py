@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from mofserve.cli import COMMANDS, GROUPS, build_parser, configure_logging, main
+from mofserve.cli import COMMANDS, GROUPS, build_parser, main
+from mofserve.core.logs import configure_logging
 
 
 @pytest.fixture(autouse=True)
