@@ -35,14 +35,13 @@ from mofserve.core import tensors as T
 from mofserve.core.checkpoints import CheckpointPaths, ModelShapes, read_config, read_logit_scale
 from mofserve.core.preprocessing import DEFAULT_LIMITS
 from mofserve.core.profiles import Profile
-from mofserve.core.targets import ENCODER_MODELS, mode_encoders
+from mofserve.core.targets import ENCODER_MODELS, TARGETS, mode_encoders
 from mofserve.core.tensors import FusionMode
 
 from .fingerprint import settings_digest
 from .onnx_export import ExportedGraph
 from .torch_runtime import encoder_parameters
 
-TARGETS = ("cpu", "gpu-onnx", "gpu-trt", "gpu-torch")
 REPOSITORY_FORMAT = 1
 _FP32, _STRING = mc.TYPE_FP32, mc.TYPE_STRING
 

@@ -17,10 +17,11 @@ import threading
 import time
 
 from mofserve.core.profiles import Profile, add_profile_arguments, get_profile, profile_from_args
+from mofserve.core.tensors import FusionMode
 
 QUESTION = "Is the dog facing left or right from the camera's perspective?"
 OPTIONS = "(a) Left (b) Right"
-MODES = ("clip", "dinov2", "additive", "interleaved")
+MODES = tuple(mode.value for mode in FusionMode)  # every mode, in the order the demo prints them
 
 
 def draw_mmvp_image(mirror: bool = False) -> bytes:
