@@ -21,7 +21,8 @@ cap (a hung compile is killed, not waited for) and writing its part as it goes:
    paper-shaped random model, starts tritonserver with our launcher and sweeps concurrency per
    fusion mode over the ``tokens_<mode>`` ensembles.
 
-This module holds the settings, the orchestration and the ``environment`` stage; the others live
+This module holds the orchestration and the ``environment`` stage (the settings, the plan and what
+the stages share are in ``gpu_check_common``, which imports none of them); the others live
 in ``gpu_check_encoders`` (2-3, 5), ``gpu_check_llm`` (4) and ``gpu_check_serving`` (6), the report
 in ``gpu_check_report``. Each encoder's FLOPs per image come from its shapes (``benchmarks.flops``);
 its share of the bf16 rate uses the best run (as the ceiling does). ``--device cpu --profile tiny``
@@ -37,7 +38,6 @@ import collections
 import contextlib
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import subprocess
@@ -45,160 +45,44 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-BATCHES = (1, 8, 32, 64)
-ENCODERS = ("clip_vision", "dinov2_vision")
-TARGET_SHARE = 0.5  # issue 8: both encoders at >= 50% of the measured bf16 matmul rate at their best batch
-DEFAULT_BUDGET_S = 450.0  # the whole check must end within 8 minutes, start-up included
+from mofserve.benchmarks import gpu_check_encoders as encoders
+from mofserve.benchmarks import gpu_check_llm as llm
+from mofserve.benchmarks import gpu_check_serving as serving
+from mofserve.benchmarks.gpu_check_common import (  # noqa: F401 (BATCHES...: this module's names too)
+    BATCHES,
+    DEFAULT_BUDGET_S,
+    ENCODERS,
+    PLAN,
+    TARGET_SHARE,
+    Part,
+    Settings,
+    StageSkipped,
+    _device,
+    _json_default,
+    check_profile,
+    log,
+    measure_matmul,
+    synchronize,
+)
+from mofserve.benchmarks.gpu_check_report import format_table, merge_part, summarise, write_report
+
 WHEELS_ENV = "MOFSERVE_WHEELS"
-# (stage, time cap in s on a GPU), in order; serving takes what is left. The llm stage (~1 min
-# expected: a 7B model drawn on the device, ~20 s of engine runs) goes before the compiles, whose
-# caps (a first torch.compile of a ViT-L takes about a minute) were cut from 115 s to make room:
-# all caps but serving's sum to 435 s of the 450 s budget, so no stage can push the check past it
-PLAN = (("environment", 30.0), ("accuracy", 45.0), ("eager", 60.0), ("llm", 120.0),
-        ("compiled:clip_vision", 90.0), ("compiled:dinov2_vision", 90.0), ("serving", 240.0))
 MIN_STAGE_S = 15.0  # a stage with less time than this left is skipped, not started
-
-
-@dataclass
-class Settings:
-    out: Path
-    device: str = "cuda"
-    profile: str = "paper"
-    budget_s: float = DEFAULT_BUDGET_S
-    batches: tuple[int, ...] = BATCHES
-    compile_mode: str = "default"
-    matmul_n: int = 8192
-    measure_s: float = 2.0  # timed seconds per (encoder, batch) at most
-    max_runs: int = 30
-    serve: bool = True
-    wheels: Path | None = None
-    instance_kind: str = "gpu"  # "cpu": the dry run serves the gpu-torch repository on CPU instances
-    concurrency: tuple[int, ...] = (1, 4, 16)
-    sweep_s: float = 5.0
-    modes: tuple[str, ...] = ("clip", "dinov2", "additive", "interleaved")
-    llm_prompts: tuple[int, ...] = (640, 1216)  # prefill positions: A-MoF (576 visual), I-MoF (1152); decode: the first
-    llm_concurrency: tuple[int, ...] = (1, 8, 32)
-    llm_new_tokens: int = 64
-    llm_serial: int = 8  # sequences decoded one at a time (its rate stands for any count)
-    stages: tuple[str, ...] = field(default_factory=lambda: tuple(s for s, _ in PLAN))
-
-    def argv(self) -> list[str]:
-        """The command-line form of these settings (passed to each stage's subprocess)."""
-        args = ["--out", str(self.out), "--device", self.device, "--profile", self.profile,
-                "--budget-s", str(self.budget_s), "--batches", *map(str, self.batches),
-                "--compile-mode", self.compile_mode, "--matmul-n", str(self.matmul_n),
-                "--measure-s", str(self.measure_s), "--max-runs", str(self.max_runs),
-                "--instance-kind", self.instance_kind, "--concurrency", *map(str, self.concurrency),
-                "--sweep-s", str(self.sweep_s), "--modes", *self.modes,
-                "--llm-prompts", *map(str, self.llm_prompts), "--llm-concurrency", *map(str, self.llm_concurrency),
-                "--llm-new-tokens", str(self.llm_new_tokens), "--llm-serial", str(self.llm_serial)]
-        if self.wheels:
-            args += ["--wheels", str(self.wheels)]
-        if not self.serve:
-            args.append("--no-serve")
-        return args
-
-
-def log(message: str) -> None:
-    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-class StageSkipped(Exception):
-    """A stage cannot run here (no wheel, no CUDA...): recorded with its reason, not as a failure."""
 
 
 # --------------------------------------------------------------------------------------------
 # Models: paper-shaped (or tiny) random encoders, built on the device (gpu_check_encoders)
 
 
-def check_profile(name: str):
-    """``paper``: the paper's encoder shapes with seeded random weights (no checkpoint needed);
-    ``tiny``: the tests' profile."""
-    from mofserve.core.profiles import (
-        LanguageSpec,
-        Profile,
-        SeededSpec,
-        ServingSpec,
-        Sources,
-        VisionSpec,
-        artifacts_dir,
-        get_profile,
-    )
-
-    if name == "tiny":
-        return get_profile("tiny")
-    if name != "paper":
-        raise ValueError(f"profile: expected paper or tiny, got {name!r}")
-    base = artifacts_dir() / "checkpoints" / "paper-random"
-    return Profile(
-        name="paper-random", image_size=336, patch_size=14, default_alpha=0.75,
-        sources=Sources(clip=str(base / "clip"), dinov2=str(base / "dinov2"), llava=str(base / "llava")),
-        seeded=SeededSpec(
-            seed=0,
-            clip=VisionSpec(1024, 24, 16, 4096, native_image_size=336, projection_dim=768),  # ViT-L/14-336
-            dino=VisionSpec(1024, 24, 16, 4096, native_image_size=518),  # dinov2-large
-            # a 1-layer LM of Vicuna-7B's width: the fusion emits 4096-wide tokens as in the paper
-            llm=LanguageSpec(4096, 1, 32, 32, 1024, vocab_size=512, max_position_embeddings=2048)),
-        serving=ServingSpec(max_batch_size=8, preferred_batch_sizes=(8,), max_queue_delay_us=2000,
-                            llm_dtype="bfloat16"),
-        description="paper-shaped encoders with random weights (GPU check)")
-
-
 # --------------------------------------------------------------------------------------------
 # Measurements
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_matmul(device, n: int, runs: int = 5) -> float:
-    """Best bf16 ``[n, n] x [n, n]`` rate in GFLOP/s on ``device`` (the ceiling shares are taken of)."""
-    import torch
-
-    from mofserve.benchmarks.encoders import matmul_gflops
-
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=generator).to(torch.bfloat16)
-    b = torch.randn(n, n, device=device, generator=generator).to(torch.bfloat16)
-    torch.matmul(a, b)
-    synchronize(device)
-    best = math.inf
-    for _ in range(runs):
-        started = time.perf_counter()
-        torch.matmul(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return matmul_gflops(n, best)
-
-
 # --------------------------------------------------------------------------------------------
 # Stages (each runs in its own subprocess; ``part`` is written as results come in)
-
-
-class Part:
-    """One stage's results, rewritten to disk at every update so a killed stage leaves them."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.data = path, {}
-
-    def update(self, **values) -> None:
-        self.data.update(values)
-        self.path.write_text(json.dumps(self.data, indent=2, default=_json_default))
-
-
-def _device(settings: Settings):
-    import torch
-
-    if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        raise StageSkipped("no CUDA device: torch.cuda.is_available() is False")
-    return torch.device(settings.device)
 
 
 def stage_environment(settings: Settings, part: Part) -> None:
@@ -226,11 +110,6 @@ def stage_environment(settings: Settings, part: Part) -> None:
 
 
 def run_stage(stage: str, settings: Settings, part_path: Path, deadline: float) -> int:
-    # the stage modules import this one: imported here, when a stage runs
-    from mofserve.benchmarks import gpu_check_encoders as encoders
-    from mofserve.benchmarks import gpu_check_llm as llm
-    from mofserve.benchmarks import gpu_check_serving as serving
-
     part = Part(part_path)
     try:
         if stage == "checkpoints":
@@ -271,8 +150,6 @@ Runner = Callable[[list[str], float], tuple[int, str]]
 
 def run_all(settings: Settings, runner: Runner | None = None) -> dict:
     """Run every stage in a subprocess within the budget; return (and write) the merged report."""
-    from mofserve.benchmarks.gpu_check_report import summarise, write_report
-
     settings.out.mkdir(parents=True, exist_ok=True)
     parts = settings.out / "parts"
     parts.mkdir(exist_ok=True)
@@ -308,8 +185,6 @@ def _start_background(stage: str, settings: Settings, parts: Path) -> subprocess
 def _run_plan(plan: Sequence[tuple[str, float]], settings: Settings, report: dict, runner: Runner, parts: Path,
               began: float, deadline: float, background: subprocess.Popen | None) -> None:
     """Run the planned stages one by one, each in ``runner`` under its cap, merging their parts."""
-    from mofserve.benchmarks.gpu_check_report import merge_part, write_report
-
     for stage, cap in plan:
         if stage == "serving" and background is not None:
             wait_s = max(0.0, deadline - time.time() - MIN_STAGE_S)
@@ -463,24 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _exit_on_sigterm()
     if args.stage:
         return run_stage(args.stage, settings, args.part, args.deadline or time.time() + settings.budget_s)
-    from mofserve.benchmarks.gpu_check_report import format_table
-
     report = run_all(settings)
     print(format_table(report), flush=True)
     return 0
 
 
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
-
-
 if __name__ == "__main__":
-    # run through the package's module, not this __main__ copy: the stage modules import
-    # mofserve.benchmarks.gpu_check, and its StageSkipped must be the one run_stage catches
-    from mofserve.benchmarks import gpu_check as _module
-
-    sys.exit(_module.main())
+    # StageSkipped, Settings... live in gpu_check_common, which the stage modules import (never
+    # this one): this __main__ copy and the package's module catch the same StageSkipped
+    sys.exit(main())

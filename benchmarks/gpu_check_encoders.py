@@ -7,7 +7,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from mofserve.benchmarks.gpu_check import (
+from mofserve.benchmarks.gpu_check_common import (
     ENCODERS,
     Part,
     Settings,

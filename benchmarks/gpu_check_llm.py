@@ -31,7 +31,7 @@ import math
 import statistics
 import time
 
-from mofserve.benchmarks.gpu_check import Part, Settings, _device, log, synchronize
+from mofserve.benchmarks.gpu_check_common import Part, Settings, _device, log, synchronize
 
 # Vicuna-7B / LLaMA-7B, the LM of the paper's LLaVA-1.5 (core.profiles' "paper" LanguageSpec)
 LLM_SHAPES = {

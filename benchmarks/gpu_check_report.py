@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mofserve.benchmarks import gpu_check_llm
-from mofserve.benchmarks.gpu_check import ENCODERS, TARGET_SHARE, _json_default
+from mofserve.benchmarks.gpu_check_common import ENCODERS, TARGET_SHARE, _json_default
 
 
 def merge_part(report: dict, stage: str, data: Mapping) -> None:

@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mofserve.benchmarks.gpu_check import Part, Settings, StageSkipped, _device, check_profile, log
+from mofserve.benchmarks.gpu_check_common import Part, Settings, StageSkipped, _device, check_profile, log
 from mofserve.benchmarks.gpu_check_encoders import export_config
 
 WHEEL_HINT = ("pip download nvidia-pytriton==0.7.0 tritonclient==2.73.0 --no-deps -d .whl "

@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorrt
     import torch
 
-    from mofserve.benchmarks.gpu_check import check_profile
+    from mofserve.benchmarks.gpu_check_common import check_profile
 
     report = {"benchmark": "gpu_check_trt", "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "gpu": torch.cuda.get_device_name(0), "tensorrt": tensorrt.__version__, "status": "running"}
