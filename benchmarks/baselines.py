@@ -31,6 +31,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mofserve.core.profiles import get_profile
+
+from .load_common import Progress
+from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline
 from .stats import latency_summary, sample_modes, stage_means
 
 BASELINES = ("eager", "eager-bf16", "exported")
@@ -52,11 +56,8 @@ def baseline_plan(config, count: int | None = None) -> list[tuple[int, str]]:
 
 
 def load_pipeline(name: str, profile_name: str):
-    from mofserve.core.checkpoints import resolve_profile
-    from mofserve.core.profiles import get_profile
-    from mofserve.export.pipeline import export_profile
-
-    from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline
+    from mofserve.core.checkpoints import resolve_profile  # lazy: core.checkpoints imports torch
+    from mofserve.export.pipeline import export_profile  # lazy: export imports torch (and tritonclient's protobufs)
 
     profile = get_profile(profile_name)
     if name == "eager":
@@ -73,8 +74,6 @@ def run_baseline(name: str, config, images, profile_name: str, progress=None) ->
     import gc
 
     import torch
-
-    from .load import Progress
 
     progress = progress or Progress(config.progress)
     plan = baseline_plan(config)

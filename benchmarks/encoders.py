@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from mofserve.core.logs import configure_logging
-from mofserve.core.profiles import add_profile_arguments, profile_from_args
+from mofserve.core.preprocessing import preprocess_bytes
+from mofserve.core.profiles import Profile, add_profile_arguments, get_profile, profile_from_args
+from mofserve.core.runtime import OnnxRunner
+from mofserve.core.samples import SAMPLE_PHOTOS, sample_photos
 
 from .flops import VitShape, vit_flops, vit_macs_breakdown, vit_shape_from_config
 
@@ -415,8 +418,6 @@ def _torch_runner(module, precision: str) -> Runner:
 
 def _onnx_runner(graph: Path, spec: RuntimeSpec, input_name: str, output_names: Sequence[str],
                  threads: int) -> Runner:
-    from mofserve.core.runtime import OnnxRunner
-
     runner = OnnxRunner(graph, runtime=spec.engine, threads=threads, precision=spec.precision)
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -453,7 +454,7 @@ def _encoder_label(model_name: str) -> str:
 def bench_encoder(config, paths, profile, photos: Sequence[np.ndarray], batch_sizes: Sequence[int], repeats: int,
                   ceilings: Mapping[str, float], specs: Sequence[RuntimeSpec] = RUNTIME_SPECS,
                   threads: int = 0) -> tuple[list[Measurement], dict]:
-    from mofserve.export.onnx_export import export_vision
+    from mofserve.export.onnx_export import export_vision  # lazy: export imports torch (and tritonclient's protobufs)
 
     encoder = _encoder_label(config.model_name)
     graph = export_vision(config, paths, profile, log=lambda m: _logger.info(f"export {m}"))
@@ -500,11 +501,8 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
     profile's ``ServingSpec.intra_op_threads`` (0: each runtime's default, all cores)."""
     import torch
 
-    from mofserve.core.checkpoints import resolve_profile
-    from mofserve.core.preprocessing import preprocess_bytes
-    from mofserve.core.profiles import Profile, get_profile
-    from mofserve.core.samples import SAMPLE_PHOTOS, sample_photos
-    from mofserve.export.configs import VISION_EXPORTS
+    from mofserve.core.checkpoints import resolve_profile  # lazy: core.checkpoints imports torch
+    from mofserve.export.configs import VISION_EXPORTS  # lazy: export imports torch (and tritonclient's protobufs)
 
     if profile is None or isinstance(profile, str):
         profile = get_profile(profile or "small")

@@ -63,8 +63,13 @@ from typing import Any
 
 import numpy as np
 
+from mofserve.benchmarks.encoders import git_commit, machine_info
+from mofserve.core import tensors as T
+from mofserve.core.feature_cache import content_key
 from mofserve.core.logs import configure_logging
-from mofserve.core.profiles import add_profile_arguments, profile_from_args
+from mofserve.core.preprocessing import preprocess_bytes
+from mofserve.core.profiles import Profile, add_profile_arguments, get_profile, profile_from_args
+from mofserve.core.samples import SAMPLE_PHOTOS, sample_photos
 
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline  # noqa: F401 (their home)
 from .stats import percentile
@@ -725,6 +730,7 @@ class Bench:
     def __init__(self, profile, built, endpoints, images: Sequence[bytes]) -> None:
         import tritonclient.grpc as tritongrpc
 
+        # lazy: grpc and the generated stubs, needed only by the gRPC client
         from mofserve.clients import MofServeClient
 
         self.profile = profile
@@ -762,8 +768,6 @@ class Bench:
                                        "chosen": a.chosen_option} for a in answers]}
 
     def _vqa_outputs(self, model: str) -> list[str]:
-        from mofserve.core import tensors as T
-
         if model not in self._outputs:
             available = {o.name for o in self.triton.get_model_metadata(model).outputs}
             wanted = [T.ANSWER, T.CHOSEN_OPTION, T.OPTION_SCORES, T.TIMING_PREPROCESS, T.TIMING_CLIP,
@@ -774,8 +778,6 @@ class Bench:
     def direct(self, image: bytes, mode: str) -> dict:
         """The ``vqa_<mode>`` ensemble with the tensors ``TritonEngine.ask`` sends (no ALPHA: the
         profile's default, as the front-end without one)."""
-        from mofserve.core import tensors as T
-
         g = self.tritongrpc
         model = T.vqa_model(mode)
         names = self._vqa_outputs(model)
@@ -962,14 +964,9 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
     """Run the benchmark on ``profile`` (a Profile or a name; default ``small``), print the tables
     and write the JSON report to ``output`` if given. ``budget_s`` bounds the timed phases (None or
     0: no bound): each phase stops starting rounds when its share is spent (see PHASE_SHARES)."""
-    from mofserve.benchmarks.encoders import git_commit, machine_info
-    from mofserve.core.feature_cache import content_key
-    from mofserve.core.preprocessing import preprocess_bytes
-    from mofserve.core.profiles import Profile, get_profile
-    from mofserve.core.samples import SAMPLE_PHOTOS, sample_photos
-    from mofserve.export.pipeline import export_profile
-    from mofserve.server.app import MofServeApp
-    from mofserve.server.config import ServeConfig
+    from mofserve.export.pipeline import export_profile  # lazy: export imports torch (and tritonclient's protobufs)
+    from mofserve.server.app import MofServeApp  # lazy: the server pulls grpc, aiohttp and tritonclient
+    from mofserve.server.config import ServeConfig  # lazy: the server pulls grpc, aiohttp and tritonclient
 
     if profile is None or isinstance(profile, str):
         profile = get_profile(profile or "small")

@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from mofserve.benchmarks.flops import vit_flops, vit_shape_from_config
 from mofserve.benchmarks.gpu_check_common import (
     ENCODERS,
     Part,
@@ -25,7 +26,9 @@ def random_encoder(name: str, profile, device):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
 
-    from mofserve.core.checkpoints import quiet_transformers
+    from mofserve.core.checkpoints import quiet_transformers  # lazy: core.checkpoints imports torch
+
+    # lazy: export imports torch (and tritonclient's protobufs)
     from mofserve.export.configs import ClipVisionFeatures, Dinov2Features
 
     quiet_transformers()
@@ -48,13 +51,11 @@ def random_encoder(name: str, profile, device):
 
 
 def encoder_flops(module, profile) -> float:
-    from mofserve.benchmarks.flops import vit_flops, vit_shape_from_config
-
     return float(vit_flops(vit_shape_from_config(module.model.config, profile.image_size)))
 
 
 def export_config(name: str):
-    from mofserve.export.configs import VISION_EXPORTS
+    from mofserve.export.configs import VISION_EXPORTS  # lazy: export imports torch (and tritonclient's protobufs)
 
     return next(c for c in VISION_EXPORTS if c.model_name == name)
 
@@ -95,6 +96,7 @@ def score(row: dict, flops_per_image: float, ceiling_gflops: float | None) -> di
 def stage_accuracy(settings: Settings, part: Part) -> None:
     import torch
 
+    # lazy: export imports torch (and tritonclient's protobufs)
     from mofserve.export.torch_runtime import GATE, AccuracyGateError, TorchEncoder, gate_batches, serving_dtype
 
     device = _device(settings)
@@ -125,7 +127,7 @@ def _bench(settings: Settings, part: Part, names: Sequence[str], compile_mode: s
            order: Sequence[int]) -> None:
     import torch
 
-    from mofserve.export.torch_runtime import TorchEncoder
+    from mofserve.export.torch_runtime import TorchEncoder  # lazy: export imports torch (and tritonclient's protobufs)
 
     device = _device(settings)
     profile = check_profile(settings.profile)

@@ -32,6 +32,7 @@ import statistics
 import time
 
 from mofserve.benchmarks.gpu_check_common import Part, Settings, _device, log, synchronize
+from mofserve.core.conversation import build_prompt
 
 # Vicuna-7B / LLaMA-7B, the LM of the paper's LLaVA-1.5 (core.profiles' "paper" LanguageSpec)
 LLM_SHAPES = {
@@ -57,8 +58,6 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mofserve.core.conversation import build_prompt
-
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -74,7 +73,9 @@ def build_vlm(profile: str, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mofserve.core.checkpoints import quiet_transformers
+    from mofserve.core.checkpoints import quiet_transformers  # lazy: core.checkpoints imports torch
+
+    # lazy: core.language_model imports torch and transformers
     from mofserve.core.language_model import VisualLanguageModel
 
     quiet_transformers()
@@ -124,7 +125,7 @@ def make_requests(vlm, count: int, prompt_tokens: int, new_tokens: int, seed: in
 
 def kv_cache_mb(vlm, slots: int, tokens: int) -> int:
     """The engine's KV budget for ``slots`` sequences of ``tokens`` positions (0: each the whole context)."""
-    from mofserve.core.kv_slots import geometry
+    from mofserve.core.kv_slots import geometry  # lazy: core.kv_slots imports torch and transformers
 
     per_token = geometry(vlm.model, slots, 0).bytes_per_token
     tokens = -(-tokens // 64) * 64
@@ -136,6 +137,7 @@ def kv_cache_mb(vlm, slots: int, tokens: int) -> int:
 def run_engine(vlm, slots: int, requests: list[dict], timeout: float) -> dict:
     """Submit ``requests`` at once to ``LLMEngine(max_sequences=slots)``; tokens/s end to end and at
     full batch (from the last admission that fills the batch to the first sequence finishing)."""
+    # lazy: core.llm_engine imports torch and transformers
     from mofserve.core.llm_engine import Delta, Finished, LLMEngine
 
     new_tokens = requests[0]["sampling"].max_new_tokens
@@ -227,7 +229,7 @@ def step_inputs(vlm, batch: int, context: int):
     """A slot cache of ``batch`` sequences at ``context`` positions (zeros: attention costs the same)."""
     import torch
 
-    from mofserve.core.kv_slots import SlotCache, geometry
+    from mofserve.core.kv_slots import SlotCache, geometry  # lazy: core.kv_slots imports torch and transformers
 
     per_token = geometry(vlm.model, batch, 0).bytes_per_token
     cache = SlotCache(geometry(vlm.model, batch, batch * (context + 16) * per_token), vlm.device)
@@ -253,7 +255,7 @@ def _timed(call, device, runs: int, seconds: float) -> tuple[list[float], list[f
 
 
 def time_step(vlm, batch: int, context: int, runs: int, seconds: float, read_bytes: int, peak: float | None) -> dict:
-    from mofserve.core.kv_slots import decode_step
+    from mofserve.core.kv_slots import decode_step  # lazy: core.kv_slots imports torch and transformers
 
     cache, embeds, lengths = step_inputs(vlm, batch, context)
     for _ in range(2):
@@ -269,7 +271,7 @@ def time_graph(vlm, batch: int, context: int, runs: int, seconds: float, read_by
     """The step captured once as a CUDA graph and replayed; its logits against ``decode_step``'s."""
     import torch
 
-    from mofserve.core.kv_slots import decode_step
+    from mofserve.core.kv_slots import decode_step  # lazy: core.kv_slots imports torch and transformers
 
     cache, embeds, lengths = step_inputs(vlm, batch, context)
     reference = decode_step(vlm.model, cache, embeds, lengths)
@@ -302,7 +304,7 @@ def time_graph(vlm, batch: int, context: int, runs: int, seconds: float, read_by
 def stage_llm(settings: Settings, part: Part, deadline: float) -> None:
     import torch
 
-    from mofserve.core.kv_slots import geometry
+    from mofserve.core.kv_slots import geometry  # lazy: core.kv_slots imports torch and transformers
 
     device = _device(settings)
     left = lambda: deadline - time.time()  # noqa: E731

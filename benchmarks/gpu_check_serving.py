@@ -19,6 +19,9 @@ from pathlib import Path
 
 from mofserve.benchmarks.gpu_check_common import Part, Settings, StageSkipped, _device, check_profile, log
 from mofserve.benchmarks.gpu_check_encoders import export_config
+from mofserve.benchmarks.stats import latency_summary
+from mofserve.core import tensors as T
+from mofserve.server.launcher import TritonServer
 
 WHEEL_HINT = ("pip download nvidia-pytriton==0.7.0 tritonclient==2.73.0 --no-deps -d .whl "
               "(on a machine with a registry; bring .whl/ along with the working tree)")
@@ -80,8 +83,6 @@ def sweep_point(url: str, model: str, images: Sequence[bytes], concurrency: int,
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from mofserve.benchmarks.stats import latency_summary
-
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -127,11 +128,12 @@ def served_parity(url: str, profile, paths, images: Sequence[bytes], settings: S
     import torch
     import tritonclient.grpc as grpcclient
 
-    from mofserve.core import tensors as T
-    from mofserve.core.checkpoints import load_fuser
+    from mofserve.core.checkpoints import load_fuser  # lazy: core.checkpoints imports torch
+
+    # lazy: a GPU-check stage imports only what it runs (its own process, on a machine with other packages)
     from mofserve.core.preprocessing import preprocess_bytes
-    from mofserve.export.parity import row_cosines
-    from mofserve.export.torch_runtime import TorchEncoder
+    from mofserve.export.parity import row_cosines  # lazy: export imports torch (and tritonclient's protobufs)
+    from mofserve.export.torch_runtime import TorchEncoder  # lazy: export imports torch (and tritonclient's protobufs)
 
     device = torch.device("cuda" if settings.instance_kind == "gpu" else "cpu")
     pixels = torch.from_numpy(np.stack([preprocess_bytes(b, profile.image_size, aspect=profile.aspect)
@@ -206,10 +208,10 @@ def stage_serving(settings: Settings, part: Part, deadline: float) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from mofserve.core import tensors as T
-    from mofserve.core.checkpoints import read_shapes, resolve_profile
+    from mofserve.core.checkpoints import read_shapes, resolve_profile  # lazy: core.checkpoints imports torch
+
+    # lazy: export imports torch (and tritonclient's protobufs)
     from mofserve.export.repository import repository_specs, write_repository
-    from mofserve.server.launcher import TritonServer
 
     profile = check_profile(settings.profile)
     started = time.perf_counter()
@@ -269,7 +271,7 @@ def stage_checkpoints(settings: Settings, part: Part) -> None:
     CPU threads so that the compiles beside it keep most of the cores)."""
     import torch
 
-    from mofserve.core.checkpoints import resolve_profile
+    from mofserve.core.checkpoints import resolve_profile  # lazy: core.checkpoints imports torch
 
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     started = time.perf_counter()

@@ -30,6 +30,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mofserve.benchmarks.gpu_check_common import check_profile
+from mofserve.benchmarks.load import LoadConfig, parse_ready, parse_target, run_load, summary_rows
+from mofserve.server.launcher import TRITON_ROOT_ENV, TritonNotInstalledError, TritonServer, find_tritonserver
+
 MODES = ("clip", "dinov2", "additive", "interleaved")
 CONCURRENCY = (1, 8, 32)
 
@@ -49,7 +53,6 @@ def missing_pieces() -> list[str]:
 
     if not torch.cuda.is_available():
         missing.append(f"a CUDA GPU visible to torch {torch.__version__} (CPU build, no GPU, or no --gpus)")
-    from mofserve.server.launcher import TRITON_ROOT_ENV, TritonNotInstalledError, find_tritonserver
 
     try:
         install = find_tritonserver()
@@ -70,10 +73,11 @@ def _write(out: Path, report: dict) -> None:
 
 
 def stage_engines(report: dict, profile) -> object:
-    from mofserve.export.pipeline import export_profile
+    from mofserve.export.pipeline import export_profile  # lazy: export imports torch (and tritonclient's protobufs)
 
     started = time.perf_counter()
     built = export_profile(profile, target="gpu-trt", log=log)
+    # lazy: export imports torch (and tritonclient's protobufs)
     from mofserve.export.tensorrt_engine import ENGINE_MANIFEST, PLAN_FILE, engines_dir
 
     engines = {}
@@ -91,8 +95,6 @@ def stage_engines(report: dict, profile) -> object:
 
 
 def _frontend(triton_grpc: str, triton_metrics: str, log_path: Path) -> tuple[subprocess.Popen, dict]:
-    from mofserve.benchmarks.load import parse_ready
-
     log_file = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "mofserve", "serve", "--profile", "paper", "--grpc-port", "0", "--http-port", "0",
@@ -106,9 +108,6 @@ def _frontend(triton_grpc: str, triton_metrics: str, log_path: Path) -> tuple[su
 
 
 def stage_serving(report: dict, built, out: Path, seconds: float, concurrency: Sequence[int]) -> None:
-    from mofserve.benchmarks.load import LoadConfig, parse_target, run_load, summary_rows
-    from mofserve.server.launcher import TritonServer
-
     report["serving"] = {"modes": {}}
     with TritonServer(built.path, log_file=out / "triton.log") as triton:
         frontend, endpoints = _frontend(triton.grpc_url, triton.metrics_url, out / "frontend.log")
@@ -164,8 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import tensorrt
     import torch
-
-    from mofserve.benchmarks.gpu_check_common import check_profile
 
     report = {"benchmark": "gpu_check_trt", "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "gpu": torch.cuda.get_device_name(0), "tensorrt": tensorrt.__version__, "status": "running"}

@@ -13,7 +13,13 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from mofserve.core.profiles import PROFILE_NAMES, get_profile
+
 from . import llm_stage as S
+from .encoders import git_commit
+from .frontend import cpu_snapshot, cpu_usage, load_average, versions
+from .load import TICKS_PER_S
+from .report import machine_info
 
 WAYS = (("engine_batched", "LLMEngine, all submitted at once"),
         ("engine_one_at_a_time", "LLMEngine, max_sequences 1 (one at a time)"),
@@ -126,8 +132,6 @@ def _safe(value):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mofserve.core.profiles import PROFILE_NAMES
-
     p = argparse.ArgumentParser(prog="python -m mofserve.benchmarks.llm_stage", description=S.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     seeded = [n for n in PROFILE_NAMES if n != "paper"]
@@ -146,9 +150,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _load(profile_name: str, dtype: str | None):
-    from mofserve.core.checkpoints import resolve_profile
+    from mofserve.core.checkpoints import resolve_profile  # lazy: core.checkpoints imports torch
+
+    # lazy: core.language_model imports torch and transformers
     from mofserve.core.language_model import VisualLanguageModel
-    from mofserve.core.profiles import get_profile
 
     profile = get_profile(profile_name)
     paths = resolve_profile(profile)
@@ -159,11 +164,6 @@ def _load(profile_name: str, dtype: str | None):
 
 def main(argv=None) -> int:
     import torch
-
-    from .encoders import git_commit
-    from .frontend import cpu_snapshot, cpu_usage, load_average, versions
-    from .load import TICKS_PER_S
-    from .report import machine_info
 
     args = parse_args(argv)
     out = args.out or Path("results") / f"llm-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -231,3 +231,7 @@ def main(argv=None) -> int:
     print(text)
     print(f"\nwritten: {out / 'report.json'}, {out / 'report.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mofserve.core.profiles import get_profile
+
 from .stats import decode_figures, latency_summary
 
 DEFAULT_SEQUENCES = 8
@@ -93,7 +95,7 @@ def prompt_length(vlm, request: Mapping) -> int:
 
 
 def _engine_class():
-    from mofserve.core.llm_engine import LLMEngine
+    from mofserve.core.llm_engine import LLMEngine  # lazy: core.llm_engine imports torch and transformers
 
     class TimedEngine(LLMEngine):
         """``LLMEngine`` that logs each decode step's batch and time, and each prefill's time."""
@@ -119,7 +121,7 @@ def _engine_class():
 def run_engine(vlm, requests: Sequence[dict], max_sequences: int, together: bool) -> dict:
     """``LLMEngine`` on ``requests``: all submitted at once (``together``) or each after the previous
     ended. Per request: submitted, first token and last token times (s), tokens, token ids."""
-    from mofserve.core.llm_engine import Delta, Failed, Finished
+    from mofserve.core.llm_engine import Delta, Failed, Finished  # lazy: core.llm_engine imports torch and transformers
 
     engine = _engine_class()(vlm, max_sequences=max_sequences)
     lock = threading.Condition()
@@ -328,6 +330,7 @@ def layer_costs(vlm, prompt_tokens: int, batches: Sequence[int], depths: Sequenc
     ``layers`` is the extrapolation."""
     import torch
 
+    # lazy: core.kv_slots imports torch and transformers
     from mofserve.core.kv_slots import SlotCache, SlotGeometry, decode_step
 
     model = vlm.model
@@ -394,9 +397,10 @@ def measure_for_load(profile_name: str, config) -> dict:
     prefill and decode times."""
     import torch
 
-    from mofserve.core.checkpoints import resolve_profile
+    from mofserve.core.checkpoints import resolve_profile  # lazy: core.checkpoints imports torch
+
+    # lazy: core.language_model imports torch and transformers
     from mofserve.core.language_model import VisualLanguageModel
-    from mofserve.core.profiles import get_profile
 
     profile = get_profile(profile_name)
     paths = resolve_profile(profile)
@@ -463,6 +467,8 @@ def agreement(vlm, count: int, visual_counts: Sequence[int], seed: int = 1) -> d
 
 
 if __name__ == "__main__":
-    from .llm_report import main
+    # the command (its flags, the run, the report) is llm_report's, which imports this module: run it
+    # as __main__ by name, so that this lower module never imports the higher one
+    import runpy
 
-    raise SystemExit(main())
+    runpy.run_module("mofserve.benchmarks.llm_report", run_name="__main__", alter_sys=True)

@@ -47,6 +47,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from mofserve.core.profiles import PROFILE_NAMES
+
+from . import perf_analyzer
 from .baselines import (  # noqa: F401 (re-exported: tests and reports read them here)
     BASELINES,
     DEFAULT_BASELINE_REQUESTS,
@@ -57,7 +60,10 @@ from .baselines import (  # noqa: F401 (re-exported: tests and reports read them
     run_baseline,
     run_baselines,
 )
-from .frontend import cpu_snapshot, cpu_usage
+from .frontend import MAX_NEW_TOKENS, OPTIONS, QUESTION, cpu_snapshot, cpu_usage
+from .llm_stage import measure_for_load
+from .load_common import ImagePool, Progress
+from .report import build_report, format_markdown, write_report
 from .serve_process import ServeProcess, parse_ready, triton_grpc_address, triton_metrics_url  # noqa: F401
 from .stats import (
     DEFAULT_MIX,
@@ -72,9 +78,6 @@ from .stats import (
 )
 from .transports import GrpcTransport, HttpTransport, RequestFailed, make_transport  # noqa: F401
 
-QUESTION = "Is the dog facing left or right?"
-OPTIONS = "(a) Left (b) Right"
-MAX_NEW_TOKENS = 8
 DEFAULT_CONCURRENCY = (1, 2, 4, 8)
 DEFAULT_DURATION_S = 10.0
 MAX_POINT_S = 600.0  # a point started with --requests only stops after this long anyway
@@ -181,59 +184,7 @@ class LoadConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Images
-
-
-class ImagePool:
-    """Encoded JPEG variants of the sample photos, made on demand (never during a timed phase)."""
-
-    def __init__(self, seed: int | None = None) -> None:
-        from mofserve.core.samples import sample_photos
-
-        from .frontend import VARIANT_SEED
-
-        self.photos = sample_photos()
-        self.seed = VARIANT_SEED if seed is None else seed
-        self.images: list[bytes] = []
-
-    def ensure(self, count: int) -> None:
-        from .frontend import make_variant, variant_params
-
-        while len(self.images) < count:
-            i = len(self.images)
-            self.images.append(make_variant(self.photos[i % len(self.photos)],
-                                            variant_params(i, len(self.photos), self.seed)))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> bytes:
-        return self.images[index]
-
-
-# --------------------------------------------------------------------------------------------
-# The load loops
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, every few seconds otherwise."""
-
-    def __init__(self, enabled: bool, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last = 0.0
-
-    def show(self, text: str, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-            self.stream.flush()
-        elif final or now - self._last >= 5.0:
-            self._last = now
-            print(text, file=self.stream, flush=True)
+# The load loops (the images: load_common.ImagePool)
 
 
 class LoadRunner:
@@ -435,8 +386,6 @@ def run_in_process(config: LoadConfig, images: ImagePool, profile: str) -> dict:
     per-layer costs (``--extrapolate-layers``); blocking and CPU-bound."""
     out: dict = {"baselines": run_baselines(config, images, profile) if config.baselines else {}, "layers": None}
     if config.extrapolate_layers:
-        from .llm_stage import measure_for_load
-
         out["layers"] = measure_for_load(profile, config)
     return out
 
@@ -446,8 +395,6 @@ async def run_load(config: LoadConfig, images: ImagePool | None = None, in_proce
     ``in_process``: what ``run_in_process`` measured already (``main`` runs it before it starts a
     server for ``--serve``, so that the two never hold memory and cores at once); otherwise it runs
     here, the server idling meanwhile."""
-    from .report import build_report
-
     images = images or ImagePool()
     images.ensure(max(FIRST_POOL, config.baseline_requests + 1 if config.baselines else 0))
     transport = make_transport(config.target, config, images)
@@ -507,7 +454,6 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="Triton's Prometheus page (http://127.0.0.1:PORT/metrics, as `mofserve serve` logs it): "
                              "adds each model's queue and compute time and the feature-cache hits per point "
                              "(found by itself with --serve)")
-    from mofserve.core.profiles import PROFILE_NAMES
 
     parser.add_argument("--serve", metavar="PROFILE", choices=PROFILE_NAMES,
                         help="start `mofserve serve --profile PROFILE` on free loopback ports for the run and stop "
@@ -534,10 +480,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                              "(installs it into $MOFSERVE_HOME/tools on first use; needs --serve or --triton-url)")
     parser.add_argument("--triton-url", metavar="HOST:PORT",
                         help="Triton's gRPC address for --perf-analyzer without --serve")
-    # lazy: perf_analyzer imports this module (ServeProcess, the report): importing it at the top would be a cycle
-    from .perf_analyzer import arguments as perf_analyzer_arguments
-
-    perf_analyzer_arguments(parser, standalone=False)
+    perf_analyzer.arguments(parser, standalone=False)
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -556,27 +499,23 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 def _perf_analyzer_section(args: argparse.Namespace, config: LoadConfig, triton_grpc: str | None) -> dict | None:
     """perf_analyzer on ``args.perf_analyzer``'s models at the sweep's concurrencies (None when not asked)."""
-    from .perf_analyzer import ToolUnavailable, config_from_args, run_sweep
-
     models = getattr(args, "perf_analyzer", None)
     if not models:
         return None
     if not triton_grpc:
         raise RuntimeError("perf-analyzer: give --serve PROFILE or --triton-url HOST:PORT (Triton's gRPC address)")
-    pa_config = config_from_args(args, triton_grpc, models, config.concurrency or DEFAULT_CONCURRENCY,
+    pa_config = perf_analyzer.config_from_args(args, triton_grpc, models, config.concurrency or DEFAULT_CONCURRENCY,
                                  config.triton_metrics)
     out = args.out or default_out_dir()
     try:
-        return run_sweep(pa_config, work=out / "perf_analyzer")
-    except ToolUnavailable as error:  # the front-end's report is kept; the section says why
+        return perf_analyzer.run_sweep(pa_config, work=out / "perf_analyzer")
+    except perf_analyzer.ToolUnavailable as error:  # the front-end's report is kept; the section says why
         print(f"mofserve bench load: perf_analyzer: {error}", file=sys.stderr)
         return {"error": str(error), "points": []}
 
 
 def run(args: argparse.Namespace) -> int:
     """``mofserve bench load``: the sweeps the flags describe, then the JSON + Markdown + PNG report."""
-    from .report import format_markdown, write_report
-
     config = config_from_args(args)
     args.out = out = args.out or default_out_dir()
     try:

@@ -54,7 +54,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mofserve.core import tensors as T
 from mofserve.core.profiles import PROFILE_NAMES
+
+from .encoders import git_commit
+from .frontend import MAX_NEW_TOKENS, OPTIONS, QUESTION, load_average, versions
+from .load_common import ImagePool
+from .report import format_markdown, machine_info, write_report
+from .serve_process import ServeProcess
+from .stats import parse_prometheus, triton_delta
 
 _logger = logging.getLogger(__name__)
 
@@ -264,8 +272,6 @@ def bytes_element(data: bytes) -> dict[str, str]:
 def model_inputs(model: str) -> tuple[str, ...]:
     """Which inputs perf_analyzer must send to ``model`` (optional ones, such as ALPHA, are left out:
     the profile's default applies). Raises ValueError naming ``models`` for any other model."""
-    from mofserve.core import tensors as T
-
     kind, _, mode = model.partition("_")
     if model == T.EMBED:
         return (T.IMAGE,)
@@ -277,8 +283,6 @@ def model_inputs(model: str) -> tuple[str, ...]:
 
 def input_data(model: str, images: Sequence[bytes], question: str, options: str, max_new_tokens: int) -> dict:
     """perf_analyzer's ``--input-data`` JSON for ``model``: one entry per image, in order."""
-    from mofserve.core import tensors as T
-
     if not images:
         raise ValueError("images: need at least one image")
     names = model_inputs(model)
@@ -357,8 +361,6 @@ class PerfAnalyzerConfig:
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        from .load import MAX_NEW_TOKENS, OPTIONS, QUESTION
-
         self.question = QUESTION if self.question is None else self.question
         self.options = OPTIONS if self.options is None else self.options
         self.max_new_tokens = MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
@@ -400,8 +402,6 @@ def command_line(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str,
 
 
 def _scrape(url: str | None) -> dict | None:
-    from .stats import parse_prometheus
-
     if not url:
         return None
     try:
@@ -444,8 +444,6 @@ def run_point(tool: PerfAnalyzerTool, config: PerfAnalyzerConfig, model: str, co
     instead of raising. When perf_analyzer finds no ``stability_percent`` window-to-window agreement
     (a CPU shared with other work), it is run once more accepting any windows (100%), and the point
     says so in ``unstable``: figures, but read them as noisy."""
-    from .stats import triton_delta
-
     csv_path = work / f"{model}-c{concurrency}.csv"
     before = _scrape(config.metrics_url)
     started = time.time()
@@ -482,8 +480,6 @@ def run_sweep(config: PerfAnalyzerConfig, tool: PerfAnalyzerTool | None = None, 
     Each point gets its own ``config.images`` images never sent before (a slice of one seeded
     pool), so a point starts cold and only its own later passes hit the encoders' feature cache;
     ``images`` instead gives every point the same ones."""
-    from .load import ImagePool
-
     tool = tool or install_perf_analyzer()
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix="mofserve-perf-analyzer-")) if own_work else Path(work)
@@ -566,8 +562,6 @@ def arguments(parser: argparse.ArgumentParser, standalone: bool = True) -> None:
 
 def config_from_args(args: argparse.Namespace, triton_grpc: str, models: Sequence[str],
                      concurrency: Sequence[int], metrics_url: str | None) -> PerfAnalyzerConfig:
-    from .load import MAX_NEW_TOKENS, OPTIONS, QUESTION
-
     return PerfAnalyzerConfig(
         triton_grpc=triton_grpc, models=list(models), concurrency=list(concurrency), images=args.pa_images,
         request_count=args.pa_requests, stability_percent=args.pa_stability, max_trials=args.pa_max_trials,
@@ -577,10 +571,6 @@ def config_from_args(args: argparse.Namespace, triton_grpc: str, models: Sequenc
 
 def build_report(section: Mapping, triton_grpc: str, profile: str | None) -> dict:
     """A report with no front-end points, only the perf_analyzer section (``report.write_report``)."""
-    from .encoders import git_commit
-    from .frontend import load_average, versions
-    from .report import machine_info
-
     return {"benchmark": "perf_analyzer",
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "target": f"grpc://{triton_grpc}", "transport": "triton-grpc", "server": {"profile": profile},
@@ -596,9 +586,6 @@ def default_out_dir(now: _dt.datetime | None = None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """``mofserve bench perf-analyzer``: install it if needed, run it per ensemble, write the report."""
-    from .load import ServeProcess
-    from .report import format_markdown, write_report
-
     out = args.out or default_out_dir()
     try:
         tool = install_perf_analyzer()

@@ -25,6 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from mofserve.core import tensors as T
+from mofserve.core.preprocessing import preprocess_bytes
+from mofserve.core.runtime import OnnxRunner
+
 QUESTION = "Is the dog facing left or right?"
 OPTIONS = "(a) Left (b) Right"
 MAX_NEW_TOKENS = 8
@@ -51,11 +55,11 @@ class InProcessPipeline:
     def __init__(self, built) -> None:
         import torch
 
-        from mofserve.core import tensors as T
-        from mofserve.core.checkpoints import load_fuser
+        from mofserve.core.checkpoints import load_fuser  # lazy: core.checkpoints imports torch
+
+        # lazy: core.language_model imports torch and transformers
         from mofserve.core.language_model import VisualLanguageModel
-        from mofserve.core.llm_engine import LLMEngine
-        from mofserve.core.runtime import OnnxRunner
+        from mofserve.core.llm_engine import LLMEngine  # lazy: core.llm_engine imports torch and transformers
 
         profile = built.profile
         serving = profile.serving
@@ -95,8 +99,6 @@ class InProcessPipeline:
         """Preprocessing, the mode's encoders one after the other and the fusion, timed into ``stages``."""
         import torch
 
-        from mofserve.core.preprocessing import preprocess_bytes
-
         started = time.perf_counter()
         pixels = preprocess_bytes(image, self.profile.image_size, aspect=self.profile.aspect)[None]
         stages["preprocess_ms"] = (time.perf_counter() - started) * 1e3
@@ -114,7 +116,7 @@ class InProcessPipeline:
 
     def answer(self, image: bytes, mode: str, question: str = QUESTION, options: str = OPTIONS,
                max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[PipelineAnswer, dict[str, float]]:
-        from mofserve.core.llm_engine import Delta
+        from mofserve.core.llm_engine import Delta  # lazy: core.llm_engine imports torch and transformers
 
         stages = dict.fromkeys(STAGES, 0.0)
         started = time.perf_counter()
@@ -146,8 +148,12 @@ class EagerPipeline(InProcessPipeline):
     autocast = False
 
     def __init__(self, profile, paths) -> None:
-        from mofserve.core.checkpoints import load_fuser
+        from mofserve.core.checkpoints import load_fuser  # lazy: core.checkpoints imports torch
+
+        # lazy: core.language_model imports torch and transformers
         from mofserve.core.language_model import VisualLanguageModel
+
+        # lazy: export imports torch (and tritonclient's protobufs)
         from mofserve.export.configs import CLIP_VISION_EXPORT, DINOV2_VISION_EXPORT
 
         self.profile = profile

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .baselines import baseline_ratios, point_targets, target_rows
+from .encoders import cpu_flags, cpu_model, git_commit
+from .frontend import load_average, versions
 from .load_tables import format_baseline_table, format_targets, token_sections
 from .stats import PERCENTILES, stage_means
 
@@ -29,8 +32,6 @@ STACK = (("preprocess_ms", "preprocess"), ("encoders_ms", "encoders (max of CLIP
 
 
 def machine_info() -> dict:
-    from .encoders import cpu_flags, cpu_model
-
     return {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
             "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version()}
@@ -39,9 +40,6 @@ def machine_info() -> dict:
 def build_report(config, server: Mapping, points: Sequence[Mapping], began: float | None = None,
                  images: int | None = None, baselines: Mapping[str, Mapping] | None = None,
                  layers: Mapping | None = None) -> dict:
-    from .encoders import git_commit
-    from .frontend import load_average, versions
-
     report = {
         "benchmark": "load",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -60,7 +58,6 @@ def build_report(config, server: Mapping, points: Sequence[Mapping], began: floa
         "repeat_stages_ms": stages_by_repeat(points),
         "points": list(points),
     }
-    from .baselines import baseline_ratios, point_targets, target_rows
 
     ratios = None
     if baselines:

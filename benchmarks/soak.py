@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mofserve.core.profiles import PROFILE_NAMES
 
+from .load import ImagePool, LoadConfig, LoadRunner, ServeProcess, make_transport, parse_target
 from .stats import DEFAULT_MIX, parse_mix, summarise_point
 
 MIB = 1 << 20
@@ -180,8 +181,6 @@ class SoakConfig:
 async def soak(target: str, frontend_pid: int, config: SoakConfig, log=None) -> dict:
     """Drive the gRPC front-end at ``target`` (``grpc://HOST:PORT``) of the server whose front-end
     process is ``frontend_pid``; returns the report (see ``verdict`` for pass/fail)."""
-    from .load import ImagePool, LoadConfig, LoadRunner, make_transport, parse_target
-
     log = log or (lambda message: print(f"[soak] {message}", file=sys.stderr, flush=True))
     load = LoadConfig(target=parse_target(target), concurrency=[config.concurrency], duration_s=None,
                       requests=None, warmup_s=config.warmup_s, mix=dict(config.mix), repeat_ratio=config.repeat_ratio,
@@ -324,8 +323,6 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
 
 def soak_service(config: SoakConfig, out: Path) -> tuple[dict, list[Path]]:
     """Serve ``config.profile``, soak it, stop it; returns the report and the files written."""
-    from .load import ServeProcess
-
     with ServeProcess(config.profile, out / "serve.log") as served:
         report = asyncio.run(soak(served.endpoints["grpc"], served.process.pid, config))
     return report, write_report(report, out)

@@ -30,6 +30,7 @@ class GrpcTransport:
         self.client = None
 
     async def open(self) -> None:
+        # lazy: grpc and the generated stubs, needed only by the gRPC client
         from mofserve.clients import AsyncMofServeClient
 
         # no client-side retries: a failure is counted, not hidden
@@ -40,7 +41,7 @@ class GrpcTransport:
             await self.client.close()
 
     async def info(self) -> dict:
-        from mofserve.clients import MofServeError
+        from mofserve.clients import MofServeError  # lazy: grpc and the generated stubs, needed only by the gRPC client
 
         try:
             health = await self.client.health(timeout=10)
@@ -60,7 +61,7 @@ class GrpcTransport:
                     max_new_tokens=c.max_new_tokens)
 
     async def ask(self, index: int, mode: str) -> dict:
-        from mofserve.clients import MofServeError
+        from mofserve.clients import MofServeError  # lazy: grpc and the generated stubs, needed only by the gRPC client
 
         if getattr(self.config, "stream", False):
             return await self._ask_stream(index, mode)
@@ -71,6 +72,7 @@ class GrpcTransport:
         return _result(result)
 
     async def _ask_stream(self, index: int, mode: str) -> dict:
+        # lazy: grpc and the generated stubs, needed only by the gRPC client
         from mofserve.clients import AskResult, MofServeError
 
         started = time.perf_counter()
