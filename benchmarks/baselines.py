@@ -26,6 +26,7 @@ bf16 alone would give a user), the all-request p50 at c=1 over the exported p50.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from mofserve.core.profiles import get_profile
 
+from .frontend import cpu_snapshot, cpu_usage
 from .load_common import Progress
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline
 from .stats import latency_summary, sample_modes, stage_means
@@ -45,6 +47,7 @@ C4_TARGET = 1.0  # small: throughput at concurrency 4 >= at concurrency 1
 DECODE_SCALING_TARGET = 3.5  # paper-shaped: decode tokens/s at 8 streams >= 3.5x at 1
 DECODE_STREAMS = 8
 TTFT_TARGET = 1.10  # paper-shaped: TTFT p50 at c=1 <= 1.1x the in-process path to the first token
+TICKS_PER_S = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 def baseline_plan(config, count: int | None = None) -> list[tuple[int, str]]:
@@ -88,6 +91,7 @@ def run_baseline(name: str, config, images, profile_name: str, progress=None) ->
         for mode in dict.fromkeys(m for _, m in plan):
             pipeline.answer(warm_image, mode, config.question, config.options, config.max_new_tokens)
         records = []
+        cpu_before = cpu_snapshot()
         t0 = time.perf_counter()
         for index, mode in plan:
             started = time.perf_counter()
@@ -98,6 +102,7 @@ def run_baseline(name: str, config, images, profile_name: str, progress=None) ->
                             "completion_tokens": answer.completion_tokens})
             progress.show(f"baseline {name}: {len(records)}/{len(plan)} requests")
         elapsed = time.perf_counter() - t0
+        cpu_after = cpu_snapshot()
         label, runtime, precision = pipeline.label, pipeline.runtime, pipeline.precision
     finally:
         if pipeline is not None:
@@ -115,7 +120,8 @@ def run_baseline(name: str, config, images, profile_name: str, progress=None) ->
             "throughput_rps": len(records) / elapsed if elapsed > 0 else math.nan, "latency_ms": latency,
             "ttft_ms": latency_summary(ttft), "output_tokens": tokens,
             "output_tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
-            "stages_ms": _stage_means(r["stages"] for r in records), "records": records}
+            "stages_ms": _stage_means(r["stages"] for r in records), "records": records,
+            "cpu": cpu_usage(cpu_before, cpu_after, TICKS_PER_S) if cpu_before and cpu_after else None}
 
 
 def _stage_means(rows) -> dict[str, float]:

@@ -154,15 +154,16 @@ def format_baseline_table(baselines: Mapping) -> str:
     """The in-process baselines (same images and questions as the sweep, one request at a time) and
     the same-run ratios with their verdicts."""
     lines = ["| baseline | runtime, precision | requests | req/s | p50 ms | p90 ms | p99 ms | mean ms | TTFT p50 ms | "
-             "encoders ms | LLM ms | prefill ms | decode ms | output tokens/s | load s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "encoders ms | LLM ms | prefill ms | decode ms | output tokens/s | load s | other processes' cores |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, b in baselines["runs"].items():
         lat, st = b["latency_ms"], b.get("stages_ms") or {}
         lines.append(f"| {name} ({b['label']}) | {b['runtime']}, {b['precision']} | {b['requests']} | "
                      f"{_f(b['throughput_rps'], 2)} | {_f(lat['p50'])} | {_f(lat['p90'])} | {_f(lat['p99'])} | "
                      f"{_f(lat['mean'])} | {_f((b.get('ttft_ms') or {}).get('p50'))} | {_f(st.get('encoders_ms'))} | "
                      f"{_f(st.get('llm_ms'))} | {_f(st.get('prefill_ms'))} | {_f(st.get('decode_ms'))} | "
-                     f"{_f(b.get('output_tokens_per_s'), 2)} | {_f(b['load_s'])} |")
+                     f"{_f(b.get('output_tokens_per_s'), 2)} | {_f(b['load_s'])} | "
+                     f"{_f((b.get('cpu') or {}).get('others_cores'), 2)} |")
     r = baselines["ratios"]
     t, p = r["throughput"], r["p50_c1"]
     lines += ["", "| ratio (same run) | value | target | verdict |", "|---|---:|---:|---|",

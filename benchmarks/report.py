@@ -53,6 +53,9 @@ def build_report(config, server: Mapping, points: Sequence[Mapping], began: floa
         "versions": {k: v for k, v in versions().items()
                      if k in ("mofserve", "grpcio", "protobuf", "numpy", "pillow")} | _extra_versions(),
         "git_commit": git_commit(),
+        # what changes the served stack's behaviour from outside (the server inherits it with --serve)
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith(("MOFSERVE_", "OMP_", "GOMP_")) and "TOKEN" not in k},
         "images_made": images,
         "modes_stages_ms": stages_by_mode(points),
         "repeat_stages_ms": stages_by_repeat(points),
