@@ -254,7 +254,11 @@ def test_killed_stub_leaves_triton_ready_but_probe_fails_and_supervisor_restarts
         assert client.is_server_ready() and client.is_model_ready("llm")
         client.close()
         body = _wait_health(http, 503, timeout=30)
-        assert "probe failed" in body["reason"] and "llm" in body["reason"], body
+        # Usually Triton stays up with the dead stub and the probe finds it; with streams in flight
+        # through the decoupled llm, Triton 2.51 has also been seen to abort (exit -6, a CI dry run):
+        # either way the supervisor restarts it, and nothing below may be lost
+        probe_found_it = "probe failed" in body["reason"] and "llm" in body["reason"]
+        assert probe_found_it or "triton: not running" in body["reason"], body
         _wait_health(http, 200)
         recovered_at = time.monotonic()
         load.wait_ok(8, after=recovered_at)
