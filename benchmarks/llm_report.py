@@ -70,7 +70,8 @@ def format_layers(costs: Mapping) -> str:
                                               for b, fit in costs["decode_step"].items()]
     for name, fit in rows:
         lines.append(f"| {name} | " + " | ".join(_f(fit["measured_ms"][str(d)]) for d in depths)
-                     + f" | {_f(fit['fixed_ms'])} | {_f(fit['per_layer_ms'])} | "
+                     + f" | {_f(fit['fixed_ms'])}{' (through 0)' if fit.get('through_origin') else ''} | "
+                     f"{_f(fit['per_layer_ms'])} | "
                      f"{100 * fit['fit_worst_error']:.1f}% | {_f(fit['extrapolated_ms'])} |")
     steps = costs["decode_step"]
     if len(steps) > 1:

@@ -313,12 +313,21 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 
 def extrapolate(by_depth: Mapping[int, float], layers: int) -> dict:
-    """The fit of ms per depth and its value at ``layers`` (and the fit's worst relative error)."""
+    """The fit of ms per depth and its value at ``layers`` (and the fit's worst relative error).
+
+    A cost has no negative part: when noise (other processes on a shared machine) gives the line a
+    negative fixed part, the fit goes through the origin instead (all the time per layer; an upper
+    bound for a phase with a real fixed part, such as a decode step's LM head) and says so."""
     xs = sorted(by_depth)
-    fixed, per_layer = fit_line(xs, [by_depth[x] for x in xs])
-    worst = max(abs(fixed + per_layer * x - by_depth[x]) / by_depth[x] for x in xs)
+    ys = [by_depth[x] for x in xs]
+    fixed, per_layer = fit_line(xs, ys)
+    through_origin = fixed < 0
+    if through_origin:
+        fixed, per_layer = 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+    worst = max(abs(fixed + per_layer * x - y) / y for x, y in zip(xs, ys, strict=True))
     return {"measured_ms": {str(x): by_depth[x] for x in xs}, "fixed_ms": fixed, "per_layer_ms": per_layer,
-            "fit_worst_error": worst, "layers": layers, "extrapolated_ms": fixed + per_layer * layers}
+            "through_origin": through_origin, "fit_worst_error": worst, "layers": layers,
+            "extrapolated_ms": fixed + per_layer * layers}
 
 
 def layer_costs(vlm, prompt_tokens: int, batches: Sequence[int], depths: Sequence[int] = DEFAULT_DEPTHS,

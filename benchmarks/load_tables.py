@@ -125,7 +125,8 @@ def format_extrapolation(report: Mapping) -> str | None:
               "|---|" + "---:|" * (len(layers["depths"]) + 3)]
     for name, fit in fits:
         lines.append(f"| {name} | " + " | ".join(_f(fit["measured_ms"][str(d)]) for d in layers["depths"])
-                     + f" | {_f(fit['fixed_ms'])} | {_f(fit['per_layer_ms'])} | {_f(fit['extrapolated_ms'])} |")
+                     + f" | {_f(fit['fixed_ms'])}{' (through 0)' if fit.get('through_origin') else ''} | "
+                     f"{_f(fit['per_layer_ms'])} | {_f(fit['extrapolated_ms'])} |")
     return "\n".join(lines)
 
 

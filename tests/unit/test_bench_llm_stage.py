@@ -18,8 +18,13 @@ def test_fit_line_and_extrapolate_a_known_line():
     fit = S.extrapolate({1: 30.0, 2: 50.0, 4: 90.0}, 32)
     assert fit["extrapolated_ms"] == pytest.approx(650.0) and fit["fit_worst_error"] == pytest.approx(0.0, abs=1e-9)
     assert fit["measured_ms"] == {"1": 30.0, "2": 50.0, "4": 90.0}
+    assert not fit["through_origin"]
     with pytest.raises(ValueError):
         S.fit_line([2, 2], [1.0, 1.0])
+    # noise giving a negative fixed part: the line goes through the origin instead
+    noisy = S.extrapolate({1: 10.0, 2: 40.0, 4: 80.0}, 32)
+    assert noisy["through_origin"] and noisy["fixed_ms"] == 0.0
+    assert noisy["per_layer_ms"] == pytest.approx((10 + 80 + 320) / 21) and noisy["extrapolated_ms"] > 0
     costs = {"own_layers": 2, "prefill": fit, "decode_step": {"1": fit}}
     assert S.scale_factors(costs) == {"prefill": pytest.approx(13.0), "decode_step": {"1": pytest.approx(13.0)}}
 
