@@ -45,6 +45,8 @@ export function askTab(root, info) {
       problem.hidden = false;
       return;
     }
+    // the previous answers are stale from now on (and a script waiting for "done" must not see them)
+    results.dataset.state = "running";
     running?.abort();
     running = new AbortController();
     askButton.disabled = true;
