@@ -191,38 +191,10 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
 
 def graph_decode_step(model, cache, inputs_embeds, lengths, longest: int):
     """``core.kv_slots.decode_step`` with the attended length ``longest`` given instead of read from
-    ``lengths`` (a host sync, which a CUDA graph cannot hold): the same modules, in the same order."""
-    import torch
-    import torch.nn.functional as F
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    ``lengths`` (a host sync, which a CUDA graph cannot hold)."""
+    from mofserve.core.kv_slots import decode_step  # lazy: torch + transformers, in this stage's process only
 
-    with torch.inference_mode():
-        batch = inputs_embeds.shape[0]
-        body = model.model
-        rows = torch.arange(batch, device=lengths.device)
-        mask = (torch.arange(longest, device=lengths.device)[None, :] <= lengths[:, None])[:, None, None, :]
-        hidden = inputs_embeds
-        cos, sin = body.rotary_emb(hidden, lengths[:, None])
-        for index, layer in enumerate(body.layers):
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            attn = layer.self_attn
-            q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys, values = cache.keys[index], cache.values[index]
-            keys[rows, :, lengths] = k[:, :, 0]
-            values[rows, :, lengths] = v[:, :, 0]
-            k_all, v_all = keys[:batch, :, :longest], values[:batch, :, :longest]
-            groups = q.shape[1] // k_all.shape[1]
-            if groups > 1:
-                k_all, v_all = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
-            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = body.norm(hidden)
-        return model.lm_head(hidden[:, -1]).float()
+    return decode_step(model, cache, inputs_embeds, lengths, longest)
 
 
 def step_inputs(vlm, batch: int, context: int):

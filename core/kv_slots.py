@@ -104,17 +104,21 @@ def _layers(cache):
 
 
 @torch.inference_mode()
-def decode_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def decode_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: torch.Tensor,
+                longest: int | None = None) -> torch.Tensor:
     """Logits ``[B, vocab]`` (float32) of one new position for the sequences in slots ``0..B-1``.
 
     ``inputs_embeds`` ``[B, 1, H]`` is each sequence's next input (its last token's embedding, or
     the last prompt position right after prefill); ``lengths`` ``[B]`` (long, on the model's
     device) its positions so far, where the new K/V are written. The caller advances lengths.
+    ``longest`` (default ``max(lengths) + 1``, read from the device) fixes the attended length, so a
+    caller that knows it avoids that host sync (a CUDA graph cannot hold one).
     """
     batch = inputs_embeds.shape[0]
     body = model.model
     rows = torch.arange(batch, device=lengths.device)
-    longest = int(lengths.max()) + 1
+    if longest is None:
+        longest = int(lengths.max()) + 1
     # position j of row b is visible iff j <= lengths[b] (its past and the new position)
     mask = (torch.arange(longest, device=lengths.device)[None, :] <= lengths[:, None])[:, None, None, :]
     hidden = inputs_embeds

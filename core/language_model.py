@@ -304,17 +304,24 @@ class VisualLanguageModel:
             scores.append(float(logprobs[torch.arange(len(ids)), torch.tensor(ids)].mean()))
         return scores
 
-    def answer(self, visual_tokens, question: str, options: str | None = None, *,
-               max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Answer:
-        """Generate an answer and, with options, the best-scored option's letter."""
-        sampling = self.sampling(max_new_tokens, temperature, top_p, seed)
+    def prepare(self, visual_tokens, question: str, options: str | None,
+                sampling: Sampling) -> tuple[Prompt, torch.Tensor, list[Option]]:
+        """The prompt, its ``[1, L, H]`` embeddings and the parsed options of one request, checked to
+        fit the context with its token limit (and its longest option): what every path runs first."""
         parsed = parse_options(options) if options is not None and options.strip() else []
         prompt = self.encode_prompt(question, options)
         embeds, _ = self.inputs_embeds(visual_tokens, prompt)
         visual = embeds.shape[1] - len(prompt.prefix_ids) - len(prompt.suffix_ids)
         longest_option = max((len(self.continuation_ids(prompt, o)) for o in parsed), default=0)
         self.check_room(prompt, visual, max(sampling.max_new_tokens, longest_option))
+        return prompt, embeds, parsed
+
+    def answer(self, visual_tokens, question: str, options: str | None = None, *,
+               max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Answer:
+        """Generate an answer and, with options, the best-scored option's letter."""
+        sampling = self.sampling(max_new_tokens, temperature, top_p, seed)
+        prompt, embeds, parsed = self.prepare(visual_tokens, question, options, sampling)
         cache = self.prefill(embeds)
         scores = self.score_options(embeds, prompt, parsed, cache) if parsed else []
         ids = self.generate(embeds, sampling, cache)

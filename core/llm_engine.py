@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conversation import Option, clean_answer, parse_options
+from .conversation import Option, clean_answer
 from .kv_slots import SlotCache, decode_step, geometry
 from .language_model import Prompt, Sampling, VisualLanguageModel
 
@@ -162,12 +162,7 @@ class LLMEngine:
                sampling: Sampling, emit: Callable[[Event], None]) -> None:
         """Queue one sequence; raises ValueError (field named) or CapacityError before queueing."""
         vlm = self.vlm
-        parsed = parse_options(options) if options is not None and options.strip() else []
-        prompt = vlm.encode_prompt(question, options)
-        embeds, _ = vlm.inputs_embeds(visual_tokens, prompt)
-        visual = embeds.shape[1] - len(prompt.prefix_ids) - len(prompt.suffix_ids)
-        longest_option = max((len(vlm.continuation_ids(prompt, o)) for o in parsed), default=0)
-        vlm.check_room(prompt, visual, max(sampling.max_new_tokens, longest_option))
+        prompt, embeds, parsed = vlm.prepare(visual_tokens, question, options, sampling)
         needed = embeds.shape[1] + sampling.max_new_tokens - 1
         if needed > self.geometry.slot_tokens:
             raise CapacityError(f"max_new_tokens: the prompt ({embeds.shape[1]} tokens) and {sampling.max_new_tokens} "

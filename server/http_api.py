@@ -45,6 +45,21 @@ _DEADLINE = web.RequestKey("mofserve_deadline", float)  # the admitted request's
 _OFFLOAD_BYTES = 1 << 20  # bodies above this are decoded in a worker thread, off the event loop
 
 
+def requested_timeout(header: str | None) -> float | None:
+    """The request's ``X-Request-Timeout`` in seconds (None: not sent); a value that is not a
+    positive number is the caller's error (400)."""
+    if header is None:
+        return None
+    try:
+        requested = float(header)
+    except ValueError:
+        requested = math.nan
+    if not (math.isfinite(requested) and requested > 0):
+        raise P.ProtocolError(400, f"{REQUEST_TIMEOUT_HEADER.lower()}: must be a positive number of seconds, "
+                                   f"got {header!r}")
+    return requested
+
+
 def default_max_body_bytes(max_image_bytes: int) -> int:
     """A body that can carry the largest allowed image base64-encoded, plus 1 MiB for the rest."""
     return (max_image_bytes + 2) // 3 * 4 + (1 << 20)
@@ -178,17 +193,11 @@ class _Frontend:
         """``chat_completions`` under admission control: a slot (or a fast 429 with ``Retry-After``
         before the body is read) and the request's deadline (``X-Request-Timeout``, clamped, or the
         default), which bounds the queue wait and the Triton call (504 when it passes)."""
-        header = request.headers.get(REQUEST_TIMEOUT_HEADER)
-        requested = None
-        if header is not None:
-            try:
-                requested = float(header)
-            except ValueError:
-                requested = math.nan
-            if not (math.isfinite(requested) and requested > 0):
-                self._count("chat.completions", "", "invalid_argument")
-                return error_response(P.ProtocolError(
-                    400, f"{REQUEST_TIMEOUT_HEADER.lower()}: must be a positive number of seconds, got {header!r}"))
+        try:
+            requested = requested_timeout(request.headers.get(REQUEST_TIMEOUT_HEADER))
+        except P.ProtocolError as error:
+            self._count("chat.completions", "", error.reason)
+            return error_response(error)
         try:
             async with self.admission.admit(requested, "http") as deadline:
                 request[_DEADLINE] = deadline

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +15,7 @@ from aiohttp import web
 from mofserve.server import openai_protocol as P
 from mofserve.server.admission import Admission, remaining, retry_after
 from mofserve.server.engine import EngineError, TritonEngine
-from mofserve.server.http_api import default_max_body_bytes, error_response
+from mofserve.server.http_api import REQUEST_TIMEOUT_HEADER, default_max_body_bytes, error_response, requested_timeout
 from mofserve.server.metrics import FrontendMetrics
 
 from . import protocol, serving
@@ -24,7 +23,6 @@ from . import protocol, serving
 log = logging.getLogger(__name__)
 PATH = "/v1/mofserve/similarity"
 METHOD = "similarity"
-TIMEOUT_HEADER = "X-Request-Timeout"
 #: the engine names an image of the pair by its place in the body (data, ``EngineError.field``)
 _IMAGE_PARAMS = {f"images[{i}]": f"images[{i}]" for i in range(2)}
 
@@ -58,18 +56,9 @@ def add_similarity_routes(app: web.Application, engine: TritonEngine, metrics: F
         max_body_bytes = default_max_body_bytes(engine.limits.max_image_bytes)
 
     async def handle(request: web.Request) -> web.Response:
-        header = request.headers.get(TIMEOUT_HEADER)
         with metrics.track("http", METHOD) as outcome:
             try:
-                requested = None
-                if header is not None:
-                    try:
-                        requested = float(header)
-                    except ValueError:
-                        requested = math.nan
-                    if not (math.isfinite(requested) and requested > 0):
-                        raise P.ProtocolError(400, f"{TIMEOUT_HEADER.lower()}: must be a positive number of "
-                                                   f"seconds, got {header!r}")
+                requested = requested_timeout(request.headers.get(REQUEST_TIMEOUT_HEADER))
                 async with admission.admit(requested, "http") as deadline:
                     body = await read_json(request, max_body_bytes)
                     parsed = protocol.parse_request(body, engine.limits)
