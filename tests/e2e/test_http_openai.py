@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -157,9 +158,29 @@ def test_stream_errors_before_the_first_chunk_keep_their_status(port):
     assert payload["message"].startswith("image:") and payload["param"] == "messages[0].content[1].image_url.url"
 
 
+def stream_times(port: int, body: dict) -> tuple[float, float]:
+    """Seconds to the first SSE data frame and to the end of the stream, for ``body``."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        started = time.monotonic()
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        first = None
+        while line := response.readline():
+            if first is None and line.startswith(b"data: "):
+                first = time.monotonic() - started
+        return first or 0.0, time.monotonic() - started
+    finally:
+        connection.close()
+
+
 def test_an_error_after_the_stream_began_is_an_error_event(port):
-    # 512 tokens take well over a second; the deadline passes after the first chunks
-    status, frames = sse_frames(port, chat_body(stream=True, max_tokens=512), {"X-Request-Timeout": "1.0"})
+    # a deadline half-way between this machine's first chunk and the end of a 512-token answer
+    # (a fixed 1 s was flaky: on a quiet machine the tiny LM writes 512 tokens in under a second)
+    body = chat_body(stream=True, max_tokens=512)
+    first, total = stream_times(port, body)
+    status, frames = sse_frames(port, body, {"X-Request-Timeout": f"{(first + total) / 2:.3f}"})
     assert status == 200 and frames[0].startswith("data: ")
     assert "data: [DONE]" not in frames
     event, data = frames[-1].split("\n")
