@@ -26,18 +26,17 @@ bf16 alone would give a user), the all-request p50 at c=1 over the exported p50.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage
 from mofserve.core.profiles import get_profile
 
-from .frontend import cpu_snapshot, cpu_usage
-from .load_common import Progress
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline
 from .stats import latency_summary, sample_modes, stage_means
+from .workload import Progress
 
 BASELINES = ("eager", "eager-bf16", "exported")
 DEFAULT_BASELINE_REQUESTS = 8
@@ -47,7 +46,6 @@ C4_TARGET = 1.0  # small: throughput at concurrency 4 >= at concurrency 1
 DECODE_SCALING_TARGET = 3.5  # paper-shaped: decode tokens/s at 8 streams >= 3.5x at 1
 DECODE_STREAMS = 8
 TTFT_TARGET = 1.10  # paper-shaped: TTFT p50 at c=1 <= 1.1x the in-process path to the first token
-TICKS_PER_S = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 def baseline_plan(config, count: int | None = None) -> list[tuple[int, str]]:

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,8 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from mofserve.core.logs import configure_logging
+from mofserve.core.machine import git_commit, load_average
+from mofserve.core.machine import machine_info as core_machine_info
 from mofserve.core.preprocessing import preprocess_bytes
 from mofserve.core.profiles import Profile, add_profile_arguments, get_profile, profile_from_args
+from mofserve.core.reports import write_json
 from mofserve.core.runtime import OnnxRunner
 from mofserve.core.samples import SAMPLE_PHOTOS, sample_photos
 
@@ -291,62 +291,6 @@ def format_ceilings(by_size: Mapping[str, Mapping[int, float]], threads: int) ->
 # Machine
 
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return platform.processor() or "unknown"
-    for line in cpuinfo.splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_flags(cpuinfo: str | None = None) -> list[str]:
-    """The matmul-relevant ISA flags this CPU advertises."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return []
-    for line in cpuinfo.splitlines():
-        if line.lower().startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-            return [f for f in wanted if f in flags]
-    return []
-
-
-def git_commit(root: Path | None = None) -> str | None:
-    """The checkout's commit, read from ``.git`` files (no git process); None if not a checkout."""
-    root = root or Path(__file__).resolve().parents[1]
-    git = root / ".git"
-    try:
-        if git.is_file():  # worktree / submodule: "gitdir: <path>"
-            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(":", 1)[1].strip()
-        for base in (git, _common_dir(git)):
-            if (base / ref).is_file():
-                return (base / ref).read_text().strip()
-            packed = base / "packed-refs"
-            if packed.is_file():
-                for line in packed.read_text().splitlines():
-                    if line.endswith(" " + ref):
-                        return line.split()[0]
-    except OSError:
-        return None
-    return None
-
-
-def _common_dir(git: Path) -> Path:
-    common = git / "commondir"
-    return (git / common.read_text().strip()).resolve() if common.is_file() else git
-
-
 def machine_info() -> dict:
     import onnxruntime
     import openvino
@@ -354,12 +298,8 @@ def machine_info() -> dict:
     import transformers
 
     return {
-        "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        **core_machine_info(),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -530,7 +470,7 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
     results: list[Measurement] = []
     encoders: dict[str, dict] = {}
     ceiling_runs = [first]
-    load = [_loadavg()]
+    load = [load_average()[0]]
     for step, config in enumerate(VISION_EXPORTS):
         if step:
             _logger.info("matmul ceiling (between encoders)")
@@ -538,7 +478,7 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
         got, info = bench_encoder(config, paths, profile, photos, batch_sizes, repeats, ceilings, threads=threads)
         results.extend(got)
         encoders[_encoder_label(config.model_name)] = info
-        load.append(_loadavg())
+        load.append(load_average()[0])
 
     _logger.info("matmul ceiling (end)")
     ceiling_runs.append(measure_matmul())
@@ -593,18 +533,9 @@ def main(profile=None, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, ou
             "recommendation_line": recommendation,
             "seconds": round(elapsed, 1),
         }
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=_json_default))
-        _logger.info(f"report -> {path}")
+        write_json(output, report)
+        _logger.info(f"report -> {output}")
     return 0
-
-
-def _loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
 
 
 def _tokens(shape: Mapping) -> int:
@@ -616,14 +547,6 @@ def _rescore(m: Measurement, flops_per_image: float, ceilings: Mapping[str, floa
     rate = gflops_per_second(flops_per_image, m.min_ms)
     return Measurement(**{**asdict(m), "gflops_per_s": rate,
                           "share_of_ceiling": rate / ceiling_for(m.precision, ceilings)})
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,38 +47,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import io
 import json
 import logging
 import math
-import os
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mofserve.benchmarks.encoders import git_commit, machine_info
 from mofserve.core import tensors as T
 from mofserve.core.feature_cache import content_key
 from mofserve.core.logs import configure_logging
+from mofserve.core.machine import (
+    TICKS_PER_S,
+    cpu_snapshot,
+    cpu_usage,
+    git_commit,
+    load_average,
+    machine_info,
+    versions,
+)
 from mofserve.core.preprocessing import preprocess_bytes
 from mofserve.core.profiles import Profile, add_profile_arguments, get_profile, profile_from_args
+from mofserve.core.reports import write_json
 from mofserve.core.samples import SAMPLE_PHOTOS, sample_photos
 
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline  # noqa: F401 (their home)
 from .stats import percentile
+from .workload import MAX_NEW_TOKENS, OPTIONS, QUESTION, VARIANT_SEED, distinct_variants
 
 _logger = logging.getLogger(__name__)
 
-QUESTION = "Is the dog facing left or right?"
-OPTIONS = "(a) Left (b) Right"
-MAX_NEW_TOKENS = 8
 DEFAULT_MODES = ("interleaved", "additive", "clip", "dinov2")
 PATHS = ("frontend", "direct", "inprocess")
 PATH_LABELS = {"frontend": "front-end (gRPC Ask)", "direct": "direct ensemble", "inprocess": "in-process"}
@@ -92,7 +96,6 @@ PAUSE_S = 0.1  # idle gap between requests: spinning runtime threads of one call
 DEFAULT_BUDGET_S = 480.0
 PHASE_SHARES = {"ask": 0.55, "compare": 0.28, "second_mode": 0.17}
 MIN_ROUNDS = 3
-VARIANT_SEED = 20261126
 STAGES = ("preprocess_ms", "clip_ms", "dinov2_ms", "fusion_ms", "llm_ms")
 ENCODERS = {"clip": ("clip",), "dinov2": ("dinov2",), "additive": ("clip", "dinov2"),
             "interleaved": ("clip", "dinov2")}
@@ -205,134 +208,6 @@ def default_rounds(requests: int, pairs: int) -> tuple[int, int]:
         return compare, 0
     second = max(3, math.ceil(requests / 2))
     return compare, pairs * math.ceil(second / pairs)
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    """Cumulative CPU time in clock ticks: the whole machine (``/proc/stat``) and this benchmark's
-    process tree (this process, Triton and its python-backend stubs)."""
-
-    busy: int  # user + nice + system + irq + softirq of every CPU
-    steal: int  # taken by the hypervisor from this guest
-    total: int  # busy + steal + idle + iowait
-    ours: int  # utime + stime of this process and all its live descendants
-    at: float  # time.monotonic()
-
-
-def cpu_usage(before: CpuSnapshot, after: CpuSnapshot, ticks_per_s: float) -> dict[str, float]:
-    """Average cores used between two snapshots: by the whole machine, by this benchmark and by
-    every other process (machine - ours; what the load average cannot separate), plus steal."""
-    seconds = after.at - before.at
-    if seconds <= 0 or ticks_per_s <= 0:
-        return {"seconds": 0.0, "busy_cores": math.nan, "ours_cores": math.nan, "others_cores": math.nan,
-                "steal_cores": math.nan}
-    cores = lambda ticks: ticks / ticks_per_s / seconds  # noqa: E731
-    busy, ours = cores(after.busy - before.busy), cores(after.ours - before.ours)
-    return {"seconds": round(seconds, 1), "busy_cores": round(busy, 2), "ours_cores": round(ours, 2),
-            "others_cores": round(max(busy - ours, 0.0), 2), "steal_cores": round(cores(after.steal - before.steal), 2)}
-
-
-def parse_proc_stat_cpu(line: str) -> tuple[int, int, int]:
-    """(busy, steal, total) ticks from the aggregate ``cpu`` line of ``/proc/stat``."""
-    fields = [int(v) for v in line.split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    busy = user + nice + system + irq + softirq  # guest time is already part of user
-    return busy, steal, busy + steal + idle + iowait
-
-
-def parse_pid_stat(text: str) -> tuple[int, int]:
-    """(ppid, utime + stime) from ``/proc/<pid>/stat`` (the command name may hold spaces and ')')."""
-    rest = text.rsplit(")", 1)[1].split()
-    return int(rest[1]), int(rest[11]) + int(rest[12])
-
-
-def tree_ticks(root: int, processes: Mapping[int, tuple[int, int]]) -> int:
-    """CPU ticks of ``root`` and all its descendants, from {pid: (ppid, ticks)}."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in processes.items():
-        children.setdefault(ppid, []).append(pid)
-    total, stack, seen = 0, [root], set()
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += processes.get(pid, (0, 0))[1]
-        stack.extend(children.get(pid, ()))
-    return total
-
-
-# --------------------------------------------------------------------------------------------
-# Pure helpers: deterministic image variants
-
-
-@dataclass(frozen=True)
-class VariantParams:
-    """One deterministic variant of a sample photo: a crop (fractions of the photo), an optional
-    horizontal flip and a colour jitter (PIL ImageEnhance factors; 1.0 leaves the photo as it is)."""
-
-    photo: int  # index into the photos
-    left: float
-    top: float
-    width: float  # fraction of the photo's width
-    height: float
-    flip: bool
-    brightness: float
-    contrast: float
-    saturation: float
-
-
-def variant_params(index: int, photos: int, seed: int = VARIANT_SEED) -> VariantParams:
-    """Parameters of variant ``index`` (the same for the same index and seed, on any machine)."""
-    if photos < 1 or index < 0:
-        raise ValueError(f"variant_params: need photos >= 1 and index >= 0, got {photos}, {index}")
-    rng = np.random.default_rng([seed, index])
-    width, height = (float(v) for v in rng.uniform(0.55, 0.95, size=2))
-    left = float(rng.uniform(0.0, 1.0 - width))
-    top = float(rng.uniform(0.0, 1.0 - height))
-    brightness, contrast, saturation = (float(v) for v in rng.uniform(0.8, 1.2, size=3))
-    return VariantParams(index % photos, left, top, width, height, bool((index // photos) % 2), brightness,
-                         contrast, saturation)
-
-
-def make_variant(photo: bytes, params: VariantParams, fmt: str = "JPEG") -> bytes:
-    """The encoded bytes of ``photo`` cropped, flipped and colour-jittered as ``params`` says."""
-    from PIL import Image, ImageEnhance
-
-    with Image.open(io.BytesIO(photo)) as opened:
-        image = opened.convert("RGB")
-    w, h = image.size
-    box = (round(params.left * w), round(params.top * h), round((params.left + params.width) * w),
-           round((params.top + params.height) * h))
-    image = image.crop(box)
-    if params.flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    image = ImageEnhance.Brightness(image).enhance(params.brightness)
-    image = ImageEnhance.Contrast(image).enhance(params.contrast)
-    image = ImageEnhance.Color(image).enhance(params.saturation)
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def distinct_variants(photos: Sequence[bytes], count: int, key: Callable[[bytes], bytes] | None = None,
-                      seed: int = VARIANT_SEED) -> list[bytes]:
-    """``count`` variants whose ``key`` (default: the bytes themselves; the benchmark uses the digest
-    of the preprocessed pixels, which is what the encoders' feature cache keys on) all differ."""
-    key = key or (lambda data: data)
-    out: list[bytes] = []
-    seen: set[bytes] = set()
-    index = 0
-    while len(out) < count:
-        if index > 4 * count + 100:
-            raise RuntimeError(f"distinct_variants: only {len(out)} distinct variants in {index} tries")
-        data = make_variant(photos[index % len(photos)], variant_params(index, len(photos), seed))
-        index += 1
-        k = key(data)
-        if k not in seen:
-            seen.add(k)
-            out.append(data)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,47 +533,6 @@ def format_report(report: Mapping) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Machine and versions
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in ("mofserve", "torch", "transformers", "onnxruntime", "openvino", "tritonclient", "nvidia-pytriton",
-                 "grpcio", "protobuf", "numpy", "pillow"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (OSError, AttributeError):
-        return [math.nan] * 3
-
-
-def cpu_snapshot() -> CpuSnapshot | None:
-    """Now's ``CpuSnapshot`` (None where ``/proc`` is not there)."""
-    try:
-        with open("/proc/stat") as f:
-            busy, steal, total = parse_proc_stat_cpu(f.readline())
-    except OSError:
-        return None
-    processes: dict[int, tuple[int, int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                processes[int(entry.name)] = parse_pid_stat((entry / "stat").read_text())
-            except (OSError, IndexError, ValueError):
-                continue  # it exited meanwhile
-    return CpuSnapshot(busy, steal, total, tree_ticks(os.getpid(), processes), time.monotonic())
-
-
-
-
-# --------------------------------------------------------------------------------------------
 # The three paths
 
 
@@ -953,8 +787,7 @@ def pool_main(reports: Sequence[Path | str], output: Path | str | None = None) -
 
 
 def _write(report: Mapping, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(report), indent=2, default=_json_default, allow_nan=False))
+    write_json(path, report)
     _logger.info(f"report -> {path}")
 
 
@@ -1017,7 +850,6 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
                      f"{bench.inprocess.precision}); Triton {triton_version}")
         load["serving"] = load_average()
 
-        ticks = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
         cpu: dict[str, dict[str, float]] = {}
 
         def phase(name: str, work: Callable[[], Any]) -> Any:
@@ -1026,7 +858,7 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
             after = cpu_snapshot()
             load[f"after_{name}"] = load_average()
             if before is not None and after is not None:
-                cpu[name] = cpu_usage(before, after, ticks)
+                cpu[name] = cpu_usage(before, after, TICKS_PER_S)
             _logger.info(f"{name} phase in {time.perf_counter() - t0:.0f} s; cores used: {cpu.get(name)}")
             return result
 
@@ -1087,25 +919,6 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
     if output is not None:
         _write(report, Path(output))
     return 0
-
-
-def json_safe(value):
-    """``value`` with NaN / inf floats as None (strict JSON), recursively."""
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def _json_default(value):
-    if isinstance(value, np.floating | np.integer):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

@@ -61,7 +61,6 @@ from mofserve.benchmarks.gpu_check_common import (  # noqa: F401 (BATCHES...: th
     Settings,
     StageSkipped,
     _device,
-    _json_default,
     check_profile,
     log,
     measure_matmul,

@@ -5,7 +5,6 @@ imports none of them, so that a stage imports only this and what it runs."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -23,6 +22,7 @@ from mofserve.core.profiles import (
     artifacts_dir,
     get_profile,
 )
+from mofserve.core.reports import write_json
 
 BATCHES = (1, 8, 32, 64)
 ENCODERS = ("clip_vision", "dinov2_vision")
@@ -139,7 +139,7 @@ class Part:
 
     def update(self, **values) -> None:
         self.data.update(values)
-        self.path.write_text(json.dumps(self.data, indent=2, default=_json_default))
+        write_json(self.path, self.data)
 
 
 def _device(settings: Settings):
@@ -148,11 +148,3 @@ def _device(settings: Settings):
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise StageSkipped("no CUDA device: torch.cuda.is_available() is False")
     return torch.device(settings.device)
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)

@@ -4,12 +4,12 @@ short table printed last."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from mofserve.benchmarks import gpu_check_llm
-from mofserve.benchmarks.gpu_check_common import ENCODERS, TARGET_SHARE, _json_default
+from mofserve.benchmarks.gpu_check_common import ENCODERS, TARGET_SHARE
+from mofserve.core.reports import write_json, write_text
 
 
 def merge_part(report: dict, stage: str, data: Mapping) -> None:
@@ -131,6 +131,6 @@ def format_markdown(report: Mapping) -> str:
 
 
 def write_report(report: Mapping, out: Path) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "gpu_check.md").write_text(format_markdown(report))
+    write_json(out / "gpu_check.json", report)
+    write_text(out / "gpu_check.md", format_markdown(report))
 

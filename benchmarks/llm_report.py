@@ -13,13 +13,10 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage, git_commit, load_average, machine_info, versions
 from mofserve.core.profiles import PROFILE_NAMES, get_profile
 
 from . import llm_stage as S
-from .encoders import git_commit
-from .frontend import cpu_snapshot, cpu_usage, load_average, versions
-from .load import TICKS_PER_S
-from .report import machine_info
 
 WAYS = (("engine_batched", "LLMEngine, all submitted at once"),
         ("engine_one_at_a_time", "LLMEngine, max_sequences 1 (one at a time)"),

@@ -16,7 +16,7 @@ Each point first runs ``--warmup`` seconds at the same load (not recorded), then
 and counted); every request has a ``--timeout``. Only the address given is contacted.
 
 Every request draws its fusion mode from ``--mix`` and its image from a pool of deterministic
-variants (crops, flips, colour jitter; ``benchmarks.frontend.make_variant``) of the real
+variants (crops, flips, colour jitter; ``benchmarks.workload.make_variant``) of the real
 scikit-image photos of ``mofserve.core.samples``: with probability ``--repeat-ratio`` an image
 already sent (its encoder features are then in the server's feature cache), else a new one. The
 pool is shared by all points, so an image is fresh only once per run.
@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import datetime as _dt
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -47,6 +46,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage
 from mofserve.core.profiles import PROFILE_NAMES
 
 from . import perf_analyzer
@@ -60,9 +60,7 @@ from .baselines import (  # noqa: F401 (re-exported: tests and reports read them
     run_baseline,
     run_baselines,
 )
-from .frontend import MAX_NEW_TOKENS, OPTIONS, QUESTION, cpu_snapshot, cpu_usage
 from .llm_stage import measure_for_load
-from .load_common import ImagePool, Progress
 from .report import build_report, format_markdown, write_report
 from .serve_process import ServeProcess, parse_ready, triton_grpc_address, triton_metrics_url  # noqa: F401
 from .stats import (
@@ -77,6 +75,7 @@ from .stats import (
     triton_delta,
 )
 from .transports import GrpcTransport, HttpTransport, RequestFailed, make_transport  # noqa: F401
+from .workload import MAX_NEW_TOKENS, OPTIONS, QUESTION, ImagePool, Progress
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8)
 DEFAULT_DURATION_S = 10.0
@@ -84,7 +83,6 @@ MAX_POINT_S = 600.0  # a point started with --requests only stops after this lon
 DEFAULT_TIMEOUT_S = 60.0
 MAX_IN_FLIGHT = 256
 FIRST_POOL = 32  # images made before the first point; later points top up from the rate seen
-TICKS_PER_S = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ class LoadConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# The load loops (the images: load_common.ImagePool)
+# The load loops (the images: workload.ImagePool)
 
 
 class LoadRunner:

@@ -55,14 +55,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mofserve.core import tensors as T
+from mofserve.core.machine import git_commit, load_average, machine_info, versions
 from mofserve.core.profiles import PROFILE_NAMES
 
-from .encoders import git_commit
-from .frontend import MAX_NEW_TOKENS, OPTIONS, QUESTION, load_average, versions
-from .load_common import ImagePool
-from .report import format_markdown, machine_info, write_report
+from .report import format_markdown, write_report
 from .serve_process import ServeProcess
 from .stats import parse_prometheus, triton_delta
+from .workload import MAX_NEW_TOKENS, OPTIONS, QUESTION, ImagePool
 
 _logger = logging.getLogger(__name__)
 
@@ -575,7 +574,7 @@ def build_report(section: Mapping, triton_grpc: str, profile: str | None) -> dic
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "target": f"grpc://{triton_grpc}", "transport": "triton-grpc", "server": {"profile": profile},
             "machine": machine_info(), "load_average_end": load_average(),
-            "versions": {k: v for k, v in versions().items() if k in ("mofserve", "tritonclient", "nvidia-pytriton")},
+            "versions": versions(("mofserve", "tritonclient", "nvidia-pytriton")),
             "git_commit": git_commit(), "points": [], "perf_analyzer": dict(section)}
 
 

@@ -29,9 +29,8 @@ from mofserve.core import tensors as T
 from mofserve.core.preprocessing import preprocess_bytes
 from mofserve.core.runtime import OnnxRunner
 
-QUESTION = "Is the dog facing left or right?"
-OPTIONS = "(a) Left (b) Right"
-MAX_NEW_TOKENS = 8
+from .workload import MAX_NEW_TOKENS, OPTIONS, QUESTION
+
 STAGES = ("preprocess_ms", "clip_ms", "dinov2_ms", "fusion_ms", "llm_ms")
 ENCODERS = {"clip": ("clip",), "dinov2": ("dinov2",), "additive": ("clip", "dinov2"),
             "interleaved": ("clip", "dinov2")}

@@ -12,29 +12,22 @@ every point with its raw records), a Markdown table and PNG plots (matplotlib, A
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from mofserve.core.machine import git_commit, load_average, machine_info, versions
+from mofserve.core.reports import write_json, write_text
+
 from .baselines import baseline_ratios, point_targets, target_rows
-from .encoders import cpu_flags, cpu_model, git_commit
-from .frontend import load_average, versions
 from .load_tables import format_baseline_table, format_targets, token_sections
 from .stats import PERCENTILES, stage_means
 
 STACK = (("preprocess_ms", "preprocess"), ("encoders_ms", "encoders (max of CLIP, DINOv2)"),
          ("fusion_ms", "fusion"), ("llm_ms", "LLM"))
-
-
-def machine_info() -> dict:
-    return {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def build_report(config, server: Mapping, points: Sequence[Mapping], began: float | None = None,
@@ -50,8 +43,7 @@ def build_report(config, server: Mapping, points: Sequence[Mapping], began: floa
         "server": dict(server),
         "machine": machine_info(),
         "load_average_end": load_average(),
-        "versions": {k: v for k, v in versions().items()
-                     if k in ("mofserve", "grpcio", "protobuf", "numpy", "pillow")} | _extra_versions(),
+        "versions": versions(("mofserve", "grpcio", "protobuf", "numpy", "pillow", "aiohttp", "matplotlib")),
         "git_commit": git_commit(),
         # what changes the served stack's behaviour from outside (the server inherits it with --serve)
         "environment": {k: v for k, v in sorted(os.environ.items())
@@ -71,18 +63,6 @@ def build_report(config, server: Mapping, points: Sequence[Mapping], began: floa
     if layers:
         report["llm_layers"] = dict(layers)
     return report
-
-
-def _extra_versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in ("aiohttp", "matplotlib"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _stage_rows(rows: Sequence[Mapping]) -> dict[str, float]:
@@ -402,31 +382,12 @@ def _plots(report: Mapping, out: Path) -> list[Path]:
     return written
 
 
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _nan_to_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    return value
-
-
 def write_report(report: Mapping, out: Path | str, plots: bool = True) -> list[Path]:
     """report.json (NaN written as null), report.md and, unless ``plots`` is false, the PNGs."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json", out / "report.md"]
-    written[0].write_text(json.dumps(_nan_to_none(report), indent=1, default=_json_default) + "\n")
-    written[1].write_text(format_markdown(report) + "\n")
+    write_json(written[0], report, indent=1)
+    write_text(written[1], format_markdown(report) + "\n")
     if plots:
         written += _plots(report, out)
     return written

@@ -28,8 +28,11 @@ from pathlib import Path
 
 from mofserve.core.profiles import PROFILE_NAMES
 
-from .load import ImagePool, LoadConfig, LoadRunner, ServeProcess, make_transport, parse_target
+from .load import LoadConfig, LoadRunner, parse_target
+from .serve_process import ServeProcess
 from .stats import DEFAULT_MIX, parse_mix, summarise_point
+from .transports import make_transport
+from .workload import ImagePool
 
 MIB = 1 << 20
 STUB = "triton_python_backend_stub"

@@ -46,20 +46,12 @@ from tqdm import tqdm
 from mofserve.clients import ALL_MODES, DEFAULT_TARGET, AsyncMofServeClient, MofServeError
 from mofserve.clients.results import AskResult, Provenance, ServerInfo
 from mofserve.core.conversation import answer_to_letter, parse_options
+from mofserve.core.machine import machine_info
+from mofserve.core.reports import markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
 
+from .checkpoint import JsonlCheckpoint
 from .datasets import LABEL_FIX_PAIRS, LabelFixes, MMVPDataset, MMVPItem, load_mmvp
 from .judge import JUDGE_SYSTEM, JUDGE_TEMPERATURE, JudgeClient, judge_question, parse_judge_reply, verdict_correct
-from .reports import (
-    JsonlCheckpoint,
-    machine_info,
-    markdown_table,
-    now_iso,
-    pct,
-    timestamped_dir,
-    write_csv,
-    write_json,
-    write_text,
-)
 
 ANSWERS_JSONL = "answers.jsonl"
 JUDGEMENTS_JSONL = "judgements.jsonl"

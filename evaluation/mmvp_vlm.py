@@ -46,10 +46,11 @@ from typing import Any
 import numpy as np
 
 from mofserve.clients import DEFAULT_TARGET, AsyncMofServeClient, MofServeError
+from mofserve.core.machine import machine_info
+from mofserve.core.reports import markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
 
 from .datasets import DatasetError, check_image, display_path, find_csv, open_csv
 from .mmvp import check_client_settings, positive_int
-from .reports import machine_info, markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
 
 # The nine visual patterns in the paper's (and the official script's) order, and what folders and
 # CSV Types may call them. The released CSV's Types are the short names (Orientation, Presence,

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mofserve.benchmarks.load import ImagePool, LoadConfig, parse_target, run_load
+from mofserve.benchmarks.load import LoadConfig, parse_target, run_load
 from mofserve.benchmarks.report import format_markdown, write_report
+from mofserve.benchmarks.workload import ImagePool
 from mofserve.server.grpc_service import build_grpc_server
 from mofserve.server.http_api import build_http_app, start_http
 

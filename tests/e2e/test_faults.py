@@ -22,15 +22,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from mofserve.benchmarks.load import (
-    ImagePool,
-    LoadConfig,
-    RequestFailed,
-    ServeProcess,
-    make_transport,
-    parse_target,
-)
+from mofserve.benchmarks.load import LoadConfig, parse_target
+from mofserve.benchmarks.serve_process import ServeProcess
 from mofserve.benchmarks.soak import service_processes
+from mofserve.benchmarks.transports import RequestFailed, make_transport
+from mofserve.benchmarks.workload import ImagePool
 
 from .test_serve import _healthz
 

@@ -85,7 +85,7 @@ def test_mmvp_eval_writes_every_output_and_a_rerun_resumes_without_asking_again(
     assert [m["key"] for m in report["modes"]] == ["clip", "additive:0.5"] and report["modes"][1]["alpha"] == 0.5
     assert report["labels"]["sets"] == ["raw", "fixed"]
     assert report["labels"]["fixes"]["changes"] == [] and len(report["labels"]["fixes"]["skipped"]) == 2
-    assert report["machine"]["cpu_count"] and report["settings"]["max_new_tokens"] == 8
+    assert report["machine"]["logical_cpus"] and report["settings"]["max_new_tokens"] == 8
     assert report["run"]["requests"] == 7 and report["run"]["reused_answers"] == 0
     for key in ("clip", "additive:0.5"):
         scores = report["scores"]["raw"][key]

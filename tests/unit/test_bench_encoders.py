@@ -220,20 +220,3 @@ def test_tables_and_recommendation_line():
     assert line.startswith("Recommendation:") and "ServingSpec.runtime = 'openvino'" in line
 
 
-def test_machine_helpers_parse_cpuinfo():
-    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx2 fma avx512f amx_bf16\n"
-    assert bench.cpu_model(cpuinfo) == "Some CPU @ 2.0GHz"
-    assert bench.cpu_flags(cpuinfo) == ["avx2", "fma", "avx512f", "amx_bf16"]
-
-
-def test_git_commit_reads_refs_without_git(tmp_path):
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    git = tmp_path / ".git"
-    (git / "refs" / "heads").mkdir(parents=True)
-    (git / "HEAD").write_text("ref: refs/heads/main\n")
-    (git / "refs" / "heads" / "main").write_text(sha + "\n")
-    assert bench.git_commit(tmp_path) == sha
-    (git / "refs" / "heads" / "main").unlink()
-    (git / "packed-refs").write_text(f"# pack-refs\n{sha} refs/heads/main\n")
-    assert bench.git_commit(tmp_path) == sha
-    assert bench.git_commit(tmp_path / "nowhere") is None

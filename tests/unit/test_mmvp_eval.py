@@ -19,10 +19,11 @@ from PIL import Image, ImageDraw
 
 from mofserve.cli import main
 from mofserve.clients import AskResult, Provenance, ServerInfo, Timings
+from mofserve.core.reports import markdown_table, write_csv
 from mofserve.evaluation import datasets as D
 from mofserve.evaluation import judge as J
 from mofserve.evaluation import mmvp as M
-from mofserve.evaluation.reports import JsonlCheckpoint, markdown_table, write_csv
+from mofserve.evaluation.checkpoint import JsonlCheckpoint
 
 NOTICE = "tiny profile: seeded random weights, answers are not meaningful"
 PROVENANCE = {"profile": "tiny", "random_weights": True, "model_versions": {}}
