@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mofserve.benchmarks.gpu_check_common import check_profile
 from mofserve.benchmarks.load import LoadConfig, parse_ready, parse_target, run_load, summary_rows
+from mofserve.core.reports import write_json, write_text
 from mofserve.server.launcher import TRITON_ROOT_ENV, TritonNotInstalledError, TritonServer, find_tritonserver
 
 MODES = ("clip", "dinov2", "additive", "interleaved")
@@ -67,9 +68,8 @@ def missing_pieces() -> list[str]:
 
 
 def _write(out: Path, report: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check_trt.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "gpu_check_trt.md").write_text(format_markdown(report))
+    write_json(out / "gpu_check_trt.json", report)
+    write_text(out / "gpu_check_trt.md", format_markdown(report))
 
 
 def stage_engines(report: dict, profile) -> object:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage, git_commit, load_average, machine_info, versions
 from mofserve.core.profiles import PROFILE_NAMES, get_profile
+from mofserve.core.reports import write_json, write_text
 
 from . import llm_stage as S
 
@@ -119,16 +119,6 @@ def format_report(report: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_safe(v) for v in value]
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mofserve.benchmarks.llm_stage", description=S.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,10 +212,9 @@ def main(argv=None) -> int:
                 report["agreement"][name] = {"error": f"{type(error).__name__}: {error}"}
         report["load_average"]["agreement"] = load_average()
     report["load_average"]["end"] = load_average()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_safe(report), indent=1) + "\n")
+    write_json(out / "report.json", report, indent=1)
     text = format_report(report)
-    (out / "report.md").write_text(text + "\n")
+    write_text(out / "report.md", text + "\n")
     print(text)
     print(f"\nwritten: {out / 'report.json'}, {out / 'report.md'}")
     return 0

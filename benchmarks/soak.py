@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mofserve.core.profiles import PROFILE_NAMES
+from mofserve.core.reports import write_json, write_text
 
 from .load import LoadConfig, LoadRunner, parse_target
 from .serve_process import ServeProcess
@@ -289,10 +289,9 @@ def format_markdown(report: Mapping) -> str:
 
 
 def write_report(report: Mapping, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / "soak.json", out / "soak.md"]
-    paths[0].write_text(json.dumps({k: v for k, v in report.items()}, indent=1, default=str))
-    paths[1].write_text(format_markdown(report))
+    write_json(paths[0], report, indent=1)
+    write_text(paths[1], format_markdown(report))
     return paths
 
 

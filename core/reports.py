@@ -46,7 +46,7 @@ def write_text(path: Path | str, text: str) -> None:
 
 def json_safe(value: Any) -> Any:
     """``value`` as strict JSON data, recursively: NaN / inf floats as None, numpy scalars and
-    arrays as Python numbers and lists, paths as strings."""
+    arrays as Python numbers and lists, paths (and keys JSON has no form for) as strings."""
     if isinstance(value, np.ndarray):
         return json_safe(value.tolist())
     if isinstance(value, np.generic):
@@ -55,8 +55,9 @@ def json_safe(value: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, Mapping):  # keys JSON cannot hold (tuples, paths) as their str
+        return {k if k is None or isinstance(k, str | int | float | bool) else str(k): json_safe(v)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value

@@ -42,6 +42,7 @@ import numpy as np
 from mofserve.clients import AsyncMofServeClient
 from mofserve.clients.client import DEFAULT_TARGET, MofServeError
 from mofserve.core.preprocessing import ImageError, ImageLimits, decode_image
+from mofserve.core.reports import write_json
 
 from .embedding_cache import CacheLockedError, EmbeddingCache, FileStamp, model_key, sha256
 
@@ -712,7 +713,7 @@ def mine(options: MineOptions, client_factory: Callable[[str, float | None], Any
         "outputs": outputs,
         "peak_rss_mib": round(_peak_rss_mib(), 1),
     }
-    Path(outputs["summary_json"]).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(outputs["summary_json"], summary)
     exit_code = 0 if ok else 1  # nothing usable at all is a failed run (failed.csv says why)
     return MineReport(summary, pairs, failures, out, exit_code, outputs)
 
