@@ -38,9 +38,16 @@ class EngineError(Exception):
         return cls(code, f"{field}: {detail}", field)
 
 
-_TRITON_CODES = {"StatusCode.INVALID_ARGUMENT": "invalid_argument", "StatusCode.UNAVAILABLE": "unavailable",
-                 "StatusCode.DEADLINE_EXCEEDED": "deadline_exceeded", "StatusCode.NOT_FOUND": "not_found",
-                 "StatusCode.RESOURCE_EXHAUSTED": "resource_exhausted"}
+#: Triton's gRPC statuses (by name, as grpc.StatusCode names them) as engine codes: one table for
+#: the unary calls (tritonclient's "StatusCode.X") and the streams' failed RPCs (triton_stream).
+TRITON_STATUS_CODES = {"INVALID_ARGUMENT": "invalid_argument", "UNAVAILABLE": "unavailable",
+                       "DEADLINE_EXCEEDED": "deadline_exceeded", "NOT_FOUND": "not_found",
+                       "RESOURCE_EXHAUSTED": "resource_exhausted", "UNIMPLEMENTED": "internal"}
+
+
+def triton_status_code(status: str, default: str = "internal") -> str:
+    """The engine code of a Triton gRPC status ("StatusCode.NOT_FOUND" or "NOT_FOUND")."""
+    return TRITON_STATUS_CODES.get(status.removeprefix("StatusCode."), default)
 
 #: The request fields a Triton model names first when it refuses a value ("image: cannot decode ...").
 _REQUEST_FIELD = re.compile(r"^(?:image|question|options|alpha|max_new_tokens|temperature|top_p|seed|text|texts)"
@@ -65,7 +72,7 @@ def triton_error(message: str, status: str | None = None) -> EngineError:
     named = _REQUEST_FIELD.match(message)
     field = named.group(0) if named else None
     if status is not None:
-        code = _TRITON_CODES.get(status, "internal")
+        code = triton_status_code(status)
     elif field is not None:
         code = "invalid_argument"
     elif "unknown model" in message or " is not found" in message:

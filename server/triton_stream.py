@@ -43,7 +43,7 @@ from tritonclient.utils import serialize_byte_tensor
 
 from mofserve.core import tensors as T
 
-from .errors import EngineError
+from .errors import EngineError, triton_status_code
 
 LOGGER = logging.getLogger(__name__)
 
@@ -125,10 +125,6 @@ class StreamResponse:
 
 #: The status of a failed stream RPC (not of a response: those carry only text). Anything else,
 #: INTERNAL included (a reset connection when Triton dies mid-stream), is "unavailable": retry.
-_RPC_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument", grpc.StatusCode.NOT_FOUND: "not_found",
-              grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted", grpc.StatusCode.UNIMPLEMENTED: "internal"}
-
-
 def _response(message: service_pb2.ModelStreamInferResponse) -> StreamResponse:
     parameter = message.infer_response.parameters.get(FINAL_RESPONSE)
     final = bool(parameter is not None and parameter.bool_param)
@@ -193,7 +189,7 @@ class TritonStream:
             failure = EngineError("unavailable", f"triton: connection to {self.target} closed (Triton "
                                                  "restarted); retry")
         except grpc.aio.AioRpcError as error:  # Triton unreachable (UNAVAILABLE), or its stream failed
-            code = _RPC_CODES.get(error.code(), "unavailable")
+            code = triton_status_code(error.code().name, default="unavailable")
             failure = EngineError(code, f"triton: {error.details() or error.code().name} ({self.target})")
         except Exception as error:  # a channel closed before the call started, and the like
             failure = EngineError("unavailable", f"triton: not reachable at {self.target} ({error})")

@@ -17,7 +17,7 @@ from mofserve.core.profiles import get_profile
 from mofserve.core.tensors import FusionMode
 from mofserve.server.answers import ASK_OUTPUTS, Answer, Delta
 from mofserve.server.engine import EngineError, GenerationParams, Question, Selection, ServingInfo, TritonEngine
-from mofserve.server.errors import triton_error
+from mofserve.server.errors import triton_error, triton_status_code
 
 IMAGE = b"\x89PNG not decoded here"
 VQA = T.vqa_model(FusionMode.CLIP)
@@ -267,6 +267,15 @@ def test_a_unary_errors_status_gives_the_code_and_its_text_the_field():
     error = triton_error("in ensemble 'embed', image: cannot decode the image", "StatusCode.INVALID_ARGUMENT")
     assert (error.code, error.field, error.message) == ("invalid_argument", "image", "image: cannot decode the image")
     assert triton_error("boom", "StatusCode.UNAVAILABLE").field is None
+
+
+def test_unary_and_stream_statuses_map_through_one_table():
+    """tritonclient names a unary call's status "StatusCode.X"; a failed stream RPC gives grpc's
+    name "X" and, when the status says nothing known, the stream counts as unreachable."""
+    assert triton_status_code("StatusCode.NOT_FOUND") == triton_status_code("NOT_FOUND") == "not_found"
+    assert triton_status_code("StatusCode.DEADLINE_EXCEEDED") == "deadline_exceeded"
+    assert triton_status_code("DATA_LOSS") == "internal"
+    assert triton_status_code("DATA_LOSS", default="unavailable") == "unavailable"
 
 
 def test_the_answer_carries_the_effective_alpha():
