@@ -37,6 +37,24 @@ CACHE_METRIC = "mofserve_encoder_cache_total"
 CACHE_METRIC_HELP = "encoder feature-cache lookups by result"
 
 
+class CacheCounter:
+    """The hit / miss counters of one model's feature cache, as Triton custom metrics
+    (``mofserve_encoder_cache_total{model, result}`` on Triton's /metrics); call it with the counts
+    of a batch (``lookup_or_run``'s ``counted``). ``pb_utils`` is passed in because it exists only
+    inside a Triton Python stub; the family is kept on the counter because it must outlive its
+    metrics."""
+
+    def __init__(self, pb_utils: Any, model: str) -> None:
+        self.family = pb_utils.MetricFamily(name=CACHE_METRIC, description=CACHE_METRIC_HELP,
+                                            kind=pb_utils.MetricFamily.COUNTER)
+        self.hits = self.family.Metric(labels={"model": model, "result": "hit"})
+        self.misses = self.family.Metric(labels={"model": model, "result": "miss"})
+
+    def __call__(self, hits: int, misses: int) -> None:
+        self.hits.increment(hits)
+        self.misses.increment(misses)
+
+
 def content_key(row: np.ndarray) -> bytes:
     """Digest of one input row: dtype, shape and bytes."""
     h = hashlib.blake2b(digest_size=16)

@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from mofserve.core import tensors as T
-from mofserve.core.feature_cache import CACHE_METRIC, CACHE_METRIC_HELP, FeatureCache, TensorKeys, lookup_or_run
+from mofserve.core.feature_cache import CacheCounter, FeatureCache, TensorKeys, lookup_or_run
 from mofserve.export.torch_runtime import load_from_parameters
 from mofserve.model_repository.common import model_config, set_torch_threads
 
@@ -56,15 +56,7 @@ class TritonPythonModel:
         self.keys = TensorKeys()
         if self.cache.max_bytes and self.encoder.row_example is not None:
             self.keys(self.encoder.row_example.to(self.device))  # the key's weights go to the device now
-        # the family must outlive its metrics: keep it on the instance
-        self.metric_family = family = pb_utils.MetricFamily(name=CACHE_METRIC, description=CACHE_METRIC_HELP,
-                                                            kind=pb_utils.MetricFamily.COUNTER)
-        self.hit_metric = family.Metric(labels={"model": self.name, "result": "hit"})
-        self.miss_metric = family.Metric(labels={"model": self.name, "result": "miss"})
-
-    def _count(self, hits: int, misses: int) -> None:
-        self.hit_metric.increment(hits)
-        self.miss_metric.increment(misses)
+        self.count_cache = CacheCounter(pb_utils, self.name)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -96,7 +88,7 @@ class TritonPythonModel:
         try:
             batch = torch.cat([t.to(self.device) for t in inputs])  # one copy to the device; misses run from it
             result = lookup_or_run(self.cache, int(batch.shape[0]), keys=lambda: self.keys(batch),
-                                   run=lambda indices: self._run(batch, indices), counted=self._count)
+                                   run=lambda indices: self._run(batch, indices), counted=self.count_cache)
             start, built = 0, []
             for tensor in inputs:
                 stop = start + tensor.shape[0]

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mofserve.core import tensors as T
-from mofserve.core.feature_cache import CACHE_METRIC, CACHE_METRIC_HELP, FeatureCache, content_key, lookup_or_run
+from mofserve.core.feature_cache import CacheCounter, FeatureCache, content_key, lookup_or_run
 from mofserve.core.runtime import OnnxRunner
 from mofserve.model_repository.common import model_config
 
@@ -38,15 +38,7 @@ class TritonPythonModel:
         self.timing_names = [n for n in outputs if T.is_timing(n)]
         self.output_names = [n for n in outputs if n not in self.timing_names]  # the graph's outputs
         self.cache = FeatureCache(int(params.get("feature_cache_bytes", "0")))
-        # the family must outlive its metrics: keep it on the instance
-        self.metric_family = family = pb_utils.MetricFamily(name=CACHE_METRIC, description=CACHE_METRIC_HELP,
-                                                            kind=pb_utils.MetricFamily.COUNTER)
-        self.hit_metric = family.Metric(labels={"model": self.name, "result": "hit"})
-        self.miss_metric = family.Metric(labels={"model": self.name, "result": "miss"})
-
-    def _count(self, hits: int, misses: int) -> None:
-        self.hit_metric.increment(hits)
-        self.miss_metric.increment(misses)
+        self.count_cache = CacheCounter(pb_utils, self.name)
 
     def _run(self, rows: list, indices: list[int]) -> dict:
         batch = np.ascontiguousarray(np.stack([rows[i] for i in indices]))
@@ -58,7 +50,7 @@ class TritonPythonModel:
         rows = [row for array in arrays for row in array]
         try:
             result = lookup_or_run(self.cache, len(rows), keys=lambda: [content_key(row) for row in rows],
-                                   run=lambda indices: self._run(rows, indices), counted=self._count)
+                                   run=lambda indices: self._run(rows, indices), counted=self.count_cache)
         except Exception as error:  # a runtime failure fails these requests, never the model; nothing is cached
             message = f"{self.input_name}: {self.name} failed: {error}"
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
