@@ -1,7 +1,8 @@
 """What the GPU check (``benchmarks/gpu_check.py``) and its stage modules (``gpu_check_encoders``,
 ``gpu_check_llm``, ``gpu_check_serving``, ``gpu_check_report``) share: the settings, the plan, the
-stage's part file, ``StageSkipped``, the log, the check's profile and the measurement helpers. It
-imports none of them, so that a stage imports only this and what it runs."""
+stage's part file, ``StageSkipped``, the log, the check's profile and the measurement helpers, and
+the number formats a stage's log lines share with the report. It imports none of them, so that a
+stage imports only this and what it runs."""
 
 from __future__ import annotations
 
@@ -148,3 +149,18 @@ def _device(settings: Settings):
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise StageSkipped("no CUDA device: torch.cuda.is_available() is False")
     return torch.device(settings.device)
+
+
+# ---- number formats: a stage's log lines and the report (gpu_check_report) print alike ----
+
+
+def _params(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.0%}"

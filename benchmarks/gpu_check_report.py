@@ -1,14 +1,14 @@
 """The GPU check's report (``benchmarks/gpu_check.py``): stage parts merged into one report, the
 summary scored against the best measured bf16 rate, ``gpu_check.json`` / ``gpu_check.md`` and the
-short table printed last."""
+short table printed last. The llm stage's line and section are formatted here too, from its part
+alone: the report reads the stages' data and imports no stage module."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-from mofserve.benchmarks import gpu_check_llm
-from mofserve.benchmarks.gpu_check_common import ENCODERS, TARGET_SHARE
+from mofserve.benchmarks.gpu_check_common import ENCODERS, TARGET_SHARE, _ms, _params, _pct
 from mofserve.core.reports import write_json, write_text
 
 
@@ -83,10 +83,92 @@ def format_table(report: Mapping) -> str:
         best = max(serving["points"], key=lambda p: p["requests_per_s"])
         lines.append(f"serving: best {best['requests_per_s']:.1f} req/s ({best['model']}, c={best['concurrency']}, "
                      f"p50 {best['latency_ms']['p50']:.1f} ms)")
-    llm = gpu_check_llm.summary_line(report.get("llm", {}))
+    llm = llm_summary_line(report.get("llm", {}))
     if llm:
         lines.append(llm)
     return "\n".join(lines)
+
+
+def llm_summary_line(llm: dict) -> str | None:
+    """The short table's line: batch-1 decode and its HBM share, the batched ratios, the prefills."""
+    if not llm.get("model"):
+        return None
+    m = llm["model"]
+    parts = [f"llm ({m['layers']} layers, {_params(m['params'])}, {m['dtype']})"]
+    serial = llm.get("decode", {}).get("one_at_a_time")
+    if serial and "error" not in serial:
+        step, graph = llm.get("steps", {}).get("1", {}), llm.get("graphs", {}).get("1", {})
+        parts.append(f"1 seq {serial['tokens_per_s']:.1f} tok/s ({_ms(serial['full_batch_step_ms'])} ms/step, "
+                     f"{_pct(serial.get('hbm_share'))} of HBM; bare step {_ms(step.get('step_ms'))} ms, "
+                     f"{_pct(step.get('hbm_share'))}; CUDA graph {_ms(graph.get('step_ms'))} ms)")
+    for n, run in llm.get("decode", {}).get("batched", {}).items():
+        parts.append(f"{n} seqs: {run['error'][:80]}" if "error" in run else
+                     f"{n} seqs {run['tokens_per_s']:.1f} tok/s ({run['ratio']:.1f}x one at a time)")
+    prefill = ", ".join(f"{k}: {v['median_ms']:.0f} ms" for k, v in llm.get("prefill", {}).items())
+    if prefill:
+        parts.append(f"prefill {prefill}")
+    return "; ".join(parts)
+
+
+def llm_markdown(llm: dict) -> list[str]:
+    """The LLM section of ``gpu_check.md`` (none when the llm stage built no model)."""
+    if not llm.get("model"):
+        return []
+    m = llm["model"]
+    lines = [f"## LLM: in-flight batching engine ({m['layers']} layers x {m['hidden']}, {_params(m['params'])} "
+             f"parameters, {m['dtype']}, random weights)", "",
+             f"{m['card']}; weights {m['weight_bytes'] / 1e9:.2f} GB ({m['decode_weight_bytes'] / 1e9:.2f} GB read "
+             f"per decode step), K/V {m['kv_bytes_per_token'] / 2**20:.2f} MiB per position, attention "
+             f"{m['attention']}, built in {m['build_s']} s; HBM peak "
+             f"{_f_tb(m['hbm_peak_bytes_per_s'])}."]
+    if llm.get("cut_short"):
+        lines += ["", f"Cut short: {llm['cut_short']}."]
+    if llm.get("prefill"):
+        lines += ["", "| prefill positions | visual tokens | ms (median of 3) | TFLOP/s |", "|---|---|---|---|"]
+        lines += [f"| {p['prompt_tokens']} | {p['visual_tokens']} | {p['median_ms']:.1f} | {p['tflops_per_s']:.1f} |"
+                  for p in llm["prefill"].values()]
+    decode = llm.get("decode", {})
+    serial = decode.get("one_at_a_time")
+    if serial and "error" in serial:
+        lines += ["", f"Decode one at a time failed: {serial['error']}"]
+    elif serial:
+        lines += ["", f"Decode: {decode['new_tokens']} new tokens per sequence (greedy, no EOS), prompts of "
+                  f"{decode['prompt_tokens']} positions. One at a time: {serial['sequences']} sequences through "
+                  "`max_sequences=1`, its rate taken for any count (more sequences one at a time take "
+                  f"proportionally longer); its batch-1 step reaches {_pct(serial.get('hbm_share'))} of HBM "
+                  "bandwidth.", "",
+                  "| concurrent | batched tok/s | one at a time tok/s | ratio | ms/step at full batch | "
+                  "tok/s at full batch | ratio at full batch | greedy tokens as one at a time |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| 1 | {serial['tokens_per_s']:.1f} | {serial['tokens_per_s']:.1f} | 1.00 | "
+                  f"{_ms(serial['full_batch_step_ms'])} | {_f(serial['full_batch_tokens_per_s'])} | 1.00 | - |"]
+        for n, run in decode.get("batched", {}).items():
+            if "error" in run:
+                lines.append(f"| {n} | {run['error'][:100]} | | | | | | |")
+                continue
+            agree = run["agreement_with_one_at_a_time"]
+            lines.append(f"| {n} | {run['tokens_per_s']:.1f} | {serial['tokens_per_s']:.1f} | {run['ratio']:.2f} | "
+                         f"{_ms(run['full_batch_step_ms'])} | {_f(run['full_batch_tokens_per_s'])} | "
+                         f"{_f(run.get('full_batch_ratio'), '.2f')} | {agree['identical']}/{agree['sequences']} "
+                         f"(common start {agree['mean_common_prefix']:.1f}) |")
+    if llm.get("steps"):
+        graphs = llm.get("graphs", {})
+        lines += ["", "Bare `decode_step` (model only, no engine) at the prompt's context:", "",
+                  "| batch | ms/step | host enqueue ms | GB read | HBM share | CUDA graph ms/step | graph HBM share |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, s in llm["steps"].items():
+            g = graphs.get(key, {})
+            if "error" in s:
+                lines.append(f"| {key} | {s['error'][:100]} | | | | | |")
+                continue
+            graph = g.get("error", "")[:60] or _ms(g.get("step_ms"))
+            lines.append(f"| {key} | {s['step_ms']:.2f} | {s['enqueue_ms']:.2f} | {s['bytes_read'] / 1e9:.2f} | "
+                         f"{_pct(s['hbm_share'])} | {graph} | {_pct(g.get('hbm_share'))} |")
+    return [*lines, ""]
+
+
+def _f_tb(value) -> str:
+    return "unknown for this card" if value is None else f"{value / 1e12:.2f} TB/s"
 
 
 def format_markdown(report: Mapping) -> str:
@@ -107,7 +189,7 @@ def format_markdown(report: Mapping) -> str:
                              f" | {row['median_ms']:.2f} | {row['first_call_s']:.1f} | {row['gflops_per_s']:.0f} | "
                              f"{_f(row.get('share_of_ceiling'), '.1%')} |")
         lines.append("")
-    lines += gpu_check_llm.format_markdown(report.get("llm", {}))
+    lines += llm_markdown(report.get("llm", {}))
     serving = report.get("serving", {})
     if serving.get("points"):
         lines += ["## Serving (Triton, tokens_<mode>, closed loop)", "",

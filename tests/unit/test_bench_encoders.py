@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mofserve.benchmarks import encoders as bench
+from mofserve.benchmarks import encoders_report as report
 from mofserve.benchmarks.flops import (
     VitShape,
     swiglu_hidden,
@@ -166,12 +167,12 @@ def test_photo_batch_cycles_photos():
     assert [int(b[0, 0, 0]) for b in batch] == [0, 1, 2, 0, 1]
 
 
-def _m(runtime: str, encoder: str, batch: int, ms: float, cos: float = 1.0) -> bench.Measurement:
+def _m(runtime: str, encoder: str, batch: int, ms: float, cos: float = 1.0) -> report.Measurement:
     precision = runtime.rsplit("-", 1)[1]
-    return bench.Measurement(runtime, precision, encoder, batch, 3, ms, ms * 0.9, 1.0, 0.5, cos, cos)
+    return report.Measurement(runtime, precision, encoder, batch, 3, ms, ms * 0.9, 1.0, 0.5, cos, cos)
 
 
-def _results() -> list[bench.Measurement]:
+def _results() -> list[report.Measurement]:
     rows = []
     for batch, scale in ((1, 1.0), (8, 0.8)):
         for runtime, ms, cos in (("pytorch-fp32", 400, 1.0), ("pytorch-bf16", 150, 0.9999),
@@ -182,12 +183,16 @@ def _results() -> list[bench.Measurement]:
     return rows
 
 
+def test_the_reference_runtime_is_the_first_measured():
+    assert bench.RUNTIME_SPECS[0].label == report.REFERENCE
+
+
 def test_recommend_picks_fastest_acceptable_and_servable():
     results = _results()
-    overall = bench.recommend(results)
+    overall = report.recommend(results)
     assert overall["runtime"] == "pytorch-bf16"
     assert overall["per_batch"][1] == {"runtime": "pytorch-bf16", "median_ms": pytest.approx(300.0)}
-    servable = bench.recommend(results, candidates=bench.SERVABLE.values())
+    servable = report.recommend(results, candidates=report.SERVABLE.values())
     assert servable["runtime"] == "openvino-bf16"
     assert set(servable["total_median_ms"]) == {"onnxruntime-fp32", "openvino-bf16"}
 
@@ -195,7 +200,7 @@ def test_recommend_picks_fastest_acceptable_and_servable():
 def test_recommend_rejects_a_runtime_below_the_cosine_floor_at_any_batch():
     results = [m if not (m.runtime == "openvino-bf16" and m.batch == 8 and m.encoder == "dinov2")
                else _m("openvino-bf16", "dinov2", 8, m.median_ms, cos=0.998) for m in _results()]
-    servable = bench.recommend(results, candidates=bench.SERVABLE.values())
+    servable = report.recommend(results, candidates=report.SERVABLE.values())
     assert servable["runtime"] == "onnxruntime-fp32"
     assert "openvino-bf16" in servable["rejected"]
     assert servable["per_batch"][1]["runtime"] == "openvino-bf16"  # still fine at batch 1
@@ -204,19 +209,25 @@ def test_recommend_rejects_a_runtime_below_the_cosine_floor_at_any_batch():
 
 def test_recommend_requires_both_encoders():
     results = [m for m in _results() if not (m.runtime == "pytorch-bf16" and m.encoder == "dinov2")]
-    assert bench.recommend(results)["runtime"] == "openvino-bf16"
+    assert report.recommend(results)["runtime"] == "openvino-bf16"
 
 
 def test_tables_and_recommendation_line():
     results = _results()
-    table = bench.format_table(results)
+    table = report.format_table(results)
     lines = table.splitlines()
     assert len(lines) == 2 + len(results)
     assert lines[0].startswith("| runtime | encoder | batch | ms/image median")
     assert "| openvino-bf16 | dinov2 | 8 | 128.0 | 115.2 | 1.0 | 50.0% | 0.999900 | 0.999900 |" in lines
-    combined = bench.format_combined_table(results)
+    combined = report.format_combined_table(results)
     assert "| onnxruntime-fp32 | 1 | 600.0 | 1.33x | 1.000000 |" in combined
-    line = bench.format_recommendation(results)
+    line = report.format_recommendation(results)
     assert line.startswith("Recommendation:") and "ServingSpec.runtime = 'openvino'" in line
 
 
+def test_flops_and_load_lines():
+    shape = {"image_size": 224, "patch_size": 14, "hidden_size": 768, "num_layers": 12, "intermediate_size": 3072}
+    line = report.format_flops({"clip": {"flops_per_image": 46.3e9, "shape": shape}})
+    assert line == "FLOPs per image (matmuls, 2 per MAC): clip 46.30 GFLOPs (257 tokens)"
+    assert report.format_load([1.0, 2.5], 4) == "1-min load average at start / after each encoder: 1.0 / 2.5 on 4 CPUs"
+    assert report.format_load([1.0, 5.1], 4).endswith("(other processes were competing: numbers are noisy)")

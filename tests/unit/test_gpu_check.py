@@ -124,10 +124,10 @@ def test_a_failed_llm_measurement_is_reported_and_the_report_still_renders():
            "steps": {"1": {"step_ms": 10.0, "enqueue_ms": 9.9, "bytes_read": 13.5e9, "hbm_share": 0.28},
                      "32": failed},
            "graphs": {"1": {"error": "RuntimeError: operation not permitted when stream is capturing"}}}
-    line = gcl.summary_line(llm)
+    line = gcr.llm_summary_line(llm)
     assert line.startswith("llm (32 layers, 6.74B, bfloat16); 1 seq 8.0 tok/s (12.00 ms/step, 23% of HBM")
     assert "8 seqs 40.0 tok/s (5.0x one at a time)" in line and "32 seqs: RuntimeError: CUDA out of memory" in line
-    markdown = "\n".join(gcl.format_markdown(llm))
+    markdown = "\n".join(gcr.llm_markdown(llm))
     assert "| 8 | 40.0 | 8.0 | 5.00 | 20.00 | 400.0 | - | 7/8 (common start 60.5) |" in markdown
     assert "| 32 | RuntimeError: CUDA out of memory" in markdown and "operation not permitted" in markdown
 
