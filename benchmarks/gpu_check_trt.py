@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mofserve.benchmarks.gpu_check_common import check_profile
-from mofserve.benchmarks.load import LoadConfig, parse_ready, parse_target, run_load, summary_rows
+from mofserve.benchmarks.load import LoadConfig, parse_target, run_load, summary_rows
+from mofserve.benchmarks.serve_process import parse_ready
 from mofserve.core.reports import write_json, write_text
 from mofserve.server.launcher import TRITON_ROOT_ENV, TritonNotInstalledError, TritonServer, find_tritonserver
 

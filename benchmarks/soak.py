@@ -1,7 +1,7 @@
 """``mofserve soak``: serve a profile, drive it at a fixed concurrency for a long time and check
 that nothing fails and that no process grows.
 
-It starts ``mofserve serve`` on free loopback ports (``benchmarks.load.ServeProcess``), drives its
+It starts ``mofserve serve`` on free loopback ports (``benchmarks.serve_process.ServeProcess``), drives its
 gRPC Ask with ``bench load``'s closed loop (``LoadRunner``: C workers, a fusion-mode mix, fresh and
 repeated images) and samples the resident memory (``VmRSS``) of every process of the service:
 the front-end, ``tritonserver`` and each python-backend stub, named by its model. The first
@@ -28,7 +28,8 @@ from pathlib import Path
 from mofserve.core.profiles import PROFILE_NAMES
 from mofserve.core.reports import write_json, write_text
 
-from .load import LoadConfig, LoadRunner, parse_target
+from .load import LoadConfig, parse_target
+from .load_runner import LoadRunner
 from .serve_process import ServeProcess
 from .stats import DEFAULT_MIX, parse_mix, summarise_point
 from .transports import make_transport

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from mofserve.benchmarks import perf_analyzer as PA
+from mofserve.benchmarks import perf_analyzer_tool as PT
 from mofserve.benchmarks.report import format_markdown, write_report
 
 pytestmark = pytest.mark.integration
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tool():
     try:
-        tool = PA.install_perf_analyzer()
+        tool = PT.install_perf_analyzer()
         tool.version()
-    except PA.ToolUnavailable as error:
+    except PT.ToolUnavailable as error:
         pytest.skip(f"perf_analyzer cannot be obtained here: {error}")
     return tool
 

@@ -11,8 +11,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mofserve.benchmarks import baselines as B
 from mofserve.benchmarks import load as L
+from mofserve.benchmarks import load_runner as LR
+from mofserve.benchmarks import serve_process as SP
 from mofserve.benchmarks import stats as S
+from mofserve.benchmarks import transports as TR
+from mofserve.benchmarks import workload as W
 from mofserve.benchmarks.report import format_markdown, stages_by_mode, stages_by_repeat, write_report
 
 # ---- percentiles and summaries -------------------------------------------------------------------
@@ -182,9 +187,9 @@ def test_cli_arguments_build_the_config():
 
 def test_http_body_is_an_openai_chat_completion():
     target = L.parse_target("http://127.0.0.1:1")
-    transport = L.HttpTransport(target, L.LoadConfig(target), [b"jpegbytes"])
+    transport = TR.HttpTransport(target, L.LoadConfig(target), [b"jpegbytes"])
     body = transport.body(0, "additive")
-    assert body["model"] == "mofserve-additive" and body["options"] == L.OPTIONS
+    assert body["model"] == "mofserve-additive" and body["options"] == W.OPTIONS
     parts = body["messages"][0]["content"]
     assert parts[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
 
@@ -210,7 +215,7 @@ class FakeTransport:
         self.calls.append((index, mode))
         await asyncio.sleep(self.delay)
         if self.fail_every and len(self.calls) % self.fail_every == 0:
-            raise L.RequestFailed("UNAVAILABLE")
+            raise TR.RequestFailed("UNAVAILABLE")
         out = {"timings": {"preprocess_ms": 1.0, "clip_ms": 2.0, "dinov2_ms": 3.0, "encoders_ms": 3.0,
                            "fusion_ms": 0.5, "llm_ms": 4.0, "total_ms": 9.0, "llm_queue_ms": 0.5, "prefill_ms": 1.5,
                            "decode_ms": 2.0, "time_to_first_token_ms": 6.0},
@@ -226,7 +231,7 @@ def _runner(transport, **config):
     target = L.parse_target("grpc://127.0.0.1:1")
     images = FakeImages()
     images.ensure(4)
-    return L.LoadRunner(L.LoadConfig(target, progress=False, **config), transport, images)
+    return LR.LoadRunner(L.LoadConfig(target, progress=False, **config), transport, images)
 
 
 def test_closed_loop_keeps_c_requests_in_flight_and_stops_at_the_count():
@@ -262,7 +267,7 @@ def _fake_report(tmp_path):
     config = L.LoadConfig(target, concurrency=[1, 2], rates=[5.0], duration_s=0.2, warmup_s=0, progress=False)
     images = FakeImages()
     images.ensure(8)
-    runner = L.LoadRunner(config, FakeTransport(delay=0.01), images)
+    runner = LR.LoadRunner(config, FakeTransport(delay=0.01), images)
     points = asyncio.run(runner.run())
     from mofserve.benchmarks.report import build_report
 
@@ -357,11 +362,11 @@ def test_triton_delta_gives_per_request_queue_and_compute_and_cache_counts():
 def test_triton_metrics_url_from_the_serve_log_and_the_ready_line():
     log = ("[mofserve.server.app] serving profile small: gRPC 127.0.0.1:1, HTTP http://127.0.0.1:2 (...), metrics "
            "http://127.0.0.1:2/metrics; Triton gRPC 127.0.0.1:3, Triton metrics http://127.0.0.1:4/metrics\n")
-    assert L.triton_metrics_url(log) == "http://127.0.0.1:4/metrics"
-    assert L.triton_metrics_url("nothing") is None
-    assert L.parse_ready("READY grpc=127.0.0.1:1 http=http://127.0.0.1:2") == {
+    assert SP.triton_metrics_url(log) == "http://127.0.0.1:4/metrics"
+    assert SP.triton_metrics_url("nothing") is None
+    assert SP.parse_ready("READY grpc=127.0.0.1:1 http=http://127.0.0.1:2") == {
         "grpc": "grpc://127.0.0.1:1", "http": "http://127.0.0.1:2"}
-    assert L.parse_ready("READY soon") is None and L.parse_ready("hello") is None
+    assert SP.parse_ready("READY soon") is None and SP.parse_ready("hello") is None
     with pytest.raises(ValueError, match="triton-metrics"):
         L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), triton_metrics="127.0.0.1:4")
 
@@ -369,8 +374,8 @@ def test_triton_metrics_url_from_the_serve_log_and_the_ready_line():
 def test_triton_grpc_address_from_the_serve_log():
     log = ("[mofserve.server.app] serving profile small: gRPC 127.0.0.1:1, HTTP http://127.0.0.1:2 (...); "
            "Triton gRPC 127.0.0.1:3, Triton metrics http://127.0.0.1:4/metrics\n")
-    assert L.triton_grpc_address(log) == "127.0.0.1:3"
-    assert L.triton_grpc_address("nothing") is None
+    assert SP.triton_grpc_address(log) == "127.0.0.1:3"
+    assert SP.triton_grpc_address("nothing") is None
 
 
 # ---- baselines in the same run -------------------------------------------------------------------
@@ -402,11 +407,11 @@ def test_cli_baseline_and_perf_analyzer_options():
 def test_baseline_plan_takes_the_first_images_and_modes_from_the_mix():
     config = L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), mix=S.parse_mix("clip=1,interleaved=1"),
                           baseline_requests=200, seed=4)
-    plan = L.baseline_plan(config)
+    plan = B.baseline_plan(config)
     assert [i for i, _ in plan] == list(range(200))  # the sweep's first fresh images
     counts = Counter(m for _, m in plan)
     assert set(counts) == {"clip", "interleaved"} and 70 < counts["clip"] < 130
-    assert plan == L.baseline_plan(config)  # seeded
+    assert plan == B.baseline_plan(config)  # seeded
 
 
 def _point(value, rps, ms_fresh, ms_repeated=()):
@@ -424,7 +429,7 @@ def _baseline(rps, p50):
 def test_baseline_ratios_use_the_best_concurrency_and_fresh_images_at_c1():
     points = [_point(1, 2.0, [100.0, 110.0, 120.0], ms_repeated=[5.0, 5.0, 5.0, 5.0]), _point(2, 3.5, [150.0]),
               _point(4, 3.0, [300.0])]
-    ratios = L.baseline_ratios({"eager": _baseline(1.5, 600.0), "exported": _baseline(2.5, 100.0)}, points)
+    ratios = B.baseline_ratios({"eager": _baseline(1.5, 600.0), "exported": _baseline(2.5, 100.0)}, points)
     t, p = ratios["throughput"], ratios["p50_c1"]
     assert t["best_concurrency"] == 2 and t["value"] == pytest.approx(3.5 / 1.5) and t["verdict"] == "MET"
     # repeated images (cache hits at 5 ms) are left out of the c=1 p50: 110 / 100
@@ -432,9 +437,9 @@ def test_baseline_ratios_use_the_best_concurrency_and_fresh_images_at_c1():
     assert p["value"] == pytest.approx(1.10) and p["verdict"] == "MET"
     assert ratios["throughput_vs_exported"] == pytest.approx(3.5 / 2.5)
     assert ratios["p50_c1_all_vs_exported"] < 1.0  # what the cache would hide
-    missed = L.baseline_ratios({"eager": _baseline(2.0, 600.0), "exported": _baseline(2.5, 90.0)}, points)
+    missed = B.baseline_ratios({"eager": _baseline(2.0, 600.0), "exported": _baseline(2.5, 90.0)}, points)
     assert missed["throughput"]["verdict"] == "MISSED" and missed["p50_c1"]["verdict"] == "MISSED"
-    only_eager = L.baseline_ratios({"eager": _baseline(1.0, 600.0)}, points)
+    only_eager = B.baseline_ratios({"eager": _baseline(1.0, 600.0)}, points)
     assert only_eager["p50_c1"]["verdict"] is None and math.isnan(only_eager["p50_c1"]["value"])
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from mofserve.benchmarks import baselines as B
 from mofserve.benchmarks import load as L
+from mofserve.benchmarks import load_runner as LR
 from mofserve.benchmarks import load_tables as LT
 from mofserve.benchmarks import stats as S
 from mofserve.benchmarks.report import build_report, format_markdown, write_report
@@ -89,7 +90,7 @@ def test_token_summary_of_streamed_and_unary_records():
 def _runner(transport, **config):
     images = FakeImages()
     images.ensure(4)
-    return L.LoadRunner(L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), progress=False, **config), transport,
+    return LR.LoadRunner(L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), progress=False, **config), transport,
                         images)
 
 
@@ -121,7 +122,7 @@ def test_the_cli_streams_by_default_and_http_never_streams():
     assert not L.LoadConfig(L.parse_target("grpc://127.0.0.1:1")).stream  # soak and fault tests: unary Ask
     with pytest.raises(ValueError, match="extrapolate-layers"):
         L.LoadConfig(L.parse_target("grpc://127.0.0.1:1"), extrapolate_layers=0)
-    assert "eager-bf16" in L.BASELINES
+    assert "eager-bf16" in B.BASELINES
 
 
 def _point(value, rps, decode_tps=None, ttfts=(), ms=(100.0,)):

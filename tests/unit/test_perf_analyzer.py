@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mofserve.benchmarks import perf_analyzer as PA
+from mofserve.benchmarks import perf_analyzer_tool as PT
 from mofserve.benchmarks.report import format_markdown, format_perf_analyzer_table, write_report
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "perf_analyzer"
@@ -99,7 +100,7 @@ def test_config_validation_names_the_field():
 
 
 def test_command_line_uses_count_windows_one_concurrency_and_the_csv(tmp_path):
-    tool = PA.PerfAnalyzerTool(tmp_path / "bin" / "perf_analyzer", tmp_path / "lib")
+    tool = PT.PerfAnalyzerTool(tmp_path / "bin" / "perf_analyzer", tmp_path / "lib")
     config = PA.PerfAnalyzerConfig("127.0.0.1:9", request_count=7, metrics_url="http://127.0.0.1:10/metrics")
     command = PA.command_line(tool, config, "vqa_clip", 4, tmp_path / "in.json", tmp_path / "out.csv")
     text = " ".join(command)
@@ -116,9 +117,9 @@ def test_command_line_uses_count_windows_one_concurrency_and_the_csv(tmp_path):
 
 def test_tools_are_cached_per_version_under_mofserve_home(monkeypatch, tmp_path):
     monkeypatch.setenv("MOFSERVE_HOME", str(tmp_path))
-    folder = PA.tool_dir()
+    folder = PT.tool_dir()
     assert folder.parent == tmp_path / "tools"
-    assert PA.TRITONCLIENT_VERSION in folder.name and PA.CUDART_VERSION in folder.name
+    assert PT.TRITONCLIENT_VERSION in folder.name and PT.CUDART_VERSION in folder.name
 
 
 def _section(tmp_path):
