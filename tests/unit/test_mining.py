@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from mofserve.cli import build_parser
 from mofserve.clients import MofServeError, Provenance, ServerInfo
-from mofserve.evaluation import mining
+from mofserve.evaluation import mining, pair_search
+from mofserve.evaluation.contact_sheet import sheet_layout, write_contact_sheet
 from mofserve.evaluation.embedding_cache import (
     INDEX,
     META,
@@ -27,13 +28,8 @@ from mofserve.evaluation.embedding_cache import (
     model_key,
     sha256,
 )
-from mofserve.evaluation.mining import (
-    PairRow,
-    collect_images,
-    find_pairs,
-    sheet_layout,
-    write_contact_sheet,
-)
+from mofserve.evaluation.image_embedding import collect_images
+from mofserve.evaluation.pair_search import PairRow, find_pairs
 
 BACKENDS = ["faiss", "numpy"]
 KEY = model_key("tiny", {"clip_vision": "c1", "dinov2_vision": "d1", "llava": "l1"}, True)
@@ -170,7 +166,7 @@ def test_a_cap_applied_while_searching_keeps_exactly_the_top_pairs_ties_included
     dino = np.stack([signed((4 * k) % 12) for k in range(40)])
     full = find_pairs(clip, dino, 0.9, 0.75, block=40)
     assert full.found > 300 and len(set(full.gap.tolist())) == 2
-    monkeypatch.setattr(mining, "_PRUNE_SLACK", 0)  # cut back the buffer as often as possible
+    monkeypatch.setattr(pair_search, "_PRUNE_SLACK", 0)  # cut back the buffer as often as possible
     capped = find_pairs(clip, dino, 0.9, 0.75, block=3, max_pairs=k)
     assert capped.found == full.found and capped.truncated and len(capped.i) == k
     for name in ("i", "j", "clip", "dino"):

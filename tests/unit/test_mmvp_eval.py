@@ -18,11 +18,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from mofserve.cli import main
-from mofserve.clients import AskResult, Provenance, ServerInfo, Timings
+from mofserve.clients import ALL_MODES, AskResult, Provenance, ServerInfo, Timings
 from mofserve.core.reports import markdown_table, write_csv
 from mofserve.evaluation import datasets as D
 from mofserve.evaluation import judge as J
 from mofserve.evaluation import mmvp as M
+from mofserve.evaluation import mmvp_report as R
+from mofserve.evaluation import mmvp_scoring as S
 from mofserve.evaluation.checkpoint import JsonlCheckpoint
 
 NOTICE = "tiny profile: seeded random weights, answers are not meaningful"
@@ -75,14 +77,14 @@ def items_of(tmp_path, **kwargs) -> tuple[D.MMVPItem, ...]:
     return D.load_mmvp(write_mmvp(tmp_path, **kwargs)).items
 
 
-def record(item: D.MMVPItem, spec: M.ModeSpec, answer: str | None = None, chosen: str = "a",
+def record(item: D.MMVPItem, spec: S.ModeSpec, answer: str | None = None, chosen: str = "a",
            error: str | None = None, max_new_tokens: int | None = None) -> dict:
     result = None
     if error is None:
         result = AskResult(answer or "", chosen, [-1.0, -2.0], Timings(1.0, 2.0, 2.0, 1.5, 0.5, 10.0, 14.0),
                            spec.mode, spec.alpha if spec.mode != "additive" or spec.alpha is not None else 0.75,
                            Provenance("tiny", True, NOTICE, {}))
-    return M.answer_record(item, spec, max_new_tokens, PROVENANCE, result=result, error=error)
+    return S.answer_record(item, spec, max_new_tokens, PROVENANCE, result=result, error=error)
 
 
 def server_info() -> ServerInfo:
@@ -184,7 +186,7 @@ def test_per_item_problems_fail_that_item_only_with_a_message_naming_file_and_ro
     assert errors[7].startswith("MMVP Images/7.jpg: cannot decode the image (")
     assert all(i.correct_letter is None for i in items if i.error)
     # never asked, and counted as failed in every rule
-    assert [item.index for item, _ in M.pending_work(items, [M.ModeSpec("clip")], {})] == [1, 8]
+    assert [item.index for item, _ in S.pending_work(items, [S.ModeSpec("clip")], {})] == [1, 8]
 
 
 def test_an_empty_or_unreadable_image_file_fails_its_item(tmp_path):
@@ -238,10 +240,10 @@ def test_label_fixes_use_the_partner_row_beyond_limit_and_skip_a_pair_missing_fr
 
 
 def test_modes_take_alpha_for_additive_only_and_refuse_mistakes():
-    specs = M.mode_specs(["clip", "additive", "additive:0.25"], alpha=0.5)
+    specs = S.mode_specs(["clip", "additive", "additive:0.25"], alpha=0.5)
     assert [s.key for s in specs] == ["clip", "additive:0.5", "additive:0.25"]
     assert [s.selection for s in specs] == ["clip", ("additive", 0.5), ("additive", 0.25)]
-    assert [s.key for s in M.mode_specs(["interleaved", "additive"])] == ["interleaved", "additive"]
+    assert [s.key for s in S.mode_specs(["interleaved", "additive"])] == ["interleaved", "additive"]
     for modes, alpha, message in [
         (["clip"], 0.5, "--alpha: applies to the additive mode only"),
         (["additive"], 1.5, r"--alpha: alpha must be within \[0, 1\], got 1.5"),
@@ -252,27 +254,27 @@ def test_modes_take_alpha_for_additive_only_and_refuse_mistakes():
         ([], None, "at least one mode"),
     ]:
         with pytest.raises(ValueError, match=message):
-            M.mode_specs(modes, alpha)
+            S.mode_specs(modes, alpha)
 
 
 def test_compare_asks_a_mode_with_both_encoders_first_so_each_encoder_sees_the_image_once():
-    specs = M.mode_specs(["clip", "dinov2", "additive:0.5", "interleaved"])
+    specs = S.mode_specs(["clip", "dinov2", "additive:0.5", "interleaved"])
     assert [s.key for s in M.compare_order(specs)] == ["additive:0.5", "interleaved", "clip", "dinov2"]
-    assert [s.key for s in M.compare_order(M.mode_specs(["dinov2", "clip"]))] == ["dinov2", "clip"]
+    assert [s.key for s in M.compare_order(S.mode_specs(["dinov2", "clip"]))] == ["dinov2", "clip"]
 
 
 def test_what_the_server_would_refuse_for_every_item_is_refused_before_asking():
     info = ServerInfo("0.1.0", ["clip", "interleaved"], "interleaved", None,
                       {"max_new_tokens": 64, "max_compare_modes": 2}, Provenance("tiny", True, NOTICE, {}))
-    M.check_server(info, M.mode_specs(["clip", "interleaved"]), 64, "s:1")
+    M.check_server(info, S.mode_specs(["clip", "interleaved"]), 64, "s:1")
     with pytest.raises(ValueError, match=r"--mode: the server at s:1 does not serve additive:0.5 \(it serves clip, "
                                          r"interleaved\)"):
-        M.check_server(info, M.mode_specs(["clip", "additive:0.5"]), None, "s:1")
+        M.check_server(info, S.mode_specs(["clip", "additive:0.5"]), None, "s:1")
     with pytest.raises(ValueError, match="compares at most 2 at once"):
-        M.check_server(dataclasses.replace(info, modes=list(M.ALL_MODES)),
-                       M.mode_specs(["clip", "dinov2", "interleaved"]), None, "s:1")
+        M.check_server(dataclasses.replace(info, modes=list(ALL_MODES)),
+                       S.mode_specs(["clip", "dinov2", "interleaved"]), None, "s:1")
     with pytest.raises(ValueError, match="--max-new-tokens: 65 is over the server's limit of 64"):
-        M.check_server(info, M.mode_specs(["clip"]), 65, "s:1")
+        M.check_server(info, S.mode_specs(["clip"]), 65, "s:1")
 
 
 # ---- grading and scores ----------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def test_what_the_server_would_refuse_for_every_item_is_refused_before_asking():
 
 def test_pair_and_question_accuracy_hand_computed():
     # pairs: (1,2) both right; (3,4) one wrong; (5,6) 5 failed; (7,8) both right
-    s = M.score({1: True, 2: True, 3: True, 4: False, 5: None, 6: True, 7: True, 8: True})
+    s = S.score({1: True, 2: True, 3: True, 4: False, 5: None, 6: True, 7: True, 8: True})
     assert (s.questions, s.questions_correct, s.question_accuracy) == (8, 6, 75.0)
     assert (s.pairs, s.pairs_correct, s.pair_accuracy) == (4, 2, 50.0)
     assert s.failed == [5] and s.failed_pairs == [[5, 6]] and s.incomplete_pairs == []
@@ -288,43 +290,43 @@ def test_pair_and_question_accuracy_hand_computed():
 
 def test_pairs_are_odd_then_even_indices_never_even_then_odd():
     # 2 and 3 are both right, but they belong to different pairs: no pair is right
-    s = M.score({1: False, 2: True, 3: True, 4: False})
+    s = S.score({1: False, 2: True, 3: True, 4: False})
     assert (s.pairs, s.pairs_correct, s.pair_accuracy) == (2, 0, 0.0)
-    assert M.score({3: True, 4: True, 5: True, 6: False}).pairs_correct == 1  # pairs (3,4) and (5,6)
+    assert S.score({3: True, 4: True, 5: True, 6: False}).pairs_correct == 1  # pairs (3,4) and (5,6)
 
 
 def test_a_pair_with_one_question_only_is_reported_and_left_out_of_the_pair_score():
-    s = M.score({1: True, 2: True, 3: True, 7: True, 8: False})
+    s = S.score({1: True, 2: True, 3: True, 7: True, 8: False})
     assert (s.pairs, s.pairs_correct, s.pair_accuracy) == (2, 1, 50.0)
     assert s.incomplete_pairs == [[3]] and (s.questions, s.questions_correct) == (5, 4)
-    empty = M.score({})
+    empty = S.score({})
     assert empty.pair_accuracy is None and empty.question_accuracy is None
 
 
 def test_grading_by_generated_text_and_by_likelihood(tmp_path):
     items = items_of(tmp_path)
-    spec = M.ModeSpec("clip")
+    spec = S.ModeSpec("clip")
     sitting = items[7]  # correct (b) Sitting
     for answer, parsed in [("(b)", "b"), ("Sitting", "b"), ("The answer is (b) Sitting.", "b"), ("B.", "b"),
                            ("(a) Standing", "a"), ("standing", "a"), ("I cannot tell", None), ("", None)]:
-        g = M.grade(sitting, record(sitting, spec, answer, chosen="b"))
+        g = S.grade(sitting, record(sitting, spec, answer, chosen="b"))
         assert (g.parsed_letter, g.generated, g.likelihood, g.failed) == (parsed, parsed == "b", True, False)
-    g = M.grade(sitting, record(sitting, spec, "Sitting", chosen="a"))
+    g = S.grade(sitting, record(sitting, spec, "Sitting", chosen="a"))
     assert (g.generated, g.likelihood, g.likelihood_letter) == (True, False, "a")
-    failed = M.grade(sitting, record(sitting, spec, error="DEADLINE_EXCEEDED: deadline"))
+    failed = S.grade(sitting, record(sitting, spec, error="DEADLINE_EXCEEDED: deadline"))
     assert failed.failed and failed.error == "DEADLINE_EXCEEDED: deadline" and failed.generated is None
-    assert M.grade(sitting, None).error.startswith("not asked")
+    assert S.grade(sitting, None).error.startswith("not asked")
 
 
 def test_score_mode_counts_failed_items_as_wrong_and_lists_them(tmp_path):
     items = items_of(tmp_path, bad_images=(8,))
-    spec = M.ModeSpec("interleaved")
+    spec = S.ModeSpec("interleaved")
     letters = "abbaabab"  # the correct letters of ROWS
     generated = {1: "(a)", 2: "(b)", 3: "Closed", 4: "(b)", 5: "(a)", 6: "no idea", 7: "(a) Standing"}
     chosen = {1: "a", 2: "a", 3: "b", 4: "a", 5: "a", 6: "b", 7: "a"}
     answers = {(i, spec.key): record(items[i - 1], spec, generated[i], chosen[i]) for i in generated}
     answers[(2, spec.key)] = record(items[1], spec, error="UNAVAILABLE: triton restarting")
-    s = M.score_mode(items, spec, answers, None)
+    s = R.score_mode(items, spec, answers, None)
     # generated: 1 ok, 2 failed, 3 ok, 4 wrong, 5 ok, 6 unparsed, 7 ok, 8 failed -> 4/8; pairs: (7,8) failed
     assert (s["generated"]["questions_correct"], s["generated"]["pairs_correct"]) == (4, 0)
     # likelihood: 1 ok, 2 failed, 3 ok, 4 ok, 5 ok, 6 ok, 7 ok, 8 failed -> 6/8; pairs (3,4) (5,6) -> 2/4
@@ -340,18 +342,18 @@ def test_score_mode_counts_failed_items_as_wrong_and_lists_them(tmp_path):
 
 def test_resume_skips_answered_items_and_retries_failed_and_stale_ones(tmp_path):
     items = items_of(tmp_path)
-    clip, inter = M.ModeSpec("clip"), M.ModeSpec("interleaved")
+    clip, inter = S.ModeSpec("clip"), S.ModeSpec("interleaved")
     changed = D.MMVPItem(**{**items[2].__dict__, "image_sha256": "0" * 64})
     records = [
         record(items[0], clip, "(a)"), record(items[0], inter, "(b)"),  # 1: done in both modes
         record(items[1], clip, "(a)"), record(items[1], inter, error="DEADLINE_EXCEEDED: x"),  # 2: retry inter
         record(changed, clip, "(a)"), record(changed, inter, "(a)"),  # 3: the image changed since
         record(items[3], clip, "(a)", max_new_tokens=8),  # 4: asked with other settings
-        record(items[4], M.ModeSpec("dinov2"), "(a)"),  # a mode not asked now
+        record(items[4], S.ModeSpec("dinov2"), "(a)"),  # a mode not asked now
     ]
-    chosen = M.select_records(records, items, [clip, inter], None)
+    chosen = S.select_records(records, items, [clip, inter], None)
     assert set(chosen) == {(1, "clip"), (1, "interleaved"), (2, "clip"), (2, "interleaved")}
-    work = M.pending_work(items, [clip, inter], chosen)
+    work = S.pending_work(items, [clip, inter], chosen)
     assert [(item.index, [s.key for s in specs]) for item, specs in work] == [
         (2, ["interleaved"]), (3, ["clip", "interleaved"]), (4, ["clip", "interleaved"]),
         (5, ["clip", "interleaved"]), (6, ["clip", "interleaved"]), (7, ["clip", "interleaved"]),
@@ -360,20 +362,20 @@ def test_resume_skips_answered_items_and_retries_failed_and_stale_ones(tmp_path)
 
 def test_a_later_error_never_replaces_an_answer_and_a_later_answer_replaces_an_error(tmp_path):
     item = items_of(tmp_path)[0]
-    spec = M.ModeSpec("clip")
+    spec = S.ModeSpec("clip")
     ok, bad = record(item, spec, "(a)"), record(item, spec, error="INTERNAL: boom")
-    assert M.select_records([ok, bad], [item], [spec], None)[(1, "clip")]["answer"] == "(a)"
-    assert M.select_records([bad, ok], [item], [spec], None)[(1, "clip")]["answer"] == "(a)"
-    assert M.select_records([bad], [item], [spec], None)[(1, "clip")]["error"] == "INTERNAL: boom"
+    assert S.select_records([ok, bad], [item], [spec], None)[(1, "clip")]["answer"] == "(a)"
+    assert S.select_records([bad, ok], [item], [spec], None)[(1, "clip")]["answer"] == "(a)"
+    assert S.select_records([bad], [item], [spec], None)[(1, "clip")]["error"] == "INTERNAL: boom"
 
 
 def test_answers_from_another_model_are_refused(tmp_path):
     item = items_of(tmp_path)[0]
-    old = record(item, M.ModeSpec("clip"), "(a)")
-    M.check_provenance([old], PROVENANCE, tmp_path / "answers.jsonl")
+    old = record(item, S.ModeSpec("clip"), "(a)")
+    S.check_provenance([old], PROVENANCE, tmp_path / "answers.jsonl")
     with pytest.raises(ValueError, match=r"answers\.jsonl: holds answers from profile 'tiny'.*serves profile "
                                          r"'paper'.*use another --out"):
-        M.check_provenance([old], {"profile": "paper", "random_weights": False, "model_versions": {}},
+        S.check_provenance([old], {"profile": "paper", "random_weights": False, "model_versions": {}},
                            tmp_path / "answers.jsonl")
 
 
@@ -415,23 +417,23 @@ def test_judge_replies_other_than_yes_or_no_are_undetermined(reply, verdict):
 def test_judge_work_asks_again_for_rows_whose_label_was_fixed(tmp_path):
     dataset = D.load_mmvp(write_mmvp(tmp_path, rows=fix_rows()))
     fixed, _ = dataset.label_fixed()
-    spec = M.ModeSpec("clip")
+    spec = S.ModeSpec("clip")
     answers = {(i.index, spec.key): record(i, spec, "(a)") for i in dataset.items}
-    work = M.judge_work({"raw": dataset.items, "fixed": fixed}, [spec], answers, {})
+    work = S.judge_work({"raw": dataset.items, "fixed": fixed}, [spec], answers, {})
     assert [(item.index, item.correct) for item, _, _ in work] == [
         (97, "(a)"), (98, "(b)"), (99, "(a)"), (100, "(b)"), (279, "(a)"), (280, "(b)"),
         (99, "(b)"), (100, "(a)"), (279, "(b)"), (280, "(a)")]
     judged = [{"index": item.index, "mode_key": s.key, "correct": item.correct, "answer": a, "model": "m",
                "reply": "yes", "verdict": "yes", "error": None} for item, s, a in work[:8]]
     judged.append({**judged[0], "index": 279, "correct": "(b)", "verdict": None, "error": "APIConnectionError"})
-    done = M.select_judgements(judged, "m")
-    assert [(i.index, i.correct) for i, _, _ in M.judge_work({"raw": dataset.items, "fixed": fixed}, [spec],
+    done = S.select_judgements(judged, "m")
+    assert [(i.index, i.correct) for i, _, _ in S.judge_work({"raw": dataset.items, "fixed": fixed}, [spec],
                                                                answers, done)] == [(279, "(b)"), (280, "(a)")]
-    assert M.select_judgements(judged, "another model") == {}
-    g = M.grade(dataset.items[0], answers[(97, "clip")], M.judgement_for(dataset.items[0], spec,
+    assert S.select_judgements(judged, "another model") == {}
+    g = S.grade(dataset.items[0], answers[(97, "clip")], S.judgement_for(dataset.items[0], spec,
                                                                          answers[(97, "clip")], done), judged=True)
     assert (g.judge_verdict, g.judge) == ("yes", True)
-    assert M.grade(fixed[4], answers[(279, "clip")], None, judged=True).judge is None  # not judged: failed
+    assert S.grade(fixed[4], answers[(279, "clip")], None, judged=True).judge is None  # not judged: failed
 
 
 # ---- reports --------------------------------------------------------------------------------------------
@@ -443,7 +445,7 @@ def full_report(tmp_path, fix_labels=True, judged=False):
     fixes = None
     if fix_labels:
         label_sets["fixed"], fixes = dataset.label_fixed()
-    specs = [M.ModeSpec("clip"), M.ModeSpec("additive", 0.5)]
+    specs = [S.ModeSpec("clip"), S.ModeSpec("additive", 0.5)]
     answers = {}
     for item in dataset.items:
         if item.error:
@@ -452,8 +454,8 @@ def full_report(tmp_path, fix_labels=True, judged=False):
         answers[(item.index, "additive:0.5")] = record(item, specs[1], "Short", chosen="b")
     judgements = None
     if judged:
-        work = M.judge_work(label_sets, specs, answers, {})
-        judgements = M.select_judgements(
+        work = S.judge_work(label_sets, specs, answers, {})
+        judgements = S.select_judgements(
             [{"index": i.index, "mode_key": s.key, "correct": i.correct, "answer": a, "model": "m",
               "reply": "yes" if i.index % 2 else "No", "verdict": J.parse_judge_reply("yes" if i.index % 2 else "No"),
               "error": None} for i, s, a in work], "m")
@@ -461,7 +463,7 @@ def full_report(tmp_path, fix_labels=True, judged=False):
                 "max_new_tokens": None, "decoding": "greedy", "prompt": "p", "limit": None, "fix_labels": fix_labels,
                 "judge": None}
     run = {"requests": 5, "failed_requests": 0, "reused_answers": 5, "judged": 0, "wall_s": 1.5, "out": "x"}
-    report = M.build_report(dataset=dataset, label_sets=label_sets, fixes=fixes, specs=specs, answers=answers,
+    report = R.build_report(dataset=dataset, label_sets=label_sets, fixes=fixes, specs=specs, answers=answers,
                             judgements=judgements, server="127.0.0.1:1", server_info=server_info(),
                             settings=settings, run=run)
     return dataset, label_sets, specs, answers, judgements, report
@@ -493,7 +495,7 @@ def test_report_scores_raw_and_fixed_labels_side_by_side(tmp_path):
 
 def test_markdown_report_puts_each_mode_beside_the_papers_numbers_and_warns_about_random_weights(tmp_path):
     *_, report = full_report(tmp_path)
-    text = M.render_markdown(report)
+    text = R.render_markdown(report)
     assert text.startswith("# MMVP results")
     assert f"> **WARNING: RANDOM WEIGHTS: the server runs seeded random weights ({NOTICE})" in text
     for line in ("| Human | 95.7 |", "| LLaVA-1.5 + I-MoF | 28.0 |", "| Random guess | 25.0 |", "| LLaVA-1.5 | 24.7 |"):
@@ -508,9 +510,9 @@ def test_answers_csv_has_a_row_per_question_per_mode_with_both_gradings(tmp_path
     _, label_sets, specs, answers, judgements, report = full_report(tmp_path, judged=True)
     assert report["scores"]["raw"]["clip"]["judge"]["questions_correct"] == 3  # odd indices said "yes"
     path = tmp_path / "answers.csv"
-    write_csv(path, M.answer_columns(), M.answer_rows(label_sets, specs, answers, judgements))
+    write_csv(path, R.answer_columns(), R.answer_rows(label_sets, specs, answers, judgements))
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
-    assert len(rows) == 6 * 2 and list(rows[0]) == M.answer_columns()
+    assert len(rows) == 6 * 2 and list(rows[0]) == R.answer_columns()
     first = rows[0]
     assert (first["index"], first["mode"], first["correct"], first["answer"], first["parsed_letter"]) == (
         "97", "clip", "(a)", "(a)", "a")
