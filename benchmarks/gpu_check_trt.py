@@ -34,7 +34,8 @@ from mofserve.benchmarks.gpu_check_common import check_profile
 from mofserve.benchmarks.load import LoadConfig, parse_target, run_load, summary_rows
 from mofserve.benchmarks.serve_process import parse_ready
 from mofserve.core.reports import write_json, write_text
-from mofserve.server.launcher import TRITON_ROOT_ENV, TritonNotInstalledError, TritonServer, find_tritonserver
+from mofserve.server.launcher import TritonServer
+from mofserve.server.triton_install import TRITON_ROOT_ENV, TritonNotInstalledError, find_tritonserver
 
 MODES = ("clip", "dinov2", "additive", "interleaved")
 CONCURRENCY = (1, 8, 32)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofserve.server.launcher import SHM_DIR, TritonNotInstalledError, TritonServer, TritonStartError, find_tritonserver
+from mofserve.server.launcher import SHM_DIR, TritonServer, TritonStartError
+from mofserve.server.triton_install import TritonNotInstalledError, find_tritonserver
 
 pytestmark = pytest.mark.integration
 

@@ -126,7 +126,7 @@ def test_engine_cache_mount_matches_the_gpu_onnx_repository() -> None:
 
 
 def test_the_image_runs_its_own_triton_not_the_wheels() -> None:
-    from mofserve.server.launcher import TRITON_ROOT_ENV
+    from mofserve.server.triton_install import TRITON_ROOT_ENV
 
     env = " ".join(rest for key, rest in _instructions() if key == "ENV")
     assert f"{TRITON_ROOT_ENV}=/opt/tritonserver" in env
@@ -142,7 +142,8 @@ def _fake_triton_root(root: Path) -> Path:
 
 
 def test_a_full_triton_install_is_used_with_its_own_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mofserve.server.launcher import TRITON_ROOT_ENV, TritonServer, find_tritonserver
+    from mofserve.server.launcher import TritonServer
+    from mofserve.server.triton_install import TRITON_ROOT_ENV, find_tritonserver
 
     root = _fake_triton_root(tmp_path / "opt-tritonserver")
     monkeypatch.setenv(TRITON_ROOT_ENV, str(root))
@@ -157,7 +158,7 @@ def test_a_full_triton_install_is_used_with_its_own_backends(tmp_path: Path, mon
 
 
 def test_a_triton_root_without_the_python_backend_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mofserve.server.launcher import TRITON_ROOT_ENV, TritonNotInstalledError, find_tritonserver
+    from mofserve.server.triton_install import TRITON_ROOT_ENV, TritonNotInstalledError, find_tritonserver
 
     root = _fake_triton_root(tmp_path / "t")
     (root / "backends/python/triton_python_backend_stub").unlink()

@@ -17,18 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from mofserve.server import launcher
+from mofserve.server import launcher, triton_install
 from mofserve.server.launcher import (
-    PYTRITON_REQUIREMENT,
-    TritonInstall,
-    TritonNotInstalledError,
     TritonServer,
     TritonStartError,
     cleanup_stale_shm,
-    find_tritonserver,
     free_port,
     free_ports,
     new_shm_prefix,
+)
+from mofserve.server.triton_install import (
+    PYTRITON_REQUIREMENT,
+    TritonInstall,
+    TritonNotInstalledError,
+    find_tritonserver,
     prepare_backend_directory,
     triton_environment,
 )
@@ -167,7 +169,7 @@ def test_find_tritonserver_locates_the_wheels_binary_and_backend_files() -> None
 
 
 def test_find_tritonserver_names_the_wheel_when_pytriton_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launcher.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(triton_install.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(TritonNotInstalledError, match=PYTRITON_REQUIREMENT):
         find_tritonserver()
 

@@ -1,4 +1,4 @@
-"""TensorRT engine export (export/tensorrt_engine.py): everything that needs neither TensorRT nor a
+"""TensorRT engine export (export/tensorrt_engine.py, export/mixed_precision.py): everything that needs neither TensorRT nor a
 GPU runs here on the real tiny ONNX exports (which nodes stay FP32, the mixed-precision graph computed
 in FP16 by ONNX's reference evaluator, the accuracy gate, profile shapes, cache keys, the missing-TensorRT error);
 building and running a real engine needs `tensorrt` and a CUDA device and skips without them.
@@ -20,6 +20,7 @@ from onnx import TensorProto
 
 from mofserve.core import tensors as T
 from mofserve.core.checkpoints import read_shapes
+from mofserve.export import mixed_precision as mp
 from mofserve.export import tensorrt_engine as te
 from mofserve.export.onnx_export import ExportedGraph
 from mofserve.export.parity import ParityError, row_cosines
@@ -35,7 +36,7 @@ def tiny_graphs(tiny_repository) -> dict[str, ExportedGraph]:
 
 def _load(graph: ExportedGraph) -> onnx.ModelProto:
     model = onnx.load(str(graph.graph))
-    te.name_nodes(model)
+    mp.name_nodes(model)
     return model
 
 
@@ -81,8 +82,8 @@ def test_tiny_exports_keep_exactly_their_layernorm_and_softmax_nodes_in_fp32(tin
     model = _load(tiny_graphs[name])
     expected = {n.name for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")}
     # the opset-17 exports carry LayerNorm as one node: no decomposed chain, nothing else kept
-    assert te.decomposed_layer_norms(model) == []
-    assert te.fp32_nodes(model) == expected
+    assert mp.decomposed_layer_norms(model) == []
+    assert mp.fp32_nodes(model) == expected
     ops = {n.op_type for n in model.graph.node if n.name in expected}
     assert ops == {"LayerNormalization", "Softmax"}
     # two blocks: per block two LayerNorms and one Softmax, plus the towers' own pre/post norms
@@ -109,18 +110,18 @@ def _decomposed_norms_graph() -> onnx.ModelProto:
         torch.onnx.export(Block().eval(), (torch.zeros(1, 5, 8),), buffer, opset_version=16, dynamo=False,
                           input_names=["x"], output_names=["y", "rms"], dynamic_axes={"x": {0: "batch"}})
     model = onnx.load_from_string(buffer.getvalue())
-    te.name_nodes(model)
+    mp.name_nodes(model)
     return model
 
 
 def test_a_decomposed_layer_norm_and_an_rms_norm_are_kept_fp32_without_their_neighbours():
     model = _decomposed_norms_graph()
-    chains = te.decomposed_layer_norms(model)
+    chains = mp.decomposed_layer_norms(model)
     ops = sorted(tuple(next(n.op_type for n in model.graph.node if n.name == name) for name in chain)
                  for chain in chains)
     assert ops == [("Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"),
                    ("ReduceMean", "Sub", "Pow", "ReduceMean", "Add", "Sqrt", "Div")]
-    keep = te.fp32_nodes(model)
+    keep = mp.fp32_nodes(model)
     by_name = {n.name: n for n in model.graph.node}
     # the Linear layers and the LayerNorm's affine (x * gamma + beta) stay FP16 work
     assert {by_name[n].op_type for n in set(by_name) - keep} >= {"MatMul", "Add", "Mul"}
@@ -134,8 +135,8 @@ def test_a_decomposed_layer_norm_and_an_rms_norm_are_kept_fp32_without_their_nei
 @pytest.mark.parametrize("name", ENCODERS)
 def test_mixed_precision_graph_is_fp16_except_the_kept_nodes_and_keeps_its_io_types(tiny_graphs, name):
     model = _load(tiny_graphs[name])
-    keep = te.fp32_nodes(model)
-    mixed = te.to_mixed_precision(model, keep)
+    keep = mp.fp32_nodes(model)
+    mixed = mp.to_mixed_precision(model, keep)
     onnx.checker.check_model(mixed)
     types = _types(mixed)  # strict shape inference: every node type-checks
     io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in [*m.graph.input, *m.graph.output]]  # noqa: E731
@@ -154,7 +155,7 @@ def test_mixed_precision_graph_is_fp16_except_the_kept_nodes_and_keeps_its_io_ty
 def test_mixed_precision_graph_passes_the_gate_against_fp32(tiny_graphs, tiny_profile, tiny_paths, name):
     graph = tiny_graphs[name]
     model = _load(graph)
-    mixed = te.to_mixed_precision(model, te.fp32_nodes(model))
+    mixed = mp.to_mixed_precision(model, mp.fp32_nodes(model))
     batches = te.gate_batches(graph, tiny_profile, tiny_paths)
     assert len(batches) >= 2
     outputs = [o.name for o in model.graph.output]
@@ -170,17 +171,17 @@ def test_the_gate_rejects_an_all_fp16_graph_whose_layer_norm_overflows():
     model = _decomposed_norms_graph()
     x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32) * 400
     reference = _ort(model)
-    kept = te.to_mixed_precision(model, te.fp32_nodes(model))
+    kept = mp.to_mixed_precision(model, mp.fp32_nodes(model))
     results = te.accuracy_gate(_fp16(kept), reference, ["y"], {"large[3]": x}, "x")
     assert results[0].min_cosine >= 0.999
-    naive = te.to_mixed_precision(model, set())
+    naive = mp.to_mixed_precision(model, set())
     with pytest.raises(ParityError, match=r"min cosine 0\.999.*\n.*y .*FAIL"):
         te.accuracy_gate(_fp16(naive), reference, ["y"], {"large[3]": x}, "x")
 
 
 def test_fp32_min_constants_are_clipped_to_fp16_range_not_overflowed():
     values = np.array([np.finfo(np.float32).min, -1.0, np.inf, 70000.0], dtype=np.float32)
-    half = te._as_float(values, half=True)
+    half = mp._as_float(values, half=True)
     assert half.dtype == np.float16
     assert half.tolist() == [-65504.0, -1.0, np.inf, 65504.0]
 
@@ -188,7 +189,7 @@ def test_fp32_min_constants_are_clipped_to_fp16_range_not_overflowed():
 def test_tiny_mixed_graph_tokens_agree_row_by_row_with_fp32(tiny_graphs, tiny_profile, tiny_paths):
     graph = tiny_graphs[T.DINOV2_VISION]
     model = _load(graph)
-    mixed = te.to_mixed_precision(model, te.fp32_nodes(model))
+    mixed = mp.to_mixed_precision(model, mp.fp32_nodes(model))
     batch = te.gate_batches(graph, tiny_profile, tiny_paths)["photos[3]"]
     want = _ort(model)({T.PIXEL_VALUES: batch})[T.DINO_FEATURES]
     got = _fp16(mixed)({T.PIXEL_VALUES: batch})[T.DINO_FEATURES]
