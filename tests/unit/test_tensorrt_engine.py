@@ -1,7 +1,8 @@
 """TensorRT engine export (export/tensorrt_engine.py, export/mixed_precision.py): everything that
-needs neither TensorRT nor a GPU runs here on the real tiny ONNX exports (which nodes stay FP32, the mixed-precision graph computed
-in FP16 by ONNX's reference evaluator, the accuracy gate, profile shapes, cache keys, the missing-TensorRT error);
-building and running a real engine needs `tensorrt` and a CUDA device and skips without them.
+needs neither TensorRT nor a GPU runs here on the real tiny ONNX exports (which nodes stay FP32, the
+mixed-precision graph computed in FP16 by ONNX's reference evaluator, the accuracy gate, profile
+shapes, cache keys, the missing-TensorRT error); building and running a real engine needs
+`tensorrt` and a CUDA device and skips without them.
 """
 
 from __future__ import annotations
