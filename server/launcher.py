@@ -23,9 +23,7 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import Self
 
 from .triton_install import (
     TritonInstall,
@@ -45,24 +43,16 @@ from .triton_install import (
     prepare_backend_directory,
     triton_environment,
 )
+from .triton_resources import TritonPorts, cleanup_stale_shm, free_ports, new_shm_prefix
 
 __all__ = [
     "DEFAULT_PYTHON_SHM_BYTES",
     "DEFAULT_RESPONSE_CACHE_BYTES",
-    "SHM_DIR",
-    "TritonPorts",
     "TritonServer",
     "TritonStartError",
-    "cleanup_stale_shm",
-    "free_port",
-    "free_ports",
-    "new_shm_prefix",
 ]
 
 LOGGER = logging.getLogger(__name__)
-
-#: Where POSIX shared memory lives on Linux; a module attribute so tests can point it elsewhere.
-SHM_DIR = Path("/dev/shm")
 
 DEFAULT_RESPONSE_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_PYTHON_SHM_BYTES = 16 * 1024 * 1024
@@ -82,76 +72,6 @@ _PORT_IN_USE_MARKERS = ("already in use", "Address already in use")
 
 class TritonStartError(RuntimeError):
     """``tritonserver`` exited or did not become ready in time; the message quotes its log."""
-
-
-# --------------------------------------------------------------------------------------------
-# Ports, shared memory
-# --------------------------------------------------------------------------------------------
-
-
-class TritonPorts(NamedTuple):
-    """The three ports one Triton server listens on."""
-
-    http: int
-    grpc: int
-    metrics: int
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that are free on ``host`` right now.
-
-    All sockets are held open until every port is chosen, so the kernel cannot hand out the same
-    port twice. A port can still be taken between this call and Triton binding it;
-    :meth:`TritonServer.start` retries with fresh ports when that happens.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (see :func:`free_ports` for the caveat)."""
-    return free_ports(1, host)[0]
-
-
-def new_shm_prefix() -> str:
-    """A ``/dev/shm`` name prefix unique to one server: ``mofserve_<pid>_<random>_``.
-
-    The python backend names its regions ``<prefix><uuid>``; a unique prefix lets ``stop()``
-    delete exactly this server's regions, even after a crash, without touching other servers'.
-    """
-    return f"mofserve_{os.getpid()}_{secrets.token_hex(4)}_"
-
-
-def cleanup_stale_shm(prefix: str, shm_dir: Path | None = None) -> list[Path]:
-    """Delete the shared-memory regions whose names start with ``prefix``; return what went.
-
-    A server killed with SIGKILL (or whose stubs were) never unlinks its regions, and
-    ``/dev/shm`` is a RAM-backed tmpfs of limited size, so leftovers accumulate across test runs.
-    An empty prefix, or one containing ``/``, is refused: it would match other programs' regions.
-    """
-    if not prefix or "/" in prefix or prefix in (".", ".."):
-        raise ValueError(f"refusing to clean shared memory with prefix {prefix!r}")
-    directory = SHM_DIR if shm_dir is None else shm_dir
-    removed: list[Path] = []
-    try:
-        candidates = list(directory.iterdir())
-    except FileNotFoundError:
-        return removed
-    for path in candidates:
-        if path.name.startswith(prefix):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
-    return removed
 
 
 def _read_log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> tuple[list[str], list[str]]:

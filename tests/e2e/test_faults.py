@@ -190,12 +190,17 @@ def test_probe_answers_through_every_python_backend_model(engine, loop_thread):
     result = loop_thread.run(probe_inference(engine, timeout=60))
     assert result.ok, result.reason
     assert set(result.calls) == {"vqa_interleaved", "tokens_clip", "tokens_dinov2", "tokens_additive", "embed_text"}
+    # real answers since the last probe: no question of its own, the llm pinged instead
+    light = loop_thread.run(probe_inference(engine, timeout=60, llm_proven=True))
+    assert light.ok, light.reason
+    assert set(light.calls) == {"tokens_interleaved", "llm", "tokens_clip", "tokens_dinov2", "tokens_additive",
+                                "embed_text"}
 
 
 def test_probe_names_every_failed_call_when_triton_is_unreachable(loop_thread):
     from mofserve.server.engine import ServingInfo, TritonEngine
-    from mofserve.server.launcher import free_ports
     from mofserve.server.probe import probe_inference
+    from mofserve.server.triton_resources import free_ports
 
     nobody = TritonEngine(f"127.0.0.1:{free_ports(1)[0]}", ServingInfo("tiny", True))
     started = time.monotonic()

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofserve.server.launcher import SHM_DIR, TritonServer, TritonStartError
+from mofserve.server.launcher import TritonServer, TritonStartError
 from mofserve.server.triton_install import TritonNotInstalledError, find_tritonserver
+from mofserve.server.triton_resources import SHM_DIR
 
 pytestmark = pytest.mark.integration
 

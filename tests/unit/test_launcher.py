@@ -17,15 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mofserve.server import launcher, triton_install
-from mofserve.server.launcher import (
-    TritonServer,
-    TritonStartError,
-    cleanup_stale_shm,
-    free_port,
-    free_ports,
-    new_shm_prefix,
-)
+from mofserve.server import launcher, triton_install, triton_resources
+from mofserve.server.launcher import TritonServer, TritonStartError
 from mofserve.server.triton_install import (
     PYTRITON_REQUIREMENT,
     TritonInstall,
@@ -34,6 +27,7 @@ from mofserve.server.triton_install import (
     prepare_backend_directory,
     triton_environment,
 )
+from mofserve.server.triton_resources import cleanup_stale_shm, free_port, free_ports, new_shm_prefix
 
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -131,7 +125,7 @@ def shm_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point the launcher's shared-memory folder at a temporary one."""
     directory = tmp_path / "shm"
     directory.mkdir()
-    monkeypatch.setattr(launcher, "SHM_DIR", directory)
+    monkeypatch.setattr(triton_resources, "SHM_DIR", directory)
     return directory
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from mofserve.server import supervisor as supervision
 from mofserve.server.config import ServeConfig
-from mofserve.server.launcher import TritonPorts
 from mofserve.server.probe import ProbeResult
 from mofserve.server.remote_triton import RemoteTriton
 from mofserve.server.supervisor import TritonEndpoints, TritonProcess, TritonSupervisor
+from mofserve.server.triton_resources import TritonPorts
 
 FAST = ServeConfig(health_interval_s=0.01, probe_interval_s=0.02, probe_timeout_s=1.0,
                    probe_failures_before_restart=2, max_restarts=2)
@@ -27,6 +27,8 @@ class FakeEngine:
     def __init__(self) -> None:
         self.answers = True
         self.reconnects = 0
+        self.answered = 0  # real answers written to their end (TritonEngine.answered)
+        self.proven: list[bool] = []  # llm_proven per probe
 
     async def reconnect(self) -> None:
         self.reconnects += 1
@@ -59,7 +61,8 @@ class FakeTriton:
 
 @pytest.fixture(autouse=True)
 def fake_probe(monkeypatch):
-    async def probe(engine: FakeEngine, timeout: float) -> ProbeResult:
+    async def probe(engine: FakeEngine, timeout: float, llm_proven: bool = False) -> ProbeResult:
+        engine.proven.append(llm_proven)
         return ProbeResult(engine.answers, "" if engine.answers else "llm: unavailable: stub", 0.0, ("llm",))
 
     monkeypatch.setattr(supervision, "probe_inference", probe)
@@ -142,3 +145,17 @@ def test_endpoints_of_each_lifecycle():
         process = TritonProcess(None, FAST, host=host)
         process.server = SimpleNamespace(ports=TritonPorts(8000, 8001, 8002))
         assert process.endpoints() == TritonEndpoints(f"{seen}:8001", f"http://{seen}:8002/metrics")
+
+
+def test_the_probe_asks_no_question_of_its_own_while_real_answers_prove_the_llm():
+    engine = FakeEngine()
+    supervisor = _supervisor(FakeTriton(engine), [])
+
+    async def main() -> None:
+        await supervisor.check(engine)  # idle since start: the probe asks its question
+        engine.answered += 3  # real answers meanwhile
+        await supervisor.check(engine)
+        await supervisor.check(engine)  # none since the last probe: the question again
+
+    asyncio.run(main())
+    assert engine.proven == [False, True, False]
