@@ -138,7 +138,6 @@ class TritonEngine:
         # Triton calls and streams in flight, abandoned ones included (see _infer, ask_stream)
         self._detached: set[asyncio.Future] = set()
         self._live: set[TritonStream] = set()  # streams a caller is reading (see _llm_died)
-        self.answered = 0  # answers written to the end since start: the probe's proof that llm works
         # the supervisor's verdict (server/probe.py); None: ask Triton (see ready)
         self.readiness: Readiness | None = None
 
@@ -377,7 +376,6 @@ class TritonEngine:
             raise model_error(*builder.error)
         if builder.finish_reason == "cancelled":  # not by this caller: the server is stopping the sequence
             raise EngineError("unavailable", f"llm: the sequence was cancelled by the server ({model}); retry")
-        self.answered += 1
         yield builder.answer(selection.mode, self.effective_alpha(selection))
 
     async def ask(self, q: Question, selection: Selection, timeout: float | None = None) -> Answer:

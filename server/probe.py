@@ -16,14 +16,6 @@ The ``llm`` model streams (decoupled), and when its stub dies Triton never ends 
 was running, the probe's own included: so the probe also pings ``llm`` directly (a CANCEL round
 trip, ``TritonEngine.ping_llm``), which a dead stub fails within a second, and which then fails
 every stream in progress (the probe's question too) instead of leaving them to their deadlines.
-While real questions are being answered the probe does not ask one of its own: an answer written
-to its end since the last probe has proven ``llm`` (and its ensemble) better than the probe could,
-and the probe's question is a whole prefill that stalls every other sequence's next token (on the
-paper-shaped profile ~1180 positions, ~2 s of both cores at 2 layers, ~30 s at 32: an ITL p99 of
-2.3 s instead of 0.26 s under load, docs/benchmarks.md). It then asks ``tokens_interleaved``
-(preprocess, both encoders, ``fuse_interleaved``) and pings ``llm``, which still names a dead stub
-within a second. With no answer since the last probe (an idle server, or one whose answers all
-fail) it asks its question as before.
 """
 
 from __future__ import annotations
@@ -62,14 +54,12 @@ class ProbeResult:
     calls: tuple[str, ...]  # what was asked: "vqa_interleaved", "tokens_clip", ...
 
 
-async def probe_inference(engine: TritonEngine, timeout: float, llm_proven: bool = False) -> ProbeResult:
+async def probe_inference(engine: TritonEngine, timeout: float) -> ProbeResult:
     """One real request through every python-backend model, side by side, within ``timeout`` s.
 
     ``vqa_interleaved`` with one new token covers preprocess, both encoders, ``fuse_interleaved``
     and ``llm``; ``tokens_<mode>`` for the other three modes covers their projectors; ``embed_text``
     (when the repository serves CLIP's text tower) covers ``tokenize_text`` and ``clip_text``.
-    ``llm_proven`` (a real answer since the last probe): ``tokens_interleaved`` and a ping of
-    ``llm`` instead of the question.
     """
     started = time.monotonic()
     image = probe_image()
@@ -84,12 +74,7 @@ async def probe_inference(engine: TritonEngine, timeout: float, llm_proven: bool
         if await asyncio.wait_for(engine.client.is_model_ready(T.EMBED_TEXT), timeout):
             await engine.embed_text([PROBE_QUESTION], timeout=timeout)
 
-    if llm_proven:
-        coroutines = {T.tokens_model(FusionMode.INTERLEAVED): engine.encode(image, Selection(FusionMode.INTERLEAVED),
-                                                                            timeout=timeout),
-                      T.LLM: engine.ping_llm(timeout)}
-    else:
-        coroutines = {T.vqa_model(FusionMode.INTERLEAVED): ask()}
+    coroutines = {T.vqa_model(FusionMode.INTERLEAVED): ask()}
     for mode in (FusionMode.CLIP, FusionMode.DINOV2, FusionMode.ADDITIVE):
         coroutines[T.tokens_model(mode)] = engine.encode(image, Selection(mode), timeout=timeout)
     coroutines[T.EMBED_TEXT] = text()

@@ -133,7 +133,6 @@ class TritonSupervisor:
         self.probe_failures = 0  # failed probes in a row while Triton runs
         self.recoveries_s: list[float] = []  # fault seen -> probe answered again, per recovery
         self.gave_up = False  # max_restarts spent: the command exits 1
-        self._answered_at_probe = 0  # engine.answered after the last probe
 
     def start(self) -> TritonEndpoints:
         """Start Triton (blocking: run it in an executor)."""
@@ -151,10 +150,7 @@ class TritonSupervisor:
 
     async def check(self, engine: TritonEngine) -> bool:
         """Probe now and set readiness from the answer; returns whether it answered."""
-        answered = engine.answered  # real answers since the last probe prove llm: no question of its own
-        result = await probe_inference(engine, self.config.probe_timeout_s,
-                                       llm_proven=answered > self._answered_at_probe)
-        self._answered_at_probe = engine.answered  # the probe's own answer included
+        result = await probe_inference(engine, self.config.probe_timeout_s)
         self.readiness.last_probe = result
         if result.ok:
             self.probe_failures = 0

@@ -27,8 +27,6 @@ class FakeEngine:
     def __init__(self) -> None:
         self.answers = True
         self.reconnects = 0
-        self.answered = 0  # real answers written to their end (TritonEngine.answered)
-        self.proven: list[bool] = []  # llm_proven per probe
 
     async def reconnect(self) -> None:
         self.reconnects += 1
@@ -61,8 +59,7 @@ class FakeTriton:
 
 @pytest.fixture(autouse=True)
 def fake_probe(monkeypatch):
-    async def probe(engine: FakeEngine, timeout: float, llm_proven: bool = False) -> ProbeResult:
-        engine.proven.append(llm_proven)
+    async def probe(engine: FakeEngine, timeout: float) -> ProbeResult:
         return ProbeResult(engine.answers, "" if engine.answers else "llm: unavailable: stub", 0.0, ("llm",))
 
     monkeypatch.setattr(supervision, "probe_inference", probe)
@@ -146,16 +143,3 @@ def test_endpoints_of_each_lifecycle():
         process.server = SimpleNamespace(ports=TritonPorts(8000, 8001, 8002))
         assert process.endpoints() == TritonEndpoints(f"{seen}:8001", f"http://{seen}:8002/metrics")
 
-
-def test_the_probe_asks_no_question_of_its_own_while_real_answers_prove_the_llm():
-    engine = FakeEngine()
-    supervisor = _supervisor(FakeTriton(engine), [])
-
-    async def main() -> None:
-        await supervisor.check(engine)  # idle since start: the probe asks its question
-        engine.answered += 3  # real answers meanwhile
-        await supervisor.check(engine)
-        await supervisor.check(engine)  # none since the last probe: the question again
-
-    asyncio.run(main())
-    assert engine.proven == [False, True, False]
