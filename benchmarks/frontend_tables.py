@@ -8,21 +8,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from mofserve.core.reports import number as _f  # the one cell format of every report
+from mofserve.core.reports import times as _x
+
 from .frontend_analysis import FRONTEND_TARGET, PATHS, SECOND_MODE_TARGET, verdict
 from .pipelines import STAGES
 from .workload import OPTIONS, QUESTION
 
 PATH_LABELS = {"frontend": "front-end (gRPC Ask)", "direct": "direct ensemble", "inprocess": "in-process"}
-
-
-def _f(value: float | None, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def _x(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}x"
 
 
 def format_latency_table(paths: Mapping[str, Mapping]) -> str:

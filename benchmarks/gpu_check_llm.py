@@ -21,8 +21,9 @@ keeps what it has):
    the host's time to enqueue it (close to the step's time: launch-bound), the bytes it must read
    (every weight but the embedding table, and the batch's K/V) and so the share of the card's HBM
    bandwidth it reaches (by card name: 3.35 TB/s H100 SXM, 4.8 TB/s H200).
-4. ``graphs``: the same step replayed as a CUDA graph (a copy of ``decode_step`` whose context
-   length is fixed at capture, as a graph needs; checked against it), the size of that lever.
+4. ``graphs``: the same step replayed as a CUDA graph (``decode_step`` given its attended length,
+   fixed at capture, as a graph needs, instead of reading it from the device; checked against the
+   step that reads it), the size of that lever.
 
 The report's line and section on these (``llm_summary_line``, ``llm_markdown``) are in
 ``gpu_check_report``.
@@ -191,14 +192,6 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
             "mean_common_prefix": statistics.mean(common) if common else None}
 
 
-def graph_decode_step(model, cache, inputs_embeds, lengths, longest: int):
-    """``core.kv_slots.decode_step`` with the attended length ``longest`` given instead of read from
-    ``lengths`` (a host sync, which a CUDA graph cannot hold)."""
-    from mofserve.core.kv_slots import decode_step  # lazy: torch + transformers, in this stage's process only
-
-    return decode_step(model, cache, inputs_embeds, lengths, longest)
-
-
 def step_inputs(vlm, batch: int, context: int):
     """A slot cache of ``batch`` sequences at ``context`` positions (zeros: attention costs the same)."""
     import torch
@@ -249,20 +242,20 @@ def time_graph(vlm, batch: int, context: int, runs: int, seconds: float, read_by
 
     cache, embeds, lengths = step_inputs(vlm, batch, context)
     reference = decode_step(vlm.model, cache, embeds, lengths)
-    eager = graph_decode_step(vlm.model, cache, embeds, lengths, context + 1)
+    eager = decode_step(vlm.model, cache, embeds, lengths, context + 1)
     out: dict = {"batch": batch, "copy_max_abs_diff": float((eager - reference).abs().max())}
     if vlm.device.type != "cuda":
-        return {**out, "graph": "needs CUDA (the copy of the step is checked against decode_step only)"}
+        return {**out, "graph": "needs CUDA (the fixed-length step is checked against decode_step only)"}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream before capture (torch.cuda.graphs' rule)
         for _ in range(2):
-            graph_decode_step(vlm.model, cache, embeds, lengths, context + 1)
+            decode_step(vlm.model, cache, embeds, lengths, context + 1)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     started = time.perf_counter()
     with torch.cuda.graph(graph):
-        logits = graph_decode_step(vlm.model, cache, embeds, lengths, context + 1)
+        logits = decode_step(vlm.model, cache, embeds, lengths, context + 1)
     graph.replay()
     torch.cuda.synchronize()
     out.update(capture_s=round(time.perf_counter() - started, 3),

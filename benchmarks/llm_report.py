@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage, git_commit, load_average, machine_info, versions
 from mofserve.core.profiles import PROFILE_NAMES, get_profile
+from mofserve.core.reports import number as _f  # the one cell format of every report
 from mofserve.core.reports import write_json, write_text
 
 from . import llm_stage as S
@@ -22,10 +22,6 @@ WAYS = (("engine_batched", "LLMEngine, all submitted at once"),
         ("engine_one_at_a_time", "LLMEngine, max_sequences 1 (one at a time)"),
         ("hf_generate", "transformers generate, one at a time (inputs_embeds)"),
         ("hf_continuous_batching", "transformers continuous batching (generate_batch's manager; token ids)"))
-
-
-def _f(value, digits: int = 1) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
 def format_engines(engines: Mapping) -> str:

@@ -11,15 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-
-def _f(value, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def _x(value, digits: int = 2) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}x"
+from mofserve.core.reports import number as _f  # the one cell format of every report
+from mofserve.core.reports import times as _x
 
 
 def _label(point: Mapping) -> str:

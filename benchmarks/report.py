@@ -12,7 +12,6 @@ every point with its raw records), a Markdown table and PNG plots (matplotlib, A
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mofserve.core.machine import git_commit, load_average, machine_info, versions
+from mofserve.core.reports import number as _f  # the one cell format of every report
 from mofserve.core.reports import write_json, write_text
 
 from .baselines import baseline_ratios, point_targets, target_rows
@@ -103,12 +103,6 @@ def stages_by_repeat(points: Sequence[Mapping]) -> dict[str, dict[str, float]]:
 # Markdown
 
 
-def _f(value, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
 def _label(point: Mapping) -> str:
     return f"c={point['value']:g}" if point["kind"] == "concurrency" else f"{point['value']:g}/s"
 
@@ -156,10 +150,6 @@ def format_triton_table(points: Sequence[Mapping]) -> str | None:
         return None
     return "\n".join(["| point | Triton model | requests | executions | request ms | queue ms | compute ms | "
                       "cache hit / miss |", "|---|---|---:|---:|---:|---:|---:|---|", *rows])
-
-
-def _x(value, digits: int = 2) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}x"
 
 
 def _cache_hits(point: Mapping) -> str:

@@ -108,5 +108,14 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: 
     return "\n".join(lines)
 
 
-def pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def number(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    """A table cell: ``value`` to ``digits`` decimals and ``suffix``; "-" when there is no value
+    (None, or NaN / inf: a ratio without a denominator, a phase that did not run)."""
+    if value is None or (isinstance(value, float | np.floating) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def times(value: float | None, digits: int = 2) -> str:
+    """A ratio cell: "1.23x"; "-" when there is no value."""
+    return number(value, digits, "x")

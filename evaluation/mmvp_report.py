@@ -15,7 +15,7 @@ from typing import Any
 
 from mofserve.clients.results import ServerInfo
 from mofserve.core.machine import machine_info
-from mofserve.core.reports import markdown_table, now_iso, pct
+from mofserve.core.reports import markdown_table, now_iso, number
 
 from .datasets import LABEL_FIX_PAIRS, LabelFixes, MMVPDataset, MMVPItem
 from .mmvp_scoring import ModeSpec, grade, is_answer, judgement_for, score
@@ -202,7 +202,7 @@ def _score_cells(report: Mapping[str, Any], key: str, metric: str) -> list[str]:
     cells = []
     for label_set in report["labels"]["sets"]:
         for rule in report["grading"]:
-            cells.append(pct(report["scores"][label_set][key][rule][metric]))
+            cells.append(number(report["scores"][label_set][key][rule][metric]))
     return cells
 
 
@@ -236,12 +236,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         rows.append([mode["key"], *_score_cells(report, mode["key"], "pair_accuracy"),
                      f"{report['scores']['raw'][mode['key']]['generated']['pairs']}",
                      counterpart["model"] if counterpart else "-",
-                     pct(counterpart["pair_accuracy"]) if counterpart else "-"])
+                     number(counterpart["pair_accuracy"]) if counterpart else "-"])
     out += [markdown_table(["mode", *header, "pairs", "paper counterpart", "paper"], rows,
                            "l" + "r" * (len(header) + 1) + "lr"), ""]
     out += ["Paper reference points:", "",
             markdown_table(["model", "MMVP pair accuracy"],
-                           [[name, pct(REFERENCE_PAIR_ACCURACY[name])] for name in
+                           [[name, number(REFERENCE_PAIR_ACCURACY[name])] for name in
                             ("Human", "LLaVA-1.5 + I-MoF", "Random guess", "LLaVA-1.5")]), ""]
     out += ["## Question accuracy (%)", ""]
     rows = []
@@ -269,7 +269,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out.append("")
     out += ["## Mean time per answer (ms)", ""]
     out += [markdown_table(["mode", *(s.removesuffix("_ms") for s in STAGES)],
-                           [[k, *(pct(t[f"mean_{s}"]) for s in STAGES)] for k, t in report["timings_ms"].items()]), ""]
+                           [[k, *(number(t[f"mean_{s}"]) for s in STAGES)]
+                            for k, t in report["timings_ms"].items()]), ""]
     run = report["run"]
     out.append(f"Run: {run['requests']} request(s) this run ({run['failed_requests']} failed), "
                f"{run['reused_answers']} answer(s) reused from the checkpoint, {run['wall_s']:.1f} s.")
@@ -282,6 +283,6 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     for mode in report["modes"]:
         counterpart = mode["paper_counterpart"]
         rows.append([mode["key"], *_score_cells(report, mode["key"], "pair_accuracy"),
-                     f"{counterpart['model']}: {pct(counterpart['pair_accuracy'])}" if counterpart else "-"])
+                     f"{counterpart['model']}: {number(counterpart['pair_accuracy'])}" if counterpart else "-"])
     header = ["MMVP pair accuracy (%)", *_score_header(report), "paper"]
     return markdown_table(header, rows, "l" + "r" * (len(header) - 2) + "l").splitlines()

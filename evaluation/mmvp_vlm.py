@@ -47,7 +47,7 @@ import numpy as np
 
 from mofserve.clients import DEFAULT_TARGET, AsyncMofServeClient, MofServeError
 from mofserve.core.machine import machine_info
-from mofserve.core.reports import markdown_table, now_iso, pct, timestamped_dir, write_csv, write_json, write_text
+from mofserve.core.reports import markdown_table, now_iso, number, timestamped_dir, write_csv, write_json, write_text
 
 from .datasets import DatasetError, check_image, display_path, find_csv, open_csv
 from .mmvp import check_client_settings, positive_int
@@ -461,9 +461,9 @@ def score_table(report: Mapping[str, Any]) -> str:
     """The paper's table: pair accuracy (%) per visual pattern and the average, this server first,
     then the paper's reference averages."""
     results = report["results"]
-    ours = [_model_label(report), *(pct(results["per_pattern"][p]["accuracy"]) if p in results["per_pattern"]
-                                    else "-" for p in PATTERNS), pct(results["average"])]
-    references = [[f"{name} (paper)", *("-" for _ in PATTERNS), pct(value)]
+    ours = [_model_label(report), *(number(results["per_pattern"][p]["accuracy"]) if p in results["per_pattern"]
+                                    else "-" for p in PATTERNS), number(results["average"])]
+    references = [[f"{name} (paper)", *("-" for _ in PATTERNS), number(value)]
                   for name, value in report["reference"]["average"].items()]
     return markdown_table(["model", *PATTERNS, "Average"], [ours, *references])
 
@@ -483,8 +483,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "A pair counts only when both texts pick their own image; a failed pair counts as wrong. "
             "The paper gives per-pattern numbers only in its figure; its averages are shown.", "",
             score_table(report), ""]
-    rows = [[p, v["pairs"], v["correct"], v["failed"], pct(v["accuracy"])] for p, v in results["per_pattern"].items()]
-    rows.append(["all", results["pairs"], results["correct"], results["failed"], pct(results["overall"])])
+    rows = [[p, v["pairs"], v["correct"], v["failed"], number(v["accuracy"])]
+            for p, v in results["per_pattern"].items()]
+    rows.append(["all", results["pairs"], results["correct"], results["failed"], number(results["overall"])])
     out += ["## Counts", "", markdown_table(["visual pattern", "pairs", "correct", "failed", "accuracy (%)"], rows), ""]
     out += ["## Scoring", "", scoring["rule"] + ".", ""]
     if report["failures"]:

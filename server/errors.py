@@ -49,6 +49,7 @@ def triton_status_code(status: str, default: str = "internal") -> str:
     """The engine code of a Triton gRPC status ("StatusCode.NOT_FOUND" or "NOT_FOUND")."""
     return TRITON_STATUS_CODES.get(status.removeprefix("StatusCode."), default)
 
+
 #: The request fields a Triton model names first when it refuses a value ("image: cannot decode ...").
 _REQUEST_FIELD = re.compile(r"^(?:image|question|options|alpha|max_new_tokens|temperature|top_p|seed|text|texts)"
                             r"(?:\[\d+\])?(?=: )")

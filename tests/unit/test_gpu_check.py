@@ -91,7 +91,7 @@ def test_llm_dry_run_decodes_batched_and_one_at_a_time_and_times_the_step(tmp_pa
         assert graph["copy_max_abs_diff"] == 0.0 and graph["graph"].startswith("needs CUDA")
 
 
-def test_the_graph_step_copy_is_decode_step_at_unequal_lengths():
+def test_the_graph_step_with_a_fixed_length_is_decode_step_at_unequal_lengths():
     import torch
 
     from mofserve.core.kv_slots import decode_step
@@ -99,7 +99,7 @@ def test_the_graph_step_copy_is_decode_step_at_unequal_lengths():
     vlm = gcl.build_vlm("tiny", torch.device("cpu"))
     lengths = torch.tensor([3, 9, 5])
     results = []
-    for step in (decode_step, lambda *args: gcl.graph_decode_step(*args, longest=10)):
+    for step in (decode_step, lambda *args: decode_step(*args, longest=10)):
         cache, embeds, _ = gcl.step_inputs(vlm, 3, 16)
         for layer in (*cache.keys, *cache.values):
             layer.normal_(generator=torch.Generator().manual_seed(1))
