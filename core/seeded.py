@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .disk_space import room_for, tensor_bytes
 from .fusion import CLIP_PROJECTOR_PREFIX, DINO_PROJECTOR_PREFIX, PROJECTOR_TYPE, Projector
 from .profiles import BYTE_LEVEL_BPE, CLIP_MEAN, CLIP_STD, LLAMA_SENTENCEPIECE, Profile, SeededSpec
 
@@ -112,7 +113,9 @@ def _build_clip(spec: SeededSpec, profile: Profile, out: Path) -> None:
                          bos_token_id=0, pad_token_id=1, eos_token_id=2),
         projection_dim=v.projection_dim,
     )
-    CLIPModel(config).eval().save_pretrained(out)
+    model = CLIPModel(config).eval()
+    with room_for(out, tensor_bytes(model.state_dict().values()), "the seeded CLIP checkpoint"):
+        model.save_pretrained(out)
     CLIPImageProcessorPil(
         size={"shortest_edge": profile.image_size},
         crop_size={"height": profile.image_size, "width": profile.image_size},
@@ -128,7 +131,9 @@ def _build_dinov2(spec: SeededSpec, profile: Profile, out: Path) -> None:
     config = Dinov2Config(hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
                           num_attention_heads=v.num_heads, mlp_ratio=v.intermediate_size // v.hidden_size,
                           image_size=v.native_image_size, patch_size=profile.patch_size)
-    Dinov2Model(config).eval().save_pretrained(out)
+    model = Dinov2Model(config).eval()
+    with room_for(out, tensor_bytes(model.state_dict().values()), "the seeded DINOv2 checkpoint"):
+        model.save_pretrained(out)
 
 
 # A small corpus in the shape of what the LLM will read: the LLaVA v1 template and MMVP questions.
@@ -369,4 +374,5 @@ def _build_llava(spec: SeededSpec, profile: Profile, out: Path) -> None:
         projector = Projector(width, spec.llm.hidden_size)
         for key, value in projector.state_dict().items():
             state[prefix + key] = value.to(dtype).contiguous()
-    _save_sharded(state, out)
+    with room_for(out, tensor_bytes(state.values()), "the seeded LLaVA checkpoint"):
+        _save_sharded(state, out)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mofserve.core.checkpoints import CheckpointPaths
+from mofserve.core.disk_space import room_for, tensor_bytes
 from mofserve.core.preprocessing import preprocess_bytes
 from mofserve.core.profiles import Profile, artifacts_dir
 from mofserve.core.runtime import OnnxRunner
@@ -148,7 +149,9 @@ def export_vision(config: ExportConfig, paths: CheckpointPaths, profile: Profile
     example = config.example(module, profile)
     shape = f"{example.shape[-1]} token ids" if text else f"{profile.image_size}px"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{config.model_name}-") as tmp:
+    weights = tensor_bytes(module.state_dict().values())  # fp32, as the graph stores them
+    with (room_for(folder.parent, weights, f"the ONNX graph of {config.model_name}"),
+          tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{config.model_name}-") as tmp):
         tmp_dir = Path(tmp)
         traced, staged = tmp_dir / "traced" / GRAPH_FILE, tmp_dir / "staged"
         traced.parent.mkdir()

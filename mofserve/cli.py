@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mofserve.core.disk_space import EXIT_NO_SPACE, InsufficientDiskSpaceError
 from mofserve.core.logs import LOG_LEVEL_ENV, configure_logging
 
 
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except InsufficientDiskSpaceError as error:  # its own exit code: a full disk is not a usage error
+        print(f"mofserve: error: {error.strerror}", file=sys.stderr)
+        return EXIT_NO_SPACE
     except (FileNotFoundError, ValueError) as error:
         print(f"mofserve: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ LLaVA-1.5 tokenizer and a bf16 LM. It exports once (cached by digest in ``$MOFSE
 the first time on 2 shared cores, the ViT-L parity gates included; seconds afterwards), serves once
 for the module and sends few requests, each with a short answer (every new token is a 7B-wide decode
 step). The wall times of the export, of readiness and of each request are printed at the end (``-s``).
+It needs ~7 GB free under ``$MOFSERVE_HOME`` the first time: where the export finds less, it exits 73
+before writing (core/disk_space.py) and the module skips with the export's words, as a CI run on a full
+shared disk would otherwise fail half-way through a trace.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import pytest
 
 from mofserve.clients import MofServeClient
+from mofserve.core.disk_space import EXIT_NO_SPACE
 from mofserve.core.profiles import PAPER_SHAPED_LLM_LAYERS_ENV
 
 from .images import drawing
@@ -54,6 +58,8 @@ def served() -> Iterator[SimpleNamespace]:
     export = subprocess.run([sys.executable, "-m", "mofserve", "export", "--profile", "paper-shaped"],
                             env=env, capture_output=True, text=True, timeout=1200)
     TIMINGS["export (checkpoints built if missing)"] = time.perf_counter() - started
+    if export.returncode == EXIT_NO_SPACE:  # ~7 GB on a shared disk: the machine's lack, not a defect
+        pytest.skip(export.stderr.strip().splitlines()[-1])
     assert export.returncode == 0, export.stdout[-4000:] + export.stderr[-4000:]
     ready = time.perf_counter()
     server = start_mofserve(["serve", "--profile", "paper-shaped", "--grpc-port", "0", "--http-port", "0"],
