@@ -14,8 +14,10 @@ from pathlib import Path
 from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage, git_commit, load_average, machine_info, versions
 from mofserve.core.profiles import PROFILE_NAMES, get_profile
 from mofserve.core.reports import number as _f  # the one cell format of every report
+from mofserve.core.reports import times as _x
 from mofserve.core.reports import write_json, write_text
 
+from . import llm_joining as J
 from . import llm_stage as S
 
 WAYS = (("engine_batched", "LLMEngine, all submitted at once"),
@@ -46,6 +48,23 @@ def format_engines(engines: Mapping) -> str:
                   "| batch | steps | median step ms | tokens/s |", "|---:|---:|---:|---:|"]
         lines += [f"| {b} | {s['steps']} | {_f(s['median_ms'])} | {_f(s['tokens_per_s'], 2)} |"
                   for b, s in steps.items()]
+    return "\n".join(lines)
+
+
+def format_joining(joining: Mapping) -> str:
+    lines = [f"{joining['running']} streams decode ({joining['running_prompt_tokens']} prompt positions); "
+             f"{joining['joiners']} requests of {joining['joiner_prompt_tokens']} positions join together. Over the "
+             "window from their submission to the last one's first token: the running streams' gaps between tokens "
+             "and tokens/s, and the joiners' TTFT; x = against chunk 0 (the whole prompt in one forward), same run.",
+             "", "| prefill chunk | prefill forwards | running ITL p50 ms | p99 ms | max ms | p99 x | "
+             "running tokens/s | joiner TTFT p50 ms | max ms | TTFT p50 x | window s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for chunk, r in joining["runs"].items():
+        itl, ttft = r["running_itl_ms"], r["joiner_ttft_ms"]
+        lines.append(f"| {chunk if chunk != '0' else '0 (whole)'} | {r['prefill_forwards']} | {_f(itl['p50'])} | "
+                     f"{_f(itl['p99'])} | {_f(itl['max'])} | {_x(r['itl_p99_vs_whole'])} | "
+                     f"{_f(r['running_tokens_per_s'], 2)} | {_f(r['joiner_ttft_ms']['p50'])} | {_f(ttft['max'])} | "
+                     f"{_x(r['ttft_p50_vs_whole'])} | {_f(r['window_s'], 1)} |")
     return "\n".join(lines)
 
 
@@ -108,6 +127,8 @@ def format_report(report: Mapping) -> str:
              "engine's rows / its decode steps' time.", ""]
     if report.get("engines"):
         lines += ["## Engines", "", format_engines(report["engines"]), ""]
+    if report.get("joining"):
+        lines += ["## A request joins: the prefill whole vs in chunks", "", format_joining(report["joining"]), ""]
     if report.get("layers"):
         lines += ["## Per-layer cost and the 32-layer extrapolation", "", format_layers(report["layers"]), ""]
     if report.get("agreement"):
@@ -126,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=S.DEFAULT_NEW_TOKENS)
     p.add_argument("--extrapolate-layers", type=int, default=32)
     p.add_argument("--dtype", default=None, help="the LM's dtype (default: the profile's serving dtype)")
+    p.add_argument("--prefill-chunks", type=int, nargs="+", default=list(J.DEFAULT_CHUNKS),
+                   help="chunk sizes of the joining section, each against 0 (the whole prompt)")
     p.add_argument("--ways", nargs="+", choices=[k for k, _ in WAYS], default=[k for k, _ in WAYS])
     p.add_argument("--agreement-profiles", nargs="+", choices=seeded, default=None,
                    help="LMs for the agreement section, each in bf16 (default: small and the --profile)")
@@ -185,6 +208,17 @@ def main(argv=None) -> int:
             if not r.get("error"):
                 S.log(f"  TTFT p50 {r['ttft_ms']['p50']:.0f} ms, decode {r['decode_tokens_per_s']:.2f} tokens/s, "
                       f"output {r['output_tokens_per_s']:.2f} tokens/s")
+    if "joining" in args.sections:
+        S.log(f"joining: prefill chunks {args.prefill_chunks} against the whole prompt ...")
+        cpu = cpu_snapshot()
+        try:
+            report["joining"] = J.joining(vlm, S.synthetic_requests, args.prefill_chunks)
+        except Exception as error:  # keeps the other sections
+            report["joining"] = {"error": f"{type(error).__name__}: {error}", "runs": {}}
+        after = cpu_snapshot()
+        if cpu is not None and after is not None:
+            report["joining"]["cpu"] = cpu_usage(cpu, after, TICKS_PER_S)
+        report["load_average"]["joining"] = load_average()
     if "layers" in args.sections:
         cpu = cpu_snapshot()
         report["layers"] = S.layer_costs(vlm, args.prompt_tokens, sorted({1, args.sequences}),

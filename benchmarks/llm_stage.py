@@ -44,7 +44,7 @@ DEFAULT_SEQUENCES = 8
 DEFAULT_PROMPT_TOKENS = 640  # A-MoF: 576 visual tokens + the llava_v1 prompt (FACTS.md)
 DEFAULT_NEW_TOKENS = 32
 DEFAULT_DEPTHS = (1, 2, 4)
-SECTIONS = ("engines", "layers", "agreement")
+SECTIONS = ("engines", "joining", "layers", "agreement")  # joining: benchmarks/llm_joining.py
 QUESTIONS = ("Is the dog facing left or right?", "What color is the car?", "Describe the image in detail.",
              "How many people are in the picture?", "Is the door open or closed?", "Where is the cup?",
              "What is the man holding in his hand?", "Is the light on?")

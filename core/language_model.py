@@ -157,7 +157,7 @@ class VisualLanguageModel:
         self.context_length = int(model.config.max_position_embeddings)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # transformers renamed the cache argument (past_key_values -> cache); accept both
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_checkpoint(cls, llava_path: Path | str, dtype: torch.dtype | str = torch.float32,
@@ -251,7 +251,7 @@ class VisualLanguageModel:
         kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
                       pad_token_id=self.pad_token_id, num_beams=1)
         if cache is not None:
-            kwargs[self._cache_arg] = cache
+            kwargs[self.cache_arg] = cache
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:  # nucleus sampling only: top_k 0 turns off a checkpoint's default top-k
@@ -299,7 +299,7 @@ class VisualLanguageModel:
             ids = self.continuation_ids(prompt, option)
             tail = embed(torch.tensor(ids[:-1], dtype=torch.long, device=self.device)).unsqueeze(0)
             inputs = torch.cat([embeds[:, -1:], tail], dim=1)  # position j predicts ids[j]
-            logits = self.model(inputs_embeds=inputs, **{self._cache_arg: copy.deepcopy(cache)}).logits
+            logits = self.model(inputs_embeds=inputs, **{self.cache_arg: copy.deepcopy(cache)}).logits
             logprobs = torch.log_softmax(logits[0].float(), dim=-1)
             scores.append(float(logprobs[torch.arange(len(ids)), torch.tensor(ids)].mean()))
         return scores

@@ -10,13 +10,16 @@ callback; the engine calls ``emit`` from its own thread with a ``Delta`` per gen
 ``answer`` / ``generate_many`` in process. An external engine (vLLM ``prompt_embeds``,
 TensorRT-LLM's prompt table) would plug in behind the same three calls (docs/architecture.md).
 
-One loop thread owns the model. Each turn it (1) ends cancelled sequences, (2) admits at most
-one waiting request (FIFO) when a slot is free: its prefill runs as the model's own forward on
-that one sequence (so option scores are exactly the one-sequence path's), its first token is
-sampled, and its KV cache is copied into its slot (core.kv_slots), then (3) runs one batched
-decode step for every live sequence. Admitting one prefill per turn bounds how long running
-sequences wait between tokens (a paper-shaped prefill is ~1 s on 2 CPU cores); chunked prefill
-would bound it further and is not built.
+One loop thread owns the model. Each turn it (1) ends cancelled sequences, (2) when no prefill
+is under way and a slot is free, admits the first waiting request (FIFO), (3) runs one chunk of
+the admitted request's prefill, then (4) runs one batched decode step for every live sequence.
+The prefill is the model's own forward on that one sequence (so option scores are exactly the
+one-sequence path's), ``prefill_chunk`` prompt positions a turn continuing its own KV cache; after
+its last chunk its first token is sampled and the cache is copied into its slot (core.kv_slots).
+Chunking bounds how long running sequences wait between tokens while a request joins: an I-MoF
+prompt of the paper's shapes is ~1200 positions, ~1.4 s on 2 CPU cores at 2 of LLaMA-7B's 32
+layers (~20 s at 32), during which every other stream got no token (docs/benchmarks.md, "Chunked
+prefill"). ``prefill_chunk`` 0 prefills a prompt in one forward.
 
 Bounds: ``max_sequences`` slots (``1`` serves one sequence at a time through the same code) and
 a KV pool of ``kv_cache_mb`` split evenly over them (0: every slot holds the model's context). A
@@ -121,7 +124,10 @@ class _Sequence:
     chosen: str = ""
     scores: tuple[float, ...] = ()
     queue_ms: float = 0.0
-    prefill_ms: float = 0.0
+    prefill_ms: float = 0.0  # from its first chunk to its first token (other streams' steps included)
+    prefill_started: float = 0.0
+    prefilled: int = 0  # prompt positions in ``kv`` so far
+    kv: object | None = None  # the model's own cache while the prefill is under way
     first_token_at: float = 0.0
     cancelled: bool = False
 
@@ -134,10 +140,13 @@ class LLMEngine:
     """In-flight batching over a ``VisualLanguageModel`` (see module doc)."""
 
     def __init__(self, vlm: VisualLanguageModel, max_sequences: int = 8, kv_cache_mb: int = 0,
-                 max_waiting: int = 256) -> None:
+                 max_waiting: int = 256, prefill_chunk: int = 0) -> None:
         if max_sequences < 1:
             raise ValueError(f"max_sequences: must be at least 1, got {max_sequences}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk: must be 0 (whole prompts) or a positive count, got {prefill_chunk}")
         self.vlm = vlm
+        self.prefill_chunk = prefill_chunk
         self.max_waiting = max_waiting
         self.geometry = geometry(vlm.model, max_sequences, kv_cache_mb << 20)
         self.cache = SlotCache(self.geometry, vlm.device)
@@ -145,6 +154,7 @@ class LLMEngine:
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # index == slot
+        self._prefilling: _Sequence | None = None  # admitted, its prefill under way (its slot is reserved)
         self._by_id: dict[str, _Sequence] = {}
         # ids cancelled before they arrived (a caller that gave up while its request was still in
         # the encoders): a late submit of one of them ends at once instead of taking a slot
@@ -153,6 +163,7 @@ class LLMEngine:
         self._closed = False
         self.steps = 0  # decode steps run
         self.batched_rows = 0  # sequences served by those steps (rows / steps = mean batch)
+        self.prefill_chunks = 0  # prefill forwards run (one per prompt when not chunked)
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -223,7 +234,8 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"running": len(self._running), "waiting": len(self._waiting), "slots": self.geometry.slots,
-                    "slot_tokens": self.geometry.slot_tokens, "steps": self.steps, "batched_rows": self.batched_rows}
+                    "slot_tokens": self.geometry.slot_tokens, "steps": self.steps, "batched_rows": self.batched_rows,
+                    "prefilling": int(self._prefilling is not None), "prefill_chunks": self.prefill_chunks}
 
     # ---- in-process conveniences (tests, benchmarks) ------------------------------------------
 
@@ -267,32 +279,46 @@ class LLMEngine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._closed or self._waiting or self._running)
-                if self._closed and not self._running and not self._waiting:
+                self._lock.wait_for(lambda: self._closed or self._waiting or self._running or self._prefilling)
+                if self._closed and not self._running and not self._waiting and self._prefilling is None:
                     return
-                cancelled = [s for s in (*self._waiting, *self._running) if s.cancelled]
-                admit = None
-                if self._waiting and len(self._running) < self.geometry.slots and not self._waiting[0].cancelled:
-                    admit = self._waiting.popleft()
+                prefilling = [self._prefilling] if self._prefilling is not None else []
+                cancelled = [s for s in (*self._waiting, *prefilling, *self._running) if s.cancelled]
+                if (self._prefilling is None and self._waiting and len(self._running) < self.geometry.slots
+                        and not self._waiting[0].cancelled):
+                    self._prefilling = self._waiting.popleft()
             for sequence in cancelled:
+                if sequence is self._prefilling:
+                    self._prefilling = None  # its partial cache goes with it
                 self._finish(sequence, "cancelled")
+            joining = self._prefilling
             try:
-                if admit is not None:
-                    self._prefill(admit)
+                if joining is not None:
+                    self._prefill(joining)
                 if self._running:
                     self._step()
             except Exception as error:  # never let one failure stop the loop: fail those involved
                 LOGGER.exception("llm: step failed")
-                for sequence in [*self._running, *([admit] if admit is not None else [])]:
+                self._prefilling = None
+                for sequence in [*self._running, *([joining] if joining is not None else [])]:
                     self._fail(sequence, error)
 
     def _prefill(self, s: _Sequence) -> None:
-        started = time.perf_counter()
-        s.queue_ms = (started - s.submitted) * 1e3
+        """One chunk of ``s``'s prefill; after the last, its first token and its slot."""
+        now = time.perf_counter()
+        if not s.prefilled:
+            s.prefill_started = now
+            s.queue_ms = (now - s.submitted) * 1e3
+        end = s.prompt_tokens if not self.prefill_chunk else min(s.prompt_tokens, s.prefilled + self.prefill_chunk)
         model = self.vlm.model
         with torch.inference_mode():
-            out = model(inputs_embeds=s.embeds, use_cache=True, logits_to_keep=1)
-            cache = getattr(out, "cache", None) or out.past_key_values
+            continued = {self.vlm.cache_arg: s.kv} if s.kv is not None else {}
+            out = model(inputs_embeds=s.embeds[:, s.prefilled:end], use_cache=True, logits_to_keep=1, **continued)
+            self.prefill_chunks += 1
+            s.kv, s.prefilled = getattr(out, "cache", None) or out.past_key_values, end
+            if end < s.prompt_tokens:
+                return
+            cache, s.kv, self._prefilling = s.kv, None, None
             if s.options:
                 # scoring continues from the prompt minus its last position (VisualLanguageModel.score_options)
                 scoring = copy.deepcopy(cache)
@@ -301,7 +327,7 @@ class LLMEngine:
                 s.chosen = s.options[max(range(len(s.scores)), key=s.scores.__getitem__)].letter
             token = self._sample(s, out.logits[:, -1].float())
         s.length = s.prompt_tokens
-        s.prefill_ms = (time.perf_counter() - started) * 1e3
+        s.prefill_ms = (time.perf_counter() - s.prefill_started) * 1e3
         s.first_token_at = time.perf_counter()
         if self._advance(s, token, first=True):
             s.slot = len(self._running)

@@ -126,8 +126,21 @@ class ServingSpec:
     # and the KV pool split over them (0: each slot holds the model's context).
     llm_max_sequences: int = 8
     llm_kv_cache_mb: int = 0
+    # Prompt positions a joining request prefills per engine turn, a decode step of the others
+    # between each two (0: the whole prompt at once, as tiny and small keep it: their prompts are
+    # short). Bounds the others' gap between tokens while a request joins; the paper profiles set
+    # it (docs/benchmarks.md, "Chunked prefill").
+    llm_prefill_chunk: int = 0
     max_new_tokens: int = 128  # default answer length (MMVP answers are short)
     max_new_tokens_limit: int = 512  # a request asking for more fails (INVALID_ARG)
+
+    def __post_init__(self) -> None:
+        # here, not in the llm model's initialize: a bad value stops `export`/`serve` before Triton starts
+        if self.llm_max_sequences < 1:
+            raise ValueError(f"serving.llm_max_sequences: must be at least 1, got {self.llm_max_sequences}")
+        if self.llm_prefill_chunk < 0:
+            raise ValueError(f"serving.llm_prefill_chunk: must be 0 (whole prompts) or positive, "
+                             f"got {self.llm_prefill_chunk}")
 
 
 @dataclass(frozen=True)
@@ -325,7 +338,10 @@ def _dataclass(cls: type, table: Mapping[str, Any], path: Path, where: str, **gi
         if name not in table and spec.default is MISSING and spec.default_factory is MISSING:
             raise ValueError(f"{path}: {_join(where, name)}: missing (required)")
     values = {k: _typed(hints[k], v, path, _join(where, k)) for k, v in table.items()}
-    return cls(**values, **given)
+    try:
+        return cls(**values, **given)
+    except ValueError as error:  # a class's own check (ServingSpec's bounds) names its key; add the file
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _join(where: str, key: str) -> str:

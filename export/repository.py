@@ -239,7 +239,8 @@ def llm_spec(shapes: ModelShapes, profile: Profile, paths: CheckpointPaths, targ
     _params(c, llava=paths.llava, max_new_tokens=serving.max_new_tokens,
             max_new_tokens_limit=serving.max_new_tokens_limit, threads=serving.llm_threads,
             dtype=serving.llm_dtype, max_sequences=serving.llm_max_sequences,
-            kv_cache_mb=serving.llm_kv_cache_mb, random_weights=str(profile.random_weights).lower(),
+            kv_cache_mb=serving.llm_kv_cache_mb, prefill_chunk=serving.llm_prefill_chunk,
+            random_weights=str(profile.random_weights).lower(),
             profile=profile.name)
     return ModelSpec(c, source="llm")
 

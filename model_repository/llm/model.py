@@ -71,7 +71,8 @@ class TritonPythonModel:
             default_max_new_tokens=int(params["max_new_tokens"]),
             max_new_tokens_limit=int(params["max_new_tokens_limit"]))
         self.engine = LLMEngine(vlm, max_sequences=int(params.get("max_sequences", "8")),
-                                kv_cache_mb=int(params.get("kv_cache_mb", "0")))
+                                kv_cache_mb=int(params.get("kv_cache_mb", "0")),
+                                prefill_chunk=int(params.get("prefill_chunk", "0")))
         self.logger = pb_utils.Logger
         if params.get("random_weights", "false") == "true":
             self.logger.log_warn(f"llm: profile {params.get('profile', '?')} has seeded random weights; "

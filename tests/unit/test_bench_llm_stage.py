@@ -68,9 +68,16 @@ def test_every_section_runs_briefly_on_tiny(tiny_paths, tmp_path, capsys):
     layers = report["layers"]
     assert layers["depths"] == [1, 2, 4] and layers["layers"] == 32 and set(layers["decode_step"]) == {"1", "2"}
     assert set(layers["prefill"]["measured_ms"]) == {"1", "2", "4"}
+    joining = report["joining"]
+    assert "error" not in joining, joining.get("error")
+    assert list(joining["runs"]) == ["0", "256", "512"]
+    whole, chunked = joining["runs"]["0"], joining["runs"]["256"]
+    assert whole["prefill_forwards"] == joining["joiners"] and whole["itl_p99_vs_whole"] == 1.0
+    assert chunked["prefill_forwards"] == joining["joiners"] * -(-joining["joiner_prompt_tokens"] // 256)
+    assert chunked["joiner_ttft_ms"]["n"] == joining["joiners"] and chunked["running_itl_ms"]["n"] > 0
     agreement = report["agreement"]["tiny"]
     assert agreement["dtype"] == "bfloat16" and len(agreement["requests"]) == 2
     assert agreement["batched_vs_one_at_a_time"]["requests"] == 2
     md = (out / "report.md").read_text()
-    assert "## Engines" in md and "EXTRAPOLATION" in md and "## Greedy agreement" in md
+    assert "## Engines" in md and "EXTRAPOLATION" in md and "## Greedy agreement" in md and "| 0 (whole) |" in md
     assert md.strip() in capsys.readouterr().out

@@ -5,6 +5,7 @@ memory, cancellation frees a slot, seeded sampling does not depend on neighbours
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -131,6 +132,9 @@ def test_a_full_queue_refuses_and_max_sequences_bounds_the_batch(vlm):
 
     try:
         engine.submit("held", visual(64, 0), QUESTIONS[0], None, vlm.sampling(max_new_tokens=2), emit=slow)
+        deadline = time.monotonic() + 30  # the loop takes it (then holds in `slow`): the queue is ours
+        while engine.stats()["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.005)
         for i in range(3):
             engine.submit(f"q{i}", visual(64, i), QUESTIONS[1], None, vlm.sampling(max_new_tokens=2), emit=slow)
         with pytest.raises(CapacityError, match="waiting for a slot"):
@@ -203,3 +207,87 @@ def test_a_cancel_that_arrives_before_its_request_ends_it_without_a_prefill(vlm)
         assert engine.answer(visual(64, 6), QUESTIONS[1], max_new_tokens=2).finish_reason == "length"
     finally:
         engine.close()
+
+
+def test_a_chunked_prefill_gives_the_tokens_and_option_scores_of_a_whole_prompt_prefill(vlm):
+    requests = mixed_requests(vlm)
+    engines = {chunk: LLMEngine(vlm, max_sequences=8, prefill_chunk=chunk) for chunk in (0, 37)}
+    try:
+        whole, chunked = (engines[c].generate_many(requests, timeout=120) for c in (0, 37))
+        assert engines[0].stats()["prefill_chunks"] == len(requests)
+        chunks = sum(-(-r.prompt_tokens // 37) for r in whole)  # ceil per prompt
+        assert engines[37].stats()["prefill_chunks"] == chunks > 3 * len(requests)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.token_ids == b.token_ids and a.chosen_option == b.chosen_option and a.prompt_tokens == b.prompt_tokens
+        torch.testing.assert_close(torch.tensor(a.option_scores), torch.tensor(b.option_scores), rtol=0, atol=1e-5)
+
+
+def _tokens_while_joining(vlm, prefill_chunk: int) -> tuple[int, int]:
+    """A long answer runs; a second request joins. How many tokens the first got between the
+    second being queued and its first token, and the second's prompt length."""
+    engine = LLMEngine(vlm, max_sequences=2, prefill_chunk=prefill_chunk)
+    counts = {"running": 0, "at_submit": -1, "at_join": -1}
+    started, joined = threading.Event(), threading.Event()
+
+    def running(event):
+        if isinstance(event, Delta):
+            counts["running"] += 1
+            started.set()
+
+    def joining(event):
+        if isinstance(event, Delta) and event.first:
+            counts["at_join"] = counts["running"]
+            joined.set()
+
+    try:
+        engine.submit("running", visual(64, 7), QUESTIONS[0], None, vlm.sampling(max_new_tokens=500), emit=running)
+        assert started.wait(60)
+        request = dict(visual_tokens=visual(256, 8), question=QUESTIONS[2], options=OPTIONS[2])
+        engine.submit("joining", sampling=vlm.sampling(max_new_tokens=2), emit=joining, **request)
+        counts["at_submit"] = counts["running"]  # after: submit's own prompt preparation lets tokens through
+        assert joined.wait(60)
+        prompt = engine.vlm.prepare(request["visual_tokens"], request["question"], request["options"],
+                                    vlm.sampling(max_new_tokens=2))[1].shape[1]
+    finally:
+        engine.close()
+    return counts["at_join"] - counts["at_submit"], prompt
+
+
+def test_running_streams_get_tokens_between_the_chunks_of_a_joining_prefill(vlm):
+    whole, _ = _tokens_while_joining(vlm, prefill_chunk=0)
+    chunked, prompt = _tokens_while_joining(vlm, prefill_chunk=32)
+    chunks = -(-prompt // 32)
+    assert whole <= 1  # at most the step under way when it arrived: the prefill stalls the stream
+    # a decode step between each two chunks (a few may run before submit returns to this thread)
+    assert chunked >= chunks // 2 >= 4
+
+
+def test_a_request_cancelled_during_its_chunked_prefill_ends_without_a_token_and_frees_its_slot(vlm):
+    engine = LLMEngine(vlm, max_sequences=2, prefill_chunk=8)
+    events: list = []
+
+    def running(event):  # runs on the loop thread between the joiner's chunks
+        if engine.stats()["prefilling"] and engine.cancel("joining"):
+            engine.cancel("running")
+
+    try:
+        engine.submit("running", visual(64, 9), QUESTIONS[1], None, vlm.sampling(max_new_tokens=500), emit=running)
+        (result,) = engine.generate_many([dict(request_id="joining", visual_tokens=visual(256, 10),
+                                               question=QUESTIONS[0], options=OPTIONS[0],
+                                               sampling=vlm.sampling(max_new_tokens=4))],
+                                         on_event=events.append, timeout=60)
+        assert result.finish_reason == "cancelled" and result.completion_tokens == 0 and result.token_ids == ()
+        assert not any(isinstance(e, Delta) for e in events)
+        assert engine.stats()["prefill_chunks"] < 256 // 8  # stopped part-way
+        assert engine.answer(visual(64, 11), QUESTIONS[3], max_new_tokens=2).finish_reason == "length"
+        assert engine.stats()["running"] == 0 and engine.stats()["prefilling"] == 0
+    finally:
+        engine.close()
+
+
+def test_prefill_chunk_must_not_be_negative(vlm):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        LLMEngine(vlm, prefill_chunk=-1)

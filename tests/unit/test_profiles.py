@@ -102,6 +102,8 @@ def test_a_file_anywhere_is_a_profile_named_by_the_file(tmp_path):
     (PLAIN + "[seeded]\nseed = 0\n[seeded.clip]\nhidden_size = 1\n", r"seeded\.dino: missing \(required\)"),
     (PLAIN + "[variables.n]\nenv = 'X'\ndefault = 'a'\nmax = 3\n", r"variables\.n: min and max bound an integer"),
     ("image_size = 3\n" + PLAIN, r"not valid TOML"),
+    (PLAIN + "[serving]\nllm_prefill_chunk = -1\n", r"serving\.llm_prefill_chunk: must be 0 \(whole prompts\)"),
+    (PLAIN + "[serving]\nllm_max_sequences = 0\n", r"serving\.llm_max_sequences: must be at least 1, got 0"),
 ])
 def test_a_bad_file_is_an_error_naming_the_file_and_the_key(tmp_path, text, message):
     path = _write(tmp_path, text)

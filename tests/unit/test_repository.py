@@ -241,7 +241,7 @@ def test_llm_is_one_decoupled_python_instance_with_its_limits_as_parameters(targ
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["llava"] == str(tiny_paths.llava) and params["random_weights"] == "true"
     assert (params["max_new_tokens"], params["max_new_tokens_limit"], params["threads"]) == ("16", "512", "1")
-    assert (params["max_sequences"], params["kv_cache_mb"]) == ("8", "0")
+    assert (params["max_sequences"], params["kv_cache_mb"], params["prefill_chunk"]) == ("8", "0", "0")
     kind = config.instance_group[0].kind
     if target == "cpu":
         assert kind == mc.ModelInstanceGroup.KIND_CPU and "FORCE_CPU_ONLY_INPUT_TENSORS" not in params
