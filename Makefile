@@ -75,9 +75,10 @@ bench-load-paper-shaped: install
 		--repeat-ratio 0 --extrapolate-layers 32 $(BENCH_LOAD_PAPER_ARGS)
 
 # The LLM stage in process on the paper-shaped LM: LLMEngine batched vs one at a time vs transformers generate
-# vs transformers continuous batching (8 sequences of 640 positions, 32 new tokens), the per-layer cost and
+# vs transformers continuous batching (8 sequences of 640 positions, 32 new tokens), 4 I-MoF prompts joining 4
+# running streams with the prefill whole vs in chunks of 256 / 512 (the running streams' ITL), the per-layer cost and
 # its 32-layer extrapolation, bf16 greedy agreement batched vs one at a time on the small and paper-shaped
-# LMs (~5 min). Report in results/llm-<timestamp>/; BENCH_LLM_ARGS adds options (see --help).
+# LMs (~7 min). Report in results/llm-<timestamp>/; BENCH_LLM_ARGS adds options (see --help).
 BENCH_LLM_ARGS ?=
 bench-llm: install
 	$(PY) -m mofserve.benchmarks.llm_stage --profile paper-shaped $(BENCH_LLM_ARGS)

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage
+from mofserve.core.machine import cpu_snapshot, cpu_usage
 from mofserve.core.profiles import get_profile
 
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline
@@ -119,7 +119,7 @@ def run_baseline(name: str, config, images, profile_name: str, progress=None) ->
             "ttft_ms": latency_summary(ttft), "output_tokens": tokens,
             "output_tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
             "stages_ms": _stage_means(r["stages"] for r in records), "records": records,
-            "cpu": cpu_usage(cpu_before, cpu_after, TICKS_PER_S) if cpu_before and cpu_after else None}
+            "cpu": cpu_usage(cpu_before, cpu_after) if cpu_before and cpu_after else None}
 
 
 def _stage_means(rows) -> dict[str, float]:

@@ -61,7 +61,6 @@ from typing import Any
 from mofserve.core.feature_cache import content_key
 from mofserve.core.logs import configure_logging
 from mofserve.core.machine import (
-    TICKS_PER_S,
     cpu_snapshot,
     cpu_usage,
     git_commit,
@@ -189,7 +188,7 @@ def main(profile=None, requests: int | None = None, modes: Sequence[str] | None 
             after = cpu_snapshot()
             load[f"after_{name}"] = load_average()
             if before is not None and after is not None:
-                cpu[name] = cpu_usage(before, after, TICKS_PER_S)
+                cpu[name] = cpu_usage(before, after)
             _logger.info(f"{name} phase in {time.perf_counter() - t0:.0f} s; cores used: {cpu.get(name)}")
             return result
 

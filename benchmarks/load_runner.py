@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mofserve.core.machine import TICKS_PER_S, cpu_snapshot, cpu_usage
+from mofserve.core.machine import cpu_snapshot, cpu_usage
 
 from .stats import (
     ImagePicker,
@@ -205,7 +205,7 @@ class LoadRunner:
         if kind == "rate":
             point["offered_rps"] = value
         if cpu_before is not None and cpu_after is not None:  # this process tree (with --serve, the server too)
-            point["cpu"] = cpu_usage(cpu_before, cpu_after, TICKS_PER_S)
+            point["cpu"] = cpu_usage(cpu_before, cpu_after)
         if isinstance(before, dict) and isinstance(after, dict):
             point["triton"] = triton_delta(before, after)
         elif c.triton_metrics:

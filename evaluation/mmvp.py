@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from mofserve.clients import DEFAULT_TARGET, AsyncMofServeClient, MofServeError
 from mofserve.clients.results import ServerInfo
 from mofserve.core.reports import now_iso, timestamped_dir, write_csv, write_json, write_text
@@ -69,6 +67,7 @@ from .mmvp_scoring import (
     select_judgements,
     select_records,
 )
+from .progress import progress_bar
 
 ANSWERS_JSONL = "answers.jsonl"
 JUDGEMENTS_JSONL = "judgements.jsonl"
@@ -80,11 +79,6 @@ BOTH_ENCODERS = ("additive", "interleaved")  # modes that need CLIP and DINOv2 f
 
 
 # ---- asking -------------------------------------------------------------------------------------------
-
-
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, disable=not enabled or total == 0,
-                dynamic_ncols=True)
 
 
 def compare_order(specs: Sequence[ModeSpec]) -> list[ModeSpec]:
@@ -124,7 +118,7 @@ async def ask_all(client: AsyncMofServeClient, work: Sequence[tuple[MMVPItem, li
     answer to ``checkpoint`` as it arrives. Returns request and failure counts."""
     semaphore = asyncio.Semaphore(concurrency)
     counts = {"requests": 0, "failed_requests": 0}
-    bar = _progress(len(work), "MMVP", progress)
+    bar = progress_bar(total=len(work), desc="MMVP", unit="q", enabled=progress and bool(work))
 
     async def one(item: MMVPItem, specs: list[ModeSpec]) -> None:
         async with semaphore:
@@ -146,7 +140,7 @@ async def ask_all(client: AsyncMofServeClient, work: Sequence[tuple[MMVPItem, li
 async def judge_all(judge: JudgeClient, work: Sequence[tuple[MMVPItem, ModeSpec, str]],
                     checkpoint: JsonlCheckpoint, *, concurrency: int, progress: bool = True) -> int:
     semaphore = asyncio.Semaphore(concurrency)
-    bar = _progress(len(work), "judge", progress)
+    bar = progress_bar(total=len(work), desc="judge", unit="q", enabled=progress and bool(work))
 
     async def one(item: MMVPItem, spec: ModeSpec, answer: str) -> None:
         reply, error = None, None

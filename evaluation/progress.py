@@ -1,8 +1,8 @@
-"""A progress bar on stderr for the miner's long phases (embedding, the all-pairs search), or an
-object that does nothing when progress is off.
+"""A progress bar on stderr for the evaluators' long phases (MMVP's questions and judging, the
+miner's embedding and all-pairs search), or an object that does nothing when progress is off.
 
-Its own module because both ``image_embedding.py`` and ``pair_search.py`` draw one and neither
-should import the other; tqdm is imported only when a bar is shown.
+Its own module because ``mmvp.py``, ``image_embedding.py`` and ``pair_search.py`` each draw one and
+none should import another; tqdm is imported only when a bar is shown.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 from mofserve.cli import main
 from mofserve.clients import AsyncMofServeClient, MofServeClient, MofServeError
-from mofserve.evaluation.mmvp_vlm import PATTERNS, VLMConfig, run_mmvp_vlm, score_pair
+from mofserve.evaluation.mmvp_vlm import VLMConfig, run_mmvp_vlm, score_pair
+from mofserve.evaluation.mmvp_vlm_dataset import PATTERNS
 from mofserve.v1 import mofserve_pb2 as pb
 from mofserve.v1 import mofserve_pb2_grpc as pb_grpc
 from tests.reference import min_row_cosine

@@ -11,15 +11,12 @@ from PIL import Image
 
 from mofserve.evaluation.datasets import DatasetError
 from mofserve.evaluation.mmvp_vlm import (
-    PATTERNS,
-    TEXT_PROMPT,
-    load_mmvp_vlm,
-    pattern_of,
     render_markdown,
     score_pair,
     score_table,
     summarise,
 )
+from mofserve.evaluation.mmvp_vlm_dataset import PATTERNS, TEXT_PROMPT, load_mmvp_vlm, pattern_of
 
 
 def jpeg(colour: tuple[int, int, int]) -> bytes:
