@@ -13,9 +13,10 @@ shifted) whenever a sequence joins or leaves, and its mask code differs between 
 step below calls the model's own modules (projections, RMSNorm, rotary embedding, MLP, head),
 so every weight and every checkpoint format stays the model's; only the attention over the
 slots is written here (scaled dot-product attention with a per-row length mask, GQA by
-repeating KV heads as HF's ``repeat_kv`` does). Prefill stays the model's own forward (one
-sequence, its DynamicCache copied into the slot): it is compute-bound and batching it buys
-nothing on a CPU, while it keeps option scoring exactly the one-sequence path.
+repeating KV heads as HF's ``repeat_kv`` does). Prefill keeps the sequence's own transformers
+Cache (one sequence, copied into the slot when done), so option scoring stays exactly the
+one-sequence path; a prefill chunk due in the same turn as a decode step runs fused with it
+(``mixed_step``), sharing the GEMMs' weight reads.
 
 Measured reason it pays (FACTS.md, 7B-width layers, bf16, 2 vCPUs): a decode step costs 82 ms
 for 1 sequence and 166 ms for 8, so 8 sequences in one step give ~4x the tokens/s: decode reads
@@ -143,3 +144,59 @@ def decode_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: t
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     hidden = body.norm(hidden)
     return model.lm_head(hidden[:, -1]).float()
+
+
+@torch.inference_mode()
+def mixed_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: torch.Tensor, chunk: torch.Tensor,
+               chunk_cache, chunk_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of the sequences in slots ``0..B-1`` fused with the next chunk of a joining
+    sequence's prefill: logits ``[B, vocab]`` and the chunk's last position's ``[1, vocab]`` (float32).
+
+    Why fused: a decode step reads every weight for a handful of rows, so running it apart from the
+    chunk costs the joiner a whole weight read per chunk (measured: 1.58x its TTFT at chunks of 256,
+    docs/benchmarks.md). Here the ``B`` decode rows and the ``C`` chunk rows go through the same
+    projections, norms and MLP as one ``[B + C, H]`` matrix (as vLLM batches prefill and decode
+    tokens); only attention is per group: the decode rows over their slots as in ``decode_step``,
+    the chunk rows causally over the joiner's own cache (a transformers Cache of batch 1, extended
+    in place: prefill stays the model's cache, so option scoring continues from it unchanged).
+    ``chunk`` ``[1, C, H]`` holds prompt positions ``chunk_start..chunk_start + C - 1``.
+    """
+    batch, width = inputs_embeds.shape[0], chunk.shape[1]
+    body = model.model
+    device = lengths.device
+    rows = torch.arange(batch, device=device)
+    longest = int(lengths.max()) + 1
+    decode_mask = (torch.arange(longest, device=device)[None, :] <= lengths[:, None])[:, None, None, :]
+    chunk_positions = torch.arange(chunk_start, chunk_start + width, device=device)
+    seen = chunk_start + width
+    chunk_mask = torch.arange(seen, device=device)[None, :] <= chunk_positions[:, None]  # causal, offset
+    hidden = torch.cat([inputs_embeds[:, 0], chunk[0]])[None]  # [1, B + C, H]
+    cos, sin = body.rotary_emb(hidden, torch.cat([lengths, chunk_positions])[None])
+    for index, layer in enumerate(body.layers):
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(1, batch + width, -1, attn.head_dim).transpose(1, 2)  # [1, heads, B + C, d]
+        k = attn.k_proj(x).view(1, batch + width, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(1, batch + width, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        # the decode rows: [B, heads, 1, d], their new K/V into their slots
+        q_d, k_d, v_d = (t[0, :, :batch].transpose(0, 1)[:, :, None] for t in (q, k, v))
+        keys, values = cache.keys[index], cache.values[index]
+        keys[rows, :, lengths] = k_d[:, :, 0]
+        values[rows, :, lengths] = v_d[:, :, 0]
+        k_all, v_all = keys[:batch, :, :longest], values[:batch, :, :longest]
+        # the chunk rows: [1, heads, C, d] over the joiner's cache so far and themselves
+        k_c, v_c = chunk_cache.update(k[:, :, batch:].contiguous(), v[:, :, batch:].contiguous(), index)
+        groups = q.shape[1] // k_all.shape[1]
+        if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
+            k_all, v_all = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
+            k_c, v_c = k_c.repeat_interleave(groups, dim=1), v_c.repeat_interleave(groups, dim=1)
+        out_d = F.scaled_dot_product_attention(q_d, k_all, v_all, attn_mask=decode_mask, scale=attn.scaling)
+        out_c = F.scaled_dot_product_attention(q[:, :, batch:], k_c, v_c, attn_mask=chunk_mask, scale=attn.scaling)
+        out = torch.cat([out_d[:, :, 0], out_c[0].transpose(0, 1)])  # [B + C, heads, d]
+        hidden = residual + attn.o_proj(out.reshape(1, batch + width, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = body.norm(hidden[0, [*range(batch), batch + width - 1]])  # the rows whose logits are read
+    logits = model.lm_head(hidden).float()
+    return logits[:batch], logits[batch:]

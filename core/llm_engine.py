@@ -12,14 +12,17 @@ TensorRT-LLM's prompt table) would plug in behind the same three calls (docs/arc
 
 One loop thread owns the model. Each turn it (1) ends cancelled sequences, (2) when no prefill
 is under way and a slot is free, admits the first waiting request (FIFO), (3) runs one chunk of
-the admitted request's prefill, then (4) runs one batched decode step for every live sequence.
-The prefill is the model's own forward on that one sequence (so option scores are exactly the
-one-sequence path's), ``prefill_chunk`` prompt positions a turn continuing its own KV cache; after
-its last chunk its first token is sampled and the cache is copied into its slot (core.kv_slots).
-Chunking bounds how long running sequences wait between tokens while a request joins: an I-MoF
-prompt of the paper's shapes is ~1200 positions, ~1.4 s on 2 CPU cores at 2 of LLaMA-7B's 32
-layers (~20 s at 32), during which every other stream got no token (docs/benchmarks.md, "Chunked
-prefill"). ``prefill_chunk`` 0 prefills a prompt in one forward.
+the admitted request's prefill, ``prefill_chunk`` prompt positions continuing that sequence's own
+KV cache (a transformers Cache, so option scores continue from it exactly as on the one-sequence
+path), and (4) one batched decode step for every live sequence. When both are due they run as one
+fused pass (``kv_slots.mixed_step``: the chunk's rows and the decode rows share every GEMM, so the
+step costs the joiner no extra read of the weights); the first chunk, and every chunk while nobody
+is decoding, is the model's own forward. After its last chunk the request's first token is sampled
+and its cache copied into its slot (core.kv_slots). Chunking bounds how long running sequences wait
+between tokens while a request joins: an I-MoF prompt of the paper's shapes is ~1200 positions,
+~1.8 s on 2 CPU cores at 2 of LLaMA-7B's 32 layers (~20 s at 32), during which every other stream
+got no token (docs/benchmarks.md, "Chunked prefill"). ``prefill_chunk`` 0 prefills a prompt in one
+forward.
 
 Bounds: ``max_sequences`` slots (``1`` serves one sequence at a time through the same code) and
 a KV pool of ``kv_cache_mb`` split evenly over them (0: every slot holds the model's context). A
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .conversation import Option, clean_answer
-from .kv_slots import SlotCache, decode_step, geometry
+from .kv_slots import SlotCache, decode_step, geometry, mixed_step
 from .language_model import Prompt, Sampling, VisualLanguageModel
 
 LOGGER = logging.getLogger(__name__)
@@ -164,6 +167,7 @@ class LLMEngine:
         self.steps = 0  # decode steps run
         self.batched_rows = 0  # sequences served by those steps (rows / steps = mean batch)
         self.prefill_chunks = 0  # prefill forwards run (one per prompt when not chunked)
+        self.fused_chunks = 0  # of those, chunks that ran fused with the running streams' decode step
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -235,7 +239,8 @@ class LLMEngine:
         with self._lock:
             return {"running": len(self._running), "waiting": len(self._waiting), "slots": self.geometry.slots,
                     "slot_tokens": self.geometry.slot_tokens, "steps": self.steps, "batched_rows": self.batched_rows,
-                    "prefilling": int(self._prefilling is not None), "prefill_chunks": self.prefill_chunks}
+                    "prefilling": int(self._prefilling is not None), "prefill_chunks": self.prefill_chunks,
+                    "fused_chunks": self.fused_chunks}
 
     # ---- in-process conveniences (tests, benchmarks) ------------------------------------------
 
@@ -293,39 +298,65 @@ class LLMEngine:
                 self._finish(sequence, "cancelled")
             joining = self._prefilling
             try:
-                if joining is not None:
-                    self._prefill(joining)
-                if self._running:
-                    self._step()
+                if joining is not None and joining.kv is not None and self._running:
+                    self._mixed(joining)  # its next chunk and the running streams' step, one pass
+                else:
+                    if joining is not None:
+                        self._prefill(joining)
+                    if self._running:
+                        self._step()
             except Exception as error:  # never let one failure stop the loop: fail those involved
                 LOGGER.exception("llm: step failed")
                 self._prefilling = None
                 for sequence in [*self._running, *([joining] if joining is not None else [])]:
                     self._fail(sequence, error)
 
-    def _prefill(self, s: _Sequence) -> None:
-        """One chunk of ``s``'s prefill; after the last, its first token and its slot."""
-        now = time.perf_counter()
+    def _chunk_end(self, s: _Sequence) -> int:
+        """Where ``s``'s next prefill chunk ends (the first call starts its prefill's clock)."""
         if not s.prefilled:
-            s.prefill_started = now
-            s.queue_ms = (now - s.submitted) * 1e3
-        end = s.prompt_tokens if not self.prefill_chunk else min(s.prompt_tokens, s.prefilled + self.prefill_chunk)
-        model = self.vlm.model
+            s.prefill_started = time.perf_counter()
+            s.queue_ms = (s.prefill_started - s.submitted) * 1e3
+        return s.prompt_tokens if not self.prefill_chunk else min(s.prompt_tokens, s.prefilled + self.prefill_chunk)
+
+    def _prefill(self, s: _Sequence) -> None:
+        """One chunk of ``s``'s prefill alone (the model's own forward); after the last, its first
+        token and its slot."""
+        end = self._chunk_end(s)
         with torch.inference_mode():
             continued = {self.vlm.cache_arg: s.kv} if s.kv is not None else {}
-            out = model(inputs_embeds=s.embeds[:, s.prefilled:end], use_cache=True, logits_to_keep=1, **continued)
-            self.prefill_chunks += 1
-            s.kv, s.prefilled = getattr(out, "cache", None) or out.past_key_values, end
-            if end < s.prompt_tokens:
-                return
-            cache, s.kv, self._prefilling = s.kv, None, None
+            out = self.vlm.model(inputs_embeds=s.embeds[:, s.prefilled:end], use_cache=True, logits_to_keep=1,
+                                 **continued)
+        self.prefill_chunks += 1
+        s.kv, s.prefilled = getattr(out, "cache", None) or out.past_key_values, end
+        if end == s.prompt_tokens:
+            self._join(s, out.logits[:, -1].float())
+
+    def _mixed(self, s: _Sequence) -> None:
+        """``s``'s next chunk fused with one decode step of the running streams (kv_slots.mixed_step)."""
+        running = list(self._running)
+        end = self._chunk_end(s)
+        embeds = torch.stack([r.next_input for r in running])[:, None, :]
+        lengths = torch.tensor([r.length for r in running], dtype=torch.long, device=self.vlm.device)
+        logits, chunk_logits = mixed_step(self.vlm.model, self.cache, embeds, lengths,
+                                          s.embeds[:, s.prefilled:end], s.kv, s.prefilled)
+        self.prefill_chunks += 1
+        self.fused_chunks += 1
+        s.prefilled = end
+        self._decoded(running, logits)
+        if end == s.prompt_tokens:
+            self._join(s, chunk_logits)
+
+    def _join(self, s: _Sequence, logits: torch.Tensor) -> None:
+        """``s``'s prefill is done: option scores, its first token from ``logits`` ``[1, vocab]``, its slot."""
+        cache, s.kv, self._prefilling = s.kv, None, None
+        with torch.inference_mode():
             if s.options:
                 # scoring continues from the prompt minus its last position (VisualLanguageModel.score_options)
                 scoring = copy.deepcopy(cache)
                 scoring.crop(-1)  # negative: drop that many positions (4.x and 5.x)
                 s.scores = tuple(self.vlm.score_options(s.embeds, s.prompt, s.options, scoring))
                 s.chosen = s.options[max(range(len(s.scores)), key=s.scores.__getitem__)].letter
-            token = self._sample(s, out.logits[:, -1].float())
+            token = self._sample(s, logits)
         s.length = s.prompt_tokens
         s.prefill_ms = (time.perf_counter() - s.prefill_started) * 1e3
         s.first_token_at = time.perf_counter()
@@ -338,7 +369,10 @@ class LLMEngine:
         running = list(self._running)
         embeds = torch.stack([s.next_input for s in running])[:, None, :]
         lengths = torch.tensor([s.length for s in running], dtype=torch.long, device=self.vlm.device)
-        logits = decode_step(self.vlm.model, self.cache, embeds, lengths)
+        self._decoded(running, decode_step(self.vlm.model, self.cache, embeds, lengths))
+
+    def _decoded(self, running: list[_Sequence], logits: torch.Tensor) -> None:
+        """Each running sequence's next token from its row of a decode step's ``logits``."""
         self.steps += 1
         self.batched_rows += len(running)
         greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row

@@ -217,6 +217,7 @@ def test_a_chunked_prefill_gives_the_tokens_and_option_scores_of_a_whole_prompt_
         assert engines[0].stats()["prefill_chunks"] == len(requests)
         chunks = sum(-(-r.prompt_tokens // 37) for r in whole)  # ceil per prompt
         assert engines[37].stats()["prefill_chunks"] == chunks > 3 * len(requests)
+        assert engines[37].stats()["fused_chunks"] > len(requests)  # later joiners' chunks rode the steps
     finally:
         for engine in engines.values():
             engine.close()
@@ -291,3 +292,28 @@ def test_a_request_cancelled_during_its_chunked_prefill_ends_without_a_token_and
 def test_prefill_chunk_must_not_be_negative(vlm):
     with pytest.raises(ValueError, match="prefill_chunk"):
         LLMEngine(vlm, prefill_chunk=-1)
+
+
+def test_a_fused_step_gives_a_decode_steps_logits_and_the_models_own_logits_for_the_chunk(vlm):
+    """kv_slots.mixed_step: the running rows as decode_step gives them, the chunk as the model's own
+    forward continuing the joiner's cache gives it (fp32; only GEMM shapes differ)."""
+    import copy
+
+    from mofserve.core.kv_slots import SlotCache, decode_step, geometry, mixed_step
+
+    model = vlm.model
+    slots = SlotCache(geometry(model, 3, 0), "cpu")
+    prompts = [vlm.prepare(visual(n, seed=20 + n), QUESTIONS[1], None, vlm.sampling())[1] for n in (40, 70)]
+    with torch.inference_mode():
+        for slot, embeds in enumerate(prompts):
+            slots.load(slot, model(inputs_embeds=embeds[:, :-1], use_cache=True).past_key_values)
+        lengths = torch.tensor([p.shape[1] - 1 for p in prompts])
+        last = torch.stack([p[0, -1] for p in prompts])[:, None]
+        joiner = vlm.prepare(visual(90, seed=30), QUESTIONS[2], OPTIONS[2], vlm.sampling())[1]
+        kv = model(inputs_embeds=joiner[:, :50], use_cache=True).past_key_values
+        reference_chunk = model(inputs_embeds=joiner[:, 50:83], **{vlm.cache_arg: copy.deepcopy(kv)}).logits[:, -1]
+        reference_rows = decode_step(model, slots, last, lengths)
+        rows, chunk = mixed_step(model, slots, last, lengths, joiner[:, 50:83], kv, 50)
+    torch.testing.assert_close(rows, reference_rows, rtol=0, atol=1e-4)
+    torch.testing.assert_close(chunk, reference_chunk.float(), rtol=0, atol=1e-4)
+    assert kv.get_seq_length() == 83  # the joiner's cache now holds the chunk

@@ -1,8 +1,9 @@
-"""Batching changes no answer at the paper's LM width either: a LLaMA of 7B width (hidden 4096,
-MLP 11008, 32 heads, vocab 32000) with the paper-shaped profile's LLaMA SentencePiece tokenizer,
-in fp32. One layer and short visual-token counts keep it to seconds on 2 CPU cores: the shapes of
-every matmul and of the attention heads are the paper's, only the depth and the prompt length
-are cut (the served paper-shaped profile runs the full prompt lengths in tests/e2e)."""
+"""Batching, and chunked prefill fused with the decode steps, change no answer at the paper's LM
+width either: a LLaMA of 7B width (hidden 4096, MLP 11008, 32 heads, vocab 32000) with the
+paper-shaped profile's LLaMA SentencePiece tokenizer, in fp32. One layer and short visual-token
+counts keep it to seconds on 2 CPU cores: the shapes of every matmul and of the attention heads are
+the paper's, only the depth and the prompt length are cut (the served paper-shaped profile runs the
+full prompt lengths in tests/e2e)."""
 
 from __future__ import annotations
 
@@ -43,16 +44,22 @@ def test_paper_width_batched_greedy_answers_equal_one_at_a_time_in_fp32(vlm):
                      question=QUESTIONS[i % 4], options=OPTIONS[i % 4],
                      sampling=vlm.sampling(max_new_tokens=(3, 8, 5, 6)[i % 4])) for i in range(8)]
     results = {}
-    for slots in (1, 8):
-        engine = LLMEngine(vlm, max_sequences=slots)
+    # one at a time; batched; batched with prefills in chunks of 40 fused with the running steps
+    for key, slots, chunk in (("alone", 1, 0), ("together", 8, 0), ("chunked", 8, 40)):
+        engine = LLMEngine(vlm, max_sequences=slots, prefill_chunk=chunk)
         try:
-            results[slots] = engine.generate_many(requests, timeout=600)
+            results[key] = engine.generate_many(requests, timeout=600)
             stats = engine.stats()
         finally:
             engine.close()
         if slots == 8:
             assert stats["batched_rows"] > stats["steps"]  # sequences shared decode steps
-    for alone, together in zip(results[1], results[8], strict=True):
-        assert alone.token_ids == together.token_ids and alone.answer == together.answer
-        assert alone.chosen_option == together.chosen_option and alone.option_scores == together.option_scores
-        assert alone.prompt_tokens == together.prompt_tokens
+        if chunk:
+            assert stats["fused_chunks"] > 0
+    for alone, together, chunked in zip(results["alone"], results["together"], results["chunked"], strict=True):
+        assert alone.token_ids == together.token_ids == chunked.token_ids and alone.answer == together.answer
+        assert alone.chosen_option == together.chosen_option == chunked.chosen_option
+        assert alone.option_scores == together.option_scores
+        torch.testing.assert_close(torch.tensor(chunked.option_scores), torch.tensor(alone.option_scores),
+                                   rtol=0, atol=1e-4)
+        assert alone.prompt_tokens == together.prompt_tokens == chunked.prompt_tokens
