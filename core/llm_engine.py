@@ -12,17 +12,17 @@ TensorRT-LLM's prompt table) would plug in behind the same three calls (docs/arc
 
 One loop thread owns the model. Each turn it (1) ends cancelled sequences, (2) when no prefill
 is under way and a slot is free, admits the first waiting request (FIFO), (3) runs one chunk of
-the admitted request's prefill, ``prefill_chunk`` prompt positions continuing that sequence's own
-KV cache (a transformers Cache, so option scores continue from it exactly as on the one-sequence
-path), and (4) one batched decode step for every live sequence. When both are due they run as one
-fused pass (``kv_slots.mixed_step``: the chunk's rows and the decode rows share every GEMM, so the
-step costs the joiner no extra read of the weights); the first chunk, and every chunk while nobody
-is decoding, is the model's own forward. After its last chunk the request's first token is sampled
-and its cache copied into its slot (core.kv_slots). Chunking bounds how long running sequences wait
-between tokens while a request joins: an I-MoF prompt of the paper's shapes is ~1200 positions,
-~1.8 s on 2 CPU cores at 2 of LLaMA-7B's 32 layers (~20 s at 32), during which every other stream
-got no token (docs/benchmarks.md, "Chunked prefill"). ``prefill_chunk`` 0 prefills a prompt in one
-forward.
+the admitted request's prefill, ``prefill_chunk`` prompt positions (the whole rest while no
+sequence is decoding: nobody waits on it then, and chunks cost 10-25% more on a CPU) continuing
+that sequence's own KV cache (a transformers Cache, so option scores continue from it exactly as on
+the one-sequence path), and (4) one batched decode step for every live sequence. When both are due
+they run as one fused pass (``kv_slots.mixed_step``: the chunk's rows and the decode rows share
+every GEMM, so the step costs the joiner no extra read of the weights); the first chunk is the
+model's own forward. After its last chunk the request's first token is sampled and its cache copied
+into its slot (core.kv_slots). Chunking bounds how long running sequences wait between tokens while
+a request joins: an I-MoF prompt of the paper's shapes is ~1200 positions, ~1.8 s on 2 CPU cores at
+2 of LLaMA-7B's 32 layers (~20 s at 32), during which every other stream got no token
+(docs/benchmarks.md, "Chunked prefill"). ``prefill_chunk`` 0 prefills a prompt in one forward.
 
 Bounds: ``max_sequences`` slots (``1`` serves one sequence at a time through the same code) and
 a KV pool of ``kv_cache_mb`` split evenly over them (0: every slot holds the model's context). A
@@ -316,7 +316,9 @@ class LLMEngine:
         if not s.prefilled:
             s.prefill_started = time.perf_counter()
             s.queue_ms = (s.prefill_started - s.submitted) * 1e3
-        return s.prompt_tokens if not self.prefill_chunk else min(s.prompt_tokens, s.prefilled + self.prefill_chunk)
+        if not self.prefill_chunk or not self._running:  # nobody decoding: chunks would only cost (10-25%)
+            return s.prompt_tokens
+        return min(s.prompt_tokens, s.prefilled + self.prefill_chunk)
 
     def _prefill(self, s: _Sequence) -> None:
         """One chunk of ``s``'s prefill alone (the model's own forward); after the last, its first
