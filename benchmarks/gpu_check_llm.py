@@ -17,11 +17,14 @@ keeps what it has):
    (prefills and the one-admission-per-turn ramp included) and at full batch (the decode steps
    between the last admission and the first sequence finishing), ms per decode step, and whether
    the batched greedy tokens are the one-at-a-time ones (bf16).
-3. ``steps``: one bare ``core.kv_slots.decode_step`` per batch size at the prompt's context: ms,
+3. ``joining``: 4 I-MoF-sized prompts (1216 positions) join 4 running streams, the prefill whole
+   vs in chunks of 256 and 512 fused with the decode steps (``benchmarks/llm_joining.py``, as
+   ``make bench-llm`` runs it on the CPU): the running streams' inter-token gaps and the joiners' TTFT.
+4. ``steps``: one bare ``core.kv_slots.decode_step`` per batch size at the prompt's context: ms,
    the host's time to enqueue it (close to the step's time: launch-bound), the bytes it must read
    (every weight but the embedding table, and the batch's K/V) and so the share of the card's HBM
    bandwidth it reaches (by card name: 3.35 TB/s H100 SXM, 4.8 TB/s H200).
-4. ``graphs``: the same step replayed as a CUDA graph (``decode_step`` given its attended length,
+5. ``graphs``: the same step replayed as a CUDA graph (``decode_step`` given its attended length,
    fixed at capture, as a graph needs, instead of reading it from the device; checked against the
    step that reads it), the size of that lever.
 
@@ -35,6 +38,8 @@ import statistics
 import time
 
 from mofserve.benchmarks.gpu_check_common import Part, Settings, _device, _ms, _params, _pct, log, synchronize
+from mofserve.benchmarks.llm_joining import joining
+from mofserve.benchmarks.llm_stage import synthetic_requests
 from mofserve.core.conversation import build_prompt
 
 # Vicuna-7B / LLaMA-7B, the LM of the paper's LLaVA-1.5 (core.profiles' "paper" LanguageSpec)
@@ -50,6 +55,7 @@ HBM_BYTES_PER_S = (("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12)
 QUESTION = "What is shown in the image? Describe it in detail."
 PREFILL_REPEATS = 3
 SEED = 0
+JOINING_CHUNKS = (256, 512)  # each against the whole prompt, as `make bench-llm` measures them on the CPU
 
 
 def hbm_peak(card: str) -> float | None:
@@ -357,6 +363,14 @@ def stage_llm(settings: Settings, part: Part, deadline: float) -> None:
         part.update(llm=info)
         log(f"llm: {n} batched: {run['tokens_per_s']:.1f} tokens/s ({run['ratio']:.2f}x one at a time), "
             f"{_ms(run['full_batch_step_ms'])} ms/step at full batch")
+
+    if enough("a request joining running streams", 15.0):
+        # chunked prefill fused with the decode steps vs the whole prompt (benchmarks/llm_joining.py)
+        info["joining"] = _attempt(joining, vlm, synthetic_requests, JOINING_CHUNKS)
+        part.update(llm=info)
+        runs = info["joining"].get("runs", {})
+        log("llm: joining: " + ", ".join(f"chunk {c}: running ITL p99 {r['running_itl_ms']['p99']:.1f} ms, joiner "
+                                         f"TTFT p50 {r['joiner_ttft_ms']['p50']:.1f} ms" for c, r in runs.items()))
 
     batches = sorted({1, *settings.llm_concurrency})
     info["steps"] = {}

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mofserve.benchmarks.gpu_check_common import ENCODERS, TARGET_SHARE, _ms, _params, _pct
+from mofserve.benchmarks.llm_joining import format_joining
 from mofserve.core.reports import write_json, write_text
 
 
@@ -104,6 +105,10 @@ def llm_summary_line(llm: dict) -> str | None:
     for n, run in llm.get("decode", {}).get("batched", {}).items():
         parts.append(f"{n} seqs: {run['error'][:80]}" if "error" in run else
                      f"{n} seqs {run['tokens_per_s']:.1f} tok/s ({run['ratio']:.1f}x one at a time)")
+    chunked = llm.get("joining", {}).get("runs", {}).get("256")
+    if chunked:
+        parts.append(f"I-MoF joins, chunks of 256: running ITL p99 {chunked['itl_p99_vs_whole']:.2f}x, "
+                     f"joiner TTFT {chunked['ttft_p50_vs_whole']:.2f}x the whole prompt's")
     prefill = ", ".join(f"{k}: {v['median_ms']:.0f} ms" for k, v in llm.get("prefill", {}).items())
     if prefill:
         parts.append(f"prefill {prefill}")
@@ -151,6 +156,9 @@ def llm_markdown(llm: dict) -> list[str]:
                          f"{_ms(run['full_batch_step_ms'])} | {_f(run['full_batch_tokens_per_s'])} | "
                          f"{_f(run.get('full_batch_ratio'), '.2f')} | {agree['identical']}/{agree['sequences']} "
                          f"(common start {agree['mean_common_prefix']:.1f}) |")
+    if llm.get("joining"):
+        lines += ["", "A request joins running streams: the prefill whole vs in chunks fused with the decode "
+                  "steps (`benchmarks/llm_joining.py`):", "", format_joining(llm["joining"])]
     if llm.get("steps"):
         graphs = llm.get("graphs", {})
         lines += ["", "Bare `decode_step` (model only, no engine) at the prompt's context:", "",

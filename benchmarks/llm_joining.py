@@ -20,7 +20,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+from mofserve.core.reports import number, times
 
 from .stats import latency_summary
 
@@ -113,3 +115,23 @@ def joining(vlm, synthetic_requests, chunks: Sequence[int] = DEFAULT_CHUNKS, run
         r["ttft_max_vs_whole"] = r["joiner_ttft_ms"]["max"] / base["joiner_ttft_ms"]["max"]
     return {"running": running, "joiners": joiners, "running_prompt_tokens": running_prompt_tokens,
             "joiner_prompt_tokens": joiner_prompt_tokens, "runs": runs}
+
+
+def format_joining(joining: Mapping) -> str:
+    """The section's table (Markdown), for ``bench llm``'s report and the GPU check's."""
+    if joining.get("error"):
+        return f"Failed: {joining['error']}"
+    lines = [f"{joining['running']} streams decode ({joining['running_prompt_tokens']} prompt positions); "
+             f"{joining['joiners']} requests of {joining['joiner_prompt_tokens']} positions join together. Over the "
+             "window from their submission to the last one's first token: the running streams' gaps between tokens "
+             "and tokens/s, and the joiners' TTFT; x = against chunk 0 (the whole prompt in one forward), same run.",
+             "", "| prefill chunk | prefill forwards | running ITL p50 ms | p99 ms | max ms | p99 x | "
+             "running tokens/s | joiner TTFT p50 ms | max ms | TTFT p50 x | window s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for chunk, r in joining["runs"].items():
+        itl, ttft = r["running_itl_ms"], r["joiner_ttft_ms"]
+        lines.append(f"| {chunk if chunk != '0' else '0 (whole)'} | {r['prefill_forwards']} | {number(itl['p50'])} | "
+                     f"{number(itl['p99'])} | {number(itl['max'])} | {times(r['itl_p99_vs_whole'])} | "
+                     f"{number(r['running_tokens_per_s'], 2)} | {number(ttft['p50'])} | {number(ttft['max'])} | "
+                     f"{times(r['ttft_p50_vs_whole'])} | {number(r['window_s'], 1)} |")
+    return "\n".join(lines)

@@ -14,7 +14,6 @@ from pathlib import Path
 from mofserve.core.machine import cpu_snapshot, cpu_usage, git_commit, load_average, machine_info, versions
 from mofserve.core.profiles import PROFILE_NAMES, get_profile
 from mofserve.core.reports import number as _f  # the one cell format of every report
-from mofserve.core.reports import times as _x
 from mofserve.core.reports import write_json, write_text
 
 from . import llm_joining as J
@@ -48,23 +47,6 @@ def format_engines(engines: Mapping) -> str:
                   "| batch | steps | median step ms | tokens/s |", "|---:|---:|---:|---:|"]
         lines += [f"| {b} | {s['steps']} | {_f(s['median_ms'])} | {_f(s['tokens_per_s'], 2)} |"
                   for b, s in steps.items()]
-    return "\n".join(lines)
-
-
-def format_joining(joining: Mapping) -> str:
-    lines = [f"{joining['running']} streams decode ({joining['running_prompt_tokens']} prompt positions); "
-             f"{joining['joiners']} requests of {joining['joiner_prompt_tokens']} positions join together. Over the "
-             "window from their submission to the last one's first token: the running streams' gaps between tokens "
-             "and tokens/s, and the joiners' TTFT; x = against chunk 0 (the whole prompt in one forward), same run.",
-             "", "| prefill chunk | prefill forwards | running ITL p50 ms | p99 ms | max ms | p99 x | "
-             "running tokens/s | joiner TTFT p50 ms | max ms | TTFT p50 x | window s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for chunk, r in joining["runs"].items():
-        itl, ttft = r["running_itl_ms"], r["joiner_ttft_ms"]
-        lines.append(f"| {chunk if chunk != '0' else '0 (whole)'} | {r['prefill_forwards']} | {_f(itl['p50'])} | "
-                     f"{_f(itl['p99'])} | {_f(itl['max'])} | {_x(r['itl_p99_vs_whole'])} | "
-                     f"{_f(r['running_tokens_per_s'], 2)} | {_f(r['joiner_ttft_ms']['p50'])} | {_f(ttft['max'])} | "
-                     f"{_x(r['ttft_p50_vs_whole'])} | {_f(r['window_s'], 1)} |")
     return "\n".join(lines)
 
 
@@ -128,7 +110,7 @@ def format_report(report: Mapping) -> str:
     if report.get("engines"):
         lines += ["## Engines", "", format_engines(report["engines"]), ""]
     if report.get("joining"):
-        lines += ["## A request joins: the prefill whole vs in chunks", "", format_joining(report["joining"]), ""]
+        lines += ["## A request joins: the prefill whole vs in chunks", "", J.format_joining(report["joining"]), ""]
     if report.get("layers"):
         lines += ["## Per-layer cost and the 32-layer extrapolation", "", format_layers(report["layers"]), ""]
     if report.get("agreement"):

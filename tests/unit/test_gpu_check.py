@@ -84,6 +84,11 @@ def test_llm_dry_run_decodes_batched_and_one_at_a_time_and_times_the_step(tmp_pa
         assert run["one_at_a_time_scaled_from"] == 2 and "token_ids" not in run
         agree = run["agreement_with_one_at_a_time"]
         assert agree["sequences"] == 2 and agree["mean_common_prefix"] >= 1  # the first token is the prefill's
+    joining = llm["joining"]
+    assert "error" not in joining, joining.get("error")
+    assert list(joining["runs"]) == ["0", "256", "512"] and joining["runs"]["256"]["prefill_forwards"] == 4 * 5
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "A request joins running streams" in markdown and "| 0 (whole) | 4 |" in markdown
     assert set(llm["steps"]) == {"1", "2", "4"}
     for step in llm["steps"].values():
         assert step["step_ms"] > 0 and step["enqueue_ms"] > 0 and step["hbm_share"] is None  # no HBM on a CPU
