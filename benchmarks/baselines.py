@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mofserve.core.machine import cpu_snapshot, cpu_usage
+from mofserve.core.machine import cpu_snapshot, cpu_usage_since
 from mofserve.core.profiles import get_profile
 
 from .pipelines import EagerBf16Pipeline, EagerPipeline, InProcessPipeline
@@ -100,7 +100,7 @@ def run_baseline(name: str, config, images, profile_name: str, progress=None) ->
                             "completion_tokens": answer.completion_tokens})
             progress.show(f"baseline {name}: {len(records)}/{len(plan)} requests")
         elapsed = time.perf_counter() - t0
-        cpu_after = cpu_snapshot()
+        cpu = cpu_usage_since(cpu_before)
         label, runtime, precision = pipeline.label, pipeline.runtime, pipeline.precision
     finally:
         if pipeline is not None:
@@ -119,7 +119,7 @@ def run_baseline(name: str, config, images, profile_name: str, progress=None) ->
             "ttft_ms": latency_summary(ttft), "output_tokens": tokens,
             "output_tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
             "stages_ms": _stage_means(r["stages"] for r in records), "records": records,
-            "cpu": cpu_usage(cpu_before, cpu_after) if cpu_before and cpu_after else None}
+            "cpu": cpu}
 
 
 def _stage_means(rows) -> dict[str, float]:

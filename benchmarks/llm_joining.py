@@ -40,14 +40,14 @@ def run_joining(vlm, running: Sequence[dict], joiners: Sequence[dict], prefill_c
 
     engine = LLMEngine(vlm, max_sequences=len(running) + len(joiners), prefill_chunk=prefill_chunk)
     lock = threading.Condition()
-    times: dict[str, list[float]] = {}
+    stamps: dict[str, list[float]] = {}
     ended: dict[str, str] = {}
 
     def emit(event) -> None:
         now = time.perf_counter()
         with lock:
             if isinstance(event, Delta):
-                times[event.request_id].append(now)
+                stamps[event.request_id].append(now)
             elif isinstance(event, Finished):
                 ended[event.request_id] = event.finish_reason
             elif isinstance(event, Failed):
@@ -58,15 +58,15 @@ def run_joining(vlm, running: Sequence[dict], joiners: Sequence[dict], prefill_c
     joiner_ids = [f"join{i}" for i in range(len(joiners))]
     try:
         for rid, request in zip(runner_ids, running, strict=True):
-            times[rid] = []
+            stamps[rid] = []
             engine.submit(rid, emit=emit, **request)
         with lock:
-            if not lock.wait_for(lambda: all(times[r] for r in runner_ids), timeout_s):
+            if not lock.wait_for(lambda: all(stamps[r] for r in runner_ids), timeout_s):
                 raise TimeoutError("joining: the running streams never started")
         submitted = time.perf_counter()
         chunks_before = engine.stats()["prefill_chunks"]
         for rid, request in zip(joiner_ids, joiners, strict=True):
-            times[rid] = []
+            stamps[rid] = []
             engine.submit(rid, emit=emit, **request)
         with lock:
             if not lock.wait_for(lambda: all(j in ended for j in joiner_ids), timeout_s):
@@ -81,21 +81,21 @@ def run_joining(vlm, running: Sequence[dict], joiners: Sequence[dict], prefill_c
     errors = [reason for reason in ended.values() if reason.startswith("error")]
     if errors:
         raise RuntimeError(f"joining: {errors[0]}")
-    window_end = max(times[j][0] for j in joiner_ids)
+    window_end = max(stamps[j][0] for j in joiner_ids)
     gaps, tokens = [], 0
     for rid in runner_ids:
-        inside = [t for t in times[rid] if t <= window_end]
+        inside = [t for t in stamps[rid] if t <= window_end]
         last_before = max((t for t in inside if t <= submitted), default=submitted)
         during = [last_before, *(t for t in inside if t > submitted)]
         gaps += [(b - a) * 1e3 for a, b in itertools.pairwise(during)]
         tokens += len(during) - 1
-        if times[rid] and times[rid][-1] > window_end:  # the wait for the window's next token counts too
-            gaps.append((min(t for t in times[rid] if t > window_end) - during[-1]) * 1e3)
+        if stamps[rid] and stamps[rid][-1] > window_end:  # the wait for the window's next token counts too
+            gaps.append((min(t for t in stamps[rid] if t > window_end) - during[-1]) * 1e3)
     window_s = window_end - submitted
     return {"prefill_chunk": prefill_chunk, "prefill_forwards": chunks, "window_s": window_s,
             "running_itl_ms": latency_summary(gaps),
             "running_tokens_in_window": tokens, "running_tokens_per_s": tokens / window_s if window_s > 0 else 0.0,
-            "joiner_ttft_ms": latency_summary([(times[j][0] - submitted) * 1e3 for j in joiner_ids])}
+            "joiner_ttft_ms": latency_summary([(stamps[j][0] - submitted) * 1e3 for j in joiner_ids])}
 
 
 def joining(vlm, synthetic_requests, chunks: Sequence[int] = DEFAULT_CHUNKS, running: int = DEFAULT_RUNNING,

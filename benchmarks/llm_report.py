@@ -11,7 +11,7 @@ import datetime as _dt
 from collections.abc import Mapping
 from pathlib import Path
 
-from mofserve.core.machine import cpu_snapshot, cpu_usage, git_commit, load_average, machine_info, versions
+from mofserve.core.machine import cpu_snapshot, cpu_usage_since, git_commit, load_average, machine_info, versions
 from mofserve.core.profiles import PROFILE_NAMES, get_profile
 from mofserve.core.reports import number as _f  # the one cell format of every report
 from mofserve.core.reports import write_json, write_text
@@ -151,12 +151,6 @@ def _load(profile_name: str, dtype: str | None):
     return profile, vlm
 
 
-def _cores_since(before) -> dict | None:
-    """Cores used by this process and by others since ``before`` (None where /proc is not there)."""
-    after = cpu_snapshot()
-    return cpu_usage(before, after) if before is not None and after is not None else None
-
-
 def main(argv=None) -> int:
     import torch
 
@@ -190,7 +184,7 @@ def main(argv=None) -> int:
                 engines[key] = {"error": f"{type(error).__name__}: {error}"}
             report["load_average"][key] = load_average()
             r = engines[key]
-            r["cpu"] = _cores_since(cpu)
+            r["cpu"] = cpu_usage_since(cpu)
             if not r.get("error"):
                 S.log(f"  TTFT p50 {r['ttft_ms']['p50']:.0f} ms, decode {r['decode_tokens_per_s']:.2f} tokens/s, "
                       f"output {r['output_tokens_per_s']:.2f} tokens/s")
@@ -201,13 +195,13 @@ def main(argv=None) -> int:
             report["joining"] = J.joining(vlm, S.synthetic_requests, args.prefill_chunks)
         except Exception as error:  # keeps the other sections
             report["joining"] = {"error": f"{type(error).__name__}: {error}", "runs": {}}
-        report["joining"]["cpu"] = _cores_since(cpu)
+        report["joining"]["cpu"] = cpu_usage_since(cpu)
         report["load_average"]["joining"] = load_average()
     if "layers" in args.sections:
         cpu = cpu_snapshot()
         report["layers"] = S.layer_costs(vlm, args.prompt_tokens, sorted({1, args.sequences}),
                                          layers=args.extrapolate_layers)
-        report["layers"]["cpu"] = _cores_since(cpu)
+        report["layers"]["cpu"] = cpu_usage_since(cpu)
         report["load_average"]["layers"] = load_average()
     del vlm
     if "agreement" in args.sections:

@@ -17,15 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # no torch at run time: the CLI imports this module to name the error
     import torch
 
 MARGIN_BYTES = 256 * 1024**2  # headers, tokenizer files, the manifest, the temp folder's own use
 HEADROOM = 1.1  # an ONNX graph's initialisers are the module's weights plus a few folded constants
 EXIT_NO_SPACE = 73  # sysexits' EX_CANTCREAT: `mofserve export` exits with it, so scripts and tests can tell
-
-
-# no torch at run time: the CLI imports this module to name the error, and must not wait for torch
 
 
 class InsufficientDiskSpaceError(OSError):
@@ -59,9 +56,13 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _needed(nbytes: int) -> int:
+    return int(nbytes * HEADROOM) + MARGIN_BYTES
+
+
 def require_free_space(folder: Path, nbytes: int, what: str) -> None:
     """Raise InsufficientDiskSpaceError unless ``folder``'s filesystem can take ``nbytes`` (with headroom)."""
-    needed = int(nbytes * HEADROOM) + MARGIN_BYTES
+    needed = _needed(nbytes)
     free = free_bytes(folder)
     if free < needed:
         raise InsufficientDiskSpaceError(what, folder, needed, free)
@@ -77,5 +78,4 @@ def room_for(folder: Path, nbytes: int, what: str) -> Iterator[None]:
     except OSError as error:
         if error.errno != errno.ENOSPC or isinstance(error, InsufficientDiskSpaceError):
             raise
-        needed = int(nbytes * HEADROOM) + MARGIN_BYTES
-        raise InsufficientDiskSpaceError(what, folder, needed, free_bytes(folder)) from error
+        raise InsufficientDiskSpaceError(what, folder, _needed(nbytes), free_bytes(folder)) from error

@@ -104,6 +104,37 @@ def _layers(cache):
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
+def _repeat_kv(keys: torch.Tensor, values: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: each KV head serves ``heads // kv_heads`` query heads (HF's ``repeat_kv``)."""
+    groups = heads // keys.shape[1]
+    if groups > 1:
+        return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    return keys, values
+
+
+class _DecodeRows:
+    """The attention of one new position per live sequence (slots ``0..B-1``), shared by
+    ``decode_step`` and ``mixed_step``: each layer writes the rows' new K/V at ``lengths`` and
+    attends over ``pool[:B, :, :longest]`` with a per-row length mask."""
+
+    def __init__(self, cache: SlotCache, lengths: torch.Tensor, longest: int | None = None) -> None:
+        self.cache, self.lengths = cache, lengths
+        self.batch = int(lengths.shape[0])
+        self.rows = torch.arange(self.batch, device=lengths.device)
+        self.longest = int(lengths.max()) + 1 if longest is None else longest
+        # position j of row b is visible iff j <= lengths[b] (its past and the new position)
+        self.mask = (torch.arange(self.longest, device=lengths.device)[None, :] <= lengths[:, None])[:, None, None, :]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """``q``/``k``/``v`` ``[B, heads or kv_heads, 1, d]`` (rotary applied); ``[B, heads, 1, d]``."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.rows, :, self.lengths] = k[:, :, 0]
+        values[self.rows, :, self.lengths] = v[:, :, 0]
+        k_all, v_all = _repeat_kv(keys[:self.batch, :, :self.longest], values[:self.batch, :, :self.longest],
+                                  q.shape[1])
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self.mask, scale=scale)
+
+
 @torch.inference_mode()
 def decode_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: torch.Tensor,
                 longest: int | None = None) -> torch.Tensor:
@@ -117,11 +148,7 @@ def decode_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: t
     """
     batch = inputs_embeds.shape[0]
     body = model.model
-    rows = torch.arange(batch, device=lengths.device)
-    if longest is None:
-        longest = int(lengths.max()) + 1
-    # position j of row b is visible iff j <= lengths[b] (its past and the new position)
-    mask = (torch.arange(longest, device=lengths.device)[None, :] <= lengths[:, None])[:, None, None, :]
+    slots = _DecodeRows(cache, lengths, longest)
     hidden = inputs_embeds
     cos, sin = body.rotary_emb(hidden, lengths[:, None])
     for index, layer in enumerate(body.layers):
@@ -132,14 +159,7 @@ def decode_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: t
         k = attn.k_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        keys, values = cache.keys[index], cache.values[index]
-        keys[rows, :, lengths] = k[:, :, 0]
-        values[rows, :, lengths] = v[:, :, 0]
-        k_all, v_all = keys[:batch, :, :longest], values[:batch, :, :longest]
-        groups = q.shape[1] // k_all.shape[1]
-        if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
-            k_all, v_all = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
+        out = slots.attend(index, q, k, v, attn.scaling)
         hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     hidden = body.norm(hidden)
@@ -164,9 +184,7 @@ def mixed_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: to
     batch, width = inputs_embeds.shape[0], chunk.shape[1]
     body = model.model
     device = lengths.device
-    rows = torch.arange(batch, device=device)
-    longest = int(lengths.max()) + 1
-    decode_mask = (torch.arange(longest, device=device)[None, :] <= lengths[:, None])[:, None, None, :]
+    slots = _DecodeRows(cache, lengths)
     chunk_positions = torch.arange(chunk_start, chunk_start + width, device=device)
     seen = chunk_start + width
     chunk_mask = torch.arange(seen, device=device)[None, :] <= chunk_positions[:, None]  # causal, offset
@@ -180,19 +198,11 @@ def mixed_step(model, cache: SlotCache, inputs_embeds: torch.Tensor, lengths: to
         k = attn.k_proj(x).view(1, batch + width, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(1, batch + width, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        # the decode rows: [B, heads, 1, d], their new K/V into their slots
-        q_d, k_d, v_d = (t[0, :, :batch].transpose(0, 1)[:, :, None] for t in (q, k, v))
-        keys, values = cache.keys[index], cache.values[index]
-        keys[rows, :, lengths] = k_d[:, :, 0]
-        values[rows, :, lengths] = v_d[:, :, 0]
-        k_all, v_all = keys[:batch, :, :longest], values[:batch, :, :longest]
+        # the decode rows as [B, heads, 1, d], over their slots
+        out_d = slots.attend(index, *(t[0, :, :batch].transpose(0, 1)[:, :, None] for t in (q, k, v)), attn.scaling)
         # the chunk rows: [1, heads, C, d] over the joiner's cache so far and themselves
         k_c, v_c = chunk_cache.update(k[:, :, batch:].contiguous(), v[:, :, batch:].contiguous(), index)
-        groups = q.shape[1] // k_all.shape[1]
-        if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
-            k_all, v_all = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
-            k_c, v_c = k_c.repeat_interleave(groups, dim=1), v_c.repeat_interleave(groups, dim=1)
-        out_d = F.scaled_dot_product_attention(q_d, k_all, v_all, attn_mask=decode_mask, scale=attn.scaling)
+        k_c, v_c = _repeat_kv(k_c, v_c, q.shape[1])
         out_c = F.scaled_dot_product_attention(q[:, :, batch:], k_c, v_c, attn_mask=chunk_mask, scale=attn.scaling)
         out = torch.cat([out_d[:, :, 0], out_c[0].transpose(0, 1)])  # [B + C, heads, d]
         hidden = residual + attn.o_proj(out.reshape(1, batch + width, -1))

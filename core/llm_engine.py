@@ -337,9 +337,7 @@ class LLMEngine:
         """``s``'s next chunk fused with one decode step of the running streams (kv_slots.mixed_step)."""
         running = list(self._running)
         end = self._chunk_end(s)
-        embeds = torch.stack([r.next_input for r in running])[:, None, :]
-        lengths = torch.tensor([r.length for r in running], dtype=torch.long, device=self.vlm.device)
-        logits, chunk_logits = mixed_step(self.vlm.model, self.cache, embeds, lengths,
+        logits, chunk_logits = mixed_step(self.vlm.model, self.cache, *self._decode_inputs(running),
                                           s.embeds[:, s.prefilled:end], s.kv, s.prefilled)
         self.prefill_chunks += 1
         self.fused_chunks += 1
@@ -369,9 +367,12 @@ class LLMEngine:
 
     def _step(self) -> None:
         running = list(self._running)
+        self._decoded(running, decode_step(self.vlm.model, self.cache, *self._decode_inputs(running)))
+
+    def _decode_inputs(self, running: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running sequences' next inputs ``[B, 1, H]`` and their lengths ``[B]`` (their slots' order)."""
         embeds = torch.stack([s.next_input for s in running])[:, None, :]
-        lengths = torch.tensor([s.length for s in running], dtype=torch.long, device=self.vlm.device)
-        self._decoded(running, decode_step(self.vlm.model, self.cache, embeds, lengths))
+        return embeds, torch.tensor([s.length for s in running], dtype=torch.long, device=self.vlm.device)
 
     def _decoded(self, running: list[_Sequence], logits: torch.Tensor) -> None:
         """Each running sequence's next token from its row of a decode step's ``logits``."""

@@ -135,6 +135,12 @@ def cpu_usage(before: CpuSnapshot, after: CpuSnapshot, ticks_per_s: float = TICK
             "others_cores": round(max(busy - ours, 0.0), 2), "steal_cores": round(cores(after.steal - before.steal), 2)}
 
 
+def cpu_usage_since(before: CpuSnapshot | None) -> dict[str, float] | None:
+    """``cpu_usage`` from ``before`` to now; None where there is no /proc to read (either snapshot None)."""
+    after = cpu_snapshot()
+    return cpu_usage(before, after) if before is not None and after is not None else None
+
+
 def parse_proc_stat_cpu(line: str) -> tuple[int, int, int]:
     """(busy, steal, total) ticks from the aggregate ``cpu`` line of ``/proc/stat``."""
     fields = [int(v) for v in line.split()[1:]]

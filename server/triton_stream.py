@@ -187,8 +187,8 @@ class TritonStream:
             failure = EngineError("unavailable", f"triton: connection to {self.target} closed (Triton "
                                                  "restarted); retry")
         except grpc.aio.AioRpcError as error:  # Triton unreachable (UNAVAILABLE), or its stream failed
-            # the status of the failed RPC (a response carries only text); one errors' table does not
-            # know, INTERNAL included (a reset connection when Triton dies mid-stream), is "unavailable": retry
+            # the status of the failed RPC (a response carries only text); one the table does not know,
+            # INTERNAL included (a reset connection when Triton dies mid-stream), is "unavailable": retry
             code = triton_status_code(error.code().name, default="unavailable")
             failure = EngineError(code, f"triton: {error.details() or error.code().name} ({self.target})")
         except Exception as error:  # a channel closed before the call started, and the like
